@@ -1,0 +1,22 @@
+"""minisd: Stable Diffusion 1.x from first principles — a course and the package it is built on.
+
+    from minisd import StableDiffusion
+    pipe = StableDiffusion.from_pretrained("tiny")          # the shipped shapes-world model
+    pipe("a red circle on the left").images[0]
+"""
+
+from .attention import attention, capture_attention
+from .configs import SD15, TINY, ModelConfig
+from .pipeline import StableDiffusion, save_single_file
+from .schedules import SchedulerConfig
+from .text_encoder import TextEncoder, TextEncoderConfig
+from .tokenizer import Tokenizer
+from .unet import UNet, UNetConfig
+from .vae import AutoencoderKL, VAEConfig
+from .weights import WeightsError
+
+__version__ = "0.1.0"
+
+__all__ = ["SD15", "TINY", "AutoencoderKL", "ModelConfig", "SchedulerConfig", "StableDiffusion", "TextEncoder",
+           "TextEncoderConfig", "Tokenizer", "UNet", "UNetConfig", "VAEConfig", "WeightsError", "attention",
+           "capture_attention", "save_single_file"]

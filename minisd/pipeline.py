@@ -1,0 +1,187 @@
+"""`StableDiffusion`: the five components in one object, loaded from anywhere, and the generation loop.
+
+    prompt ─ tokenizer ─ text_encoder ─ context ┐
+    noise z_T ─────────────────────── sampler loop: ε̂ = unet(z_t, t, context), with CFG ─ z_0 ─ vae.decode ─ image
+                                       (schedule: scheduler config)
+
+Generation (txt2img, img2img, inpainting) lives in `generate.py`; this file is the object and its I/O.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import weights
+from .configs import ModelConfig
+from .schedules import SchedulerConfig
+from .text_encoder import TextEncoder
+from .tokenizer import Tokenizer
+from .unet import UNet
+from .vae import AutoencoderKL
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+TINY_PATH = DATA / "tiny"
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+class StableDiffusion:
+    """A text-to-image latent diffusion model: tokenizer, text_encoder, unet, vae and its schedule."""
+
+    def __init__(self, unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder, tokenizer: Tokenizer,
+                 scheduler: SchedulerConfig, name: str = "model"):
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.scheduler = scheduler
+        self.name = name
+        self.progress = True  # tqdm bar over the sampling steps; set False (or TQDM_DISABLE=1) to hide
+        self.controlnets: list = []
+
+    # ─── properties ────────────────────────────────────────────────────────────────────────────────
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig(self.unet.config, self.vae.config, self.text_encoder.config, self.scheduler)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> StableDiffusion:
+        for m in (self.unet, self.vae, self.text_encoder, *self.controlnets):
+            m.to(device=device, dtype=dtype)
+        return self
+
+    def __repr__(self) -> str:
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        return (f"StableDiffusion({self.name!r}, {self.image_size}px, device={self.device}, dtype={self.dtype}; "
+                f"unet {count(self.unet) / 1e6:.1f}M, vae {count(self.vae) / 1e6:.1f}M, "
+                f"text_encoder {count(self.text_encoder) / 1e6:.1f}M params)")
+
+    # ─── construction ──────────────────────────────────────────────────────────────────────────────
+    @classmethod
+    def from_config(cls, config: ModelConfig, tokenizer: Tokenizer, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32, seed: int = 0) -> StableDiffusion:
+        """Freshly initialised networks (for training, tests and shape tracing)."""
+        torch.manual_seed(seed)
+        pipe = cls(UNet(config.unet), AutoencoderKL(config.vae), TextEncoder(config.text_encoder), tokenizer,
+                   config.scheduler, name="random")
+        return pipe.to(device, dtype)
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike = "tiny", device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None, variant: str | None = None,
+                        tokenizer: str | os.PathLike | Tokenizer | None = None) -> StableDiffusion:
+        """Load from "tiny", a diffusers folder, a single-file .safetensors/.ckpt, or a Hub repo id.
+
+        device: default CUDA, else MPS, else CPU. dtype: default fp16 on CUDA, fp32 elsewhere.
+        variant: e.g. "fp16" reads `*.fp16.safetensors` of a diffusers folder.
+        tokenizer: a folder or Tokenizer; single files hold none (default: CLIP ViT-L/14's, bundled).
+        """
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        source_str = str(source)
+        path = TINY_PATH if source_str == "tiny" else Path(source_str).expanduser()
+        if source_str == "tiny" and not path.is_dir():
+            raise FileNotFoundError(f"the shipped tiny model is missing from {path}; is this a full clone of minisd?")
+        if path.exists():
+            name = "tiny" if source_str == "tiny" else path.name
+        elif weights.looks_like_repo_id(source_str):
+            path, name = weights.download(source_str, variant), source_str
+        else:
+            raise FileNotFoundError(f"{source_str!r} is neither a file, a folder, nor a Hugging Face repo id "
+                                    f"(owner/name); use 'tiny' for the shipped shapes-world model")
+        if path.is_dir():
+            parts = weights.read_diffusers_folder(path, variant)
+        else:
+            parts = weights.convert_single_file(weights.read_state_dict(path), str(path),
+                                                weights.read_metadata(path))
+        if isinstance(tokenizer, Tokenizer):
+            tok = tokenizer
+        elif tokenizer is not None:
+            tok = Tokenizer(tokenizer)
+        elif parts.tokenizer_folder is not None:
+            tok = Tokenizer(parts.tokenizer_folder)
+        else:
+            tok = Tokenizer.clip_vit_l()
+        if len(tok) > parts.text_encoder[0].vocab_size:
+            raise weights.WeightsError(f"tokenizer {tok.folder} has {len(tok)} tokens but the text encoder of "
+                                       f"{path} only {parts.text_encoder[0].vocab_size}: wrong tokenizer?")
+        return cls._assemble(parts, tok, device, dtype, name, str(path))
+
+    @classmethod
+    def _assemble(cls, parts: weights.Components, tok: Tokenizer, device: torch.device, dtype: torch.dtype,
+                  name: str, source: str) -> StableDiffusion:
+        with torch.device("meta"):  # no time spent on random init: every tensor comes from the file
+            unet, vae = UNet(parts.unet[0]), AutoencoderKL(parts.vae[0])
+            text_encoder = TextEncoder(parts.text_encoder[0])
+        weights.load_strict(unet, parts.unet[1], f"{source} (unet)", dtype, device)
+        weights.load_strict(vae, parts.vae[1], f"{source} (vae)", dtype, device)
+        weights.load_strict(text_encoder, parts.text_encoder[1], f"{source} (text_encoder)", dtype, device)
+        return cls(unet, vae, text_encoder, tok, parts.scheduler, name=name)
+
+    # ─── saving ────────────────────────────────────────────────────────────────────────────────────
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write the diffusers folder layout (safetensors), loadable by minisd and by diffusers."""
+        folder = Path(folder)
+        weights.write_diffusers_folder(
+            folder, (self.unet.config, self.unet.state_dict()), (self.vae.config, self.vae.state_dict()),
+            (self.text_encoder.config, self.text_encoder.state_dict()), self.scheduler)
+        self.tokenizer.save(folder / "tokenizer")
+
+    # ─── text conditioning ─────────────────────────────────────────────────────────────────────────
+    @torch.inference_mode()
+    def encode_text(self, prompts: list[str], clip_skip: int = 0) -> Tensor:
+        ids = self.tokenizer(prompts).to(self.text_encoder.device)
+        return self.text_encoder(ids, clip_skip=clip_skip).to(self.dtype)  # (B, 77, E)
+
+    def encode_prompt(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+                      guidance_scale: float = 7.5, num_images_per_prompt: int = 1,
+                      clip_skip: int = 0) -> tuple[Tensor, Tensor | None]:
+        """(cond, uncond): the text embeddings (B·n, 77, E) of the prompts and of the negative prompts
+        (or of "" when none), repeated `num_images_per_prompt` times. uncond is None when
+        guidance_scale <= 1 (no classifier-free guidance, one U-Net pass per step)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt must be a string or a non-empty list of strings")
+        cond = self.encode_text(prompts, clip_skip).repeat_interleave(num_images_per_prompt, dim=0)
+        if guidance_scale <= 1.0:
+            return cond, None
+        negatives = negative_prompt if negative_prompt is not None else ""
+        negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
+        uncond = self.encode_text(negatives, clip_skip).repeat_interleave(num_images_per_prompt, dim=0)
+        return cond, uncond
+
+
+def save_single_file(pipe: StableDiffusion, path: str | os.PathLike) -> None:
+    """The original (LDM) single-file layout as .safetensors, as A1111/ComfyUI read it. minisd's own
+    config rides along in the metadata, so non-SD shapes (the tiny model) load back exactly."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"save_single_file writes .safetensors only, got {path.name!r}")
+    sd = weights.to_single_file((pipe.unet.config, pipe.unet.state_dict()), (pipe.vae.config, pipe.vae.state_dict()),
+                                pipe.text_encoder.state_dict())
+    weights.write_safetensors(sd, path, metadata={"format": "pt", "minisd_config": pipe.config.to_json()})
+

@@ -1,0 +1,128 @@
+"""Noise schedules: how much noise the forward process adds at each of the N training timesteps.
+
+The forward process adds Gaussian noise in N small steps (Ho et al. 2020, eq. 2):
+
+    q(x_t | x_{t-1}) = N(√(1−β_t) x_{t-1}, β_t I)                                           (1)
+
+and, with α_t = 1 − β_t and ᾱ_t = Π_{s≤t} α_s, jumps straight to any t in closed form (eq. 4):
+
+    x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε,   ε ~ N(0, I)                                             (2)
+
+The signal-to-noise ratio is SNR(t) = ᾱ_t / (1−ᾱ_t); samplers in the k-diffusion style use the
+noise level σ_t = √((1−ᾱ_t)/ᾱ_t) = 1/√SNR(t) of the rescaled x_t/√ᾱ_t = x_0 + σ_t ε.   (3)
+
+Timesteps are 0-based, t = 0 … N−1, as in diffusers and the SD checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The training schedule of a model (diffusers `scheduler/scheduler_config.json`)."""
+
+    num_train_timesteps: int = 1000        # N
+    beta_start: float = 0.00085            # β_1 (SD 1.x)
+    beta_end: float = 0.012                # β_N (SD 1.x)
+    beta_schedule: str = "scaled_linear"   # "linear" | "scaled_linear" | "squaredcos_cap_v2" (cosine)
+    prediction_type: str = "epsilon"       # "epsilon" | "v_prediction" | "sample"
+    steps_offset: int = 1                  # added to "leading" timesteps (SD 1.x: 1 -> 981, 961, ..., 1)
+    timestep_spacing: str = "leading"      # how inference timesteps are picked: "leading" | "trailing" | "linspace"
+    set_alpha_to_one: bool = False         # DDIM/PNDM: ᾱ before the first step is 1 (True) or ᾱ_0 (False)
+    clip_sample: bool = False
+
+    def __post_init__(self):
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"unknown beta_schedule {self.beta_schedule!r}; known: {sorted(BETA_SCHEDULES)}")
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
+        if self.timestep_spacing not in ("leading", "trailing", "linspace"):
+            raise ValueError(f"unknown timestep_spacing {self.timestep_spacing!r}")
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict) -> SchedulerConfig:
+        if cfg.get("trained_betas") is not None:
+            raise ValueError("schedulers with trained_betas are not supported")
+        defaults = cls()
+        return cls(**{k: cfg.get(k, getattr(defaults, k)) for k in (
+            "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "steps_offset",
+            "timestep_spacing", "set_alpha_to_one", "clip_sample")})
+
+    def to_diffusers(self, class_name: str = "PNDMScheduler") -> dict:
+        return {"_class_name": class_name, "num_train_timesteps": self.num_train_timesteps,
+                "beta_start": self.beta_start, "beta_end": self.beta_end, "beta_schedule": self.beta_schedule,
+                "prediction_type": self.prediction_type, "steps_offset": self.steps_offset,
+                "timestep_spacing": self.timestep_spacing, "set_alpha_to_one": self.set_alpha_to_one,
+                "clip_sample": self.clip_sample, "skip_prk_steps": True, "trained_betas": None}
+
+    def betas(self) -> Tensor:
+        if self.beta_schedule in ("squaredcos_cap_v2", "cosine"):  # defined by ᾱ(t); ignores beta_start/end
+            return cosine_betas(self.num_train_timesteps)
+        return BETA_SCHEDULES[self.beta_schedule](self.num_train_timesteps, self.beta_start, self.beta_end)
+
+    def alphas_cumprod(self) -> Tensor:
+        return alphas_cumprod(self.betas())
+
+
+def linear_betas(n: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """β_t evenly spaced (DDPM: 1e-4 … 0.02 over 1000 steps)."""
+    return torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
+
+
+def scaled_linear_betas(n: int, beta_start: float = 0.00085, beta_end: float = 0.012) -> Tensor:
+    """√β_t evenly spaced, then squared: Stable Diffusion's schedule (LDM's "linear" with its own defaults)."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
+
+
+def cosine_betas(n: int, max_beta: float = 0.999, s: float = 0.008) -> Tensor:
+    """Nichol & Dhariwal 2021, eq. 17: ᾱ(t) = cos²((t/N + s)/(1 + s) · π/2), β_t = 1 − ᾱ_t/ᾱ_{t−1},
+    clipped at 0.999 so the last step stays finite. (diffusers: "squaredcos_cap_v2")."""
+    def f(t: float) -> float:
+        return math.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    betas = [min(1 - f((i + 1) / n) / f(i / n), max_beta) for i in range(n)]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+BETA_SCHEDULES = {"linear": linear_betas, "scaled_linear": scaled_linear_betas,
+                  "squaredcos_cap_v2": cosine_betas, "cosine": cosine_betas}
+
+
+def alphas_cumprod(betas: Tensor) -> Tensor:
+    """ᾱ_t = Π_{s≤t} (1 − β_s): how much of x_0 is left in x_t (eq. 2)."""
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def snr(alpha_bar: Tensor) -> Tensor:
+    """SNR(t) = ᾱ_t / (1 − ᾱ_t)."""
+    return alpha_bar / (1.0 - alpha_bar)
+
+
+def sigmas(alpha_bar: Tensor) -> Tensor:
+    """σ_t = √((1 − ᾱ_t) / ᾱ_t), the noise level of x_t/√ᾱ_t (eq. 3)."""
+    return ((1.0 - alpha_bar) / alpha_bar).sqrt()
+
+
+def q_sample(x0: Tensor, t: Tensor, eps: Tensor, alpha_bar: Tensor) -> Tensor:
+    """Eq. 2: x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε, for a batch x0 (B, ...) and timesteps t (B,) or scalar."""
+    a = alpha_bar.to(x0.device)[t].float()
+    a = a.reshape(a.shape + (1,) * (x0.ndim - a.ndim))  # broadcast over C, H, W
+    return (a.sqrt() * x0.float() + (1 - a).sqrt() * eps.float()).to(x0.dtype)
+
+
+def q_step(x_prev: Tensor, t: int, eps: Tensor, betas: Tensor) -> Tensor:
+    """Eq. 1, one step of the chain: x_t = √(1−β_t) x_{t−1} + √β_t ε."""
+    beta = betas[t]
+    return (1 - beta).sqrt() * x_prev + beta.sqrt() * eps
+
+
+def v_target(x0: Tensor, eps: Tensor, t: Tensor, alpha_bar: Tensor) -> Tensor:
+    """The v-prediction target v = √ᾱ_t ε − √(1−ᾱ_t) x_0 (Salimans & Ho 2022), used by SD 2.x 768."""
+    a = alpha_bar.to(x0.device)[t].float()
+    a = a.reshape(a.shape + (1,) * (x0.ndim - a.ndim))
+    return (a.sqrt() * eps.float() - (1 - a).sqrt() * x0.float()).to(x0.dtype)

@@ -1,0 +1,144 @@
+"""The CLIP tokenizer: text -> 77 token ids, through transformers' `CLIPTokenizer`.
+
+    "a red circle" -> [<|startoftext|>, a, red, circle, <|endoftext|>, <|endoftext|>, ... ]  (77 ids)
+
+Byte-pair encoding (Sennrich et al. 2016) on lower-cased text; every prompt is padded with the EOS
+token to exactly 77 ids (SD 1.x; SD 2.x pads with "!"), or truncated with a warning.
+
+SD 1.x uses OpenAI's CLIP ViT-L/14 vocabulary. minisd ships its BPE merge list (MIT licence, as
+bundled by open_clip: `assets/bpe_simple_vocab_16e6.txt.gz`) and derives the Hugging Face
+`vocab.json`/`merges.txt` from it, so single-file checkpoints load with no download.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import warnings
+from pathlib import Path
+
+from torch import Tensor
+
+
+ASSETS = Path(__file__).parent / "assets"
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+class Tokenizer:
+    """Callable: list of prompts -> LongTensor (B, max_length)."""
+
+    def __init__(self, folder: str | os.PathLike, max_length: int = 77):
+        from transformers import CLIPTokenizer  # the BPE itself; transformers is a runtime dependency
+
+        folder = Path(folder)
+        for name in ("vocab.json", "merges.txt"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"tokenizer folder {folder} has no {name}")
+        pad = EOS
+        config = folder / "special_tokens_map.json"
+        if config.is_file():  # SD 2.x tokenizers pad with "!"
+            value = json.loads(config.read_text()).get("pad_token", EOS)
+            pad = value["content"] if isinstance(value, dict) else value
+        self.folder = folder
+        self.max_length = max_length
+        self.hf = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length,
+                                bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=pad)
+        self.bos_id, self.eos_id, self.pad_id = self.hf.bos_token_id, self.hf.eos_token_id, self.hf.pad_token_id
+
+    @classmethod
+    def clip_vit_l(cls) -> Tokenizer:
+        """The SD 1.x tokenizer (openai/clip-vit-large-patch14), built from the bundled BPE file."""
+        return cls(_derive_clip_vocab())
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    def __call__(self, prompts: str | list[str], warn: bool = True) -> Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if warn:
+            for prompt in prompts:
+                n = len(self.hf(prompt).input_ids)
+                if n > self.max_length:
+                    kept = self.hf.decode(self.hf(prompt).input_ids[1: self.max_length - 1])
+                    warnings.warn(f"prompt is {n} tokens, longer than {self.max_length}; it was truncated to "
+                                  f"{kept!r}", stacklevel=2)
+        out = self.hf(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                      return_tensors="pt")
+        return out.input_ids.long()
+
+    def decode(self, ids: Tensor | list[int]) -> list[str]:
+        """ids (T,) -> the token strings, for looking at what the model reads."""
+        ids = ids.tolist() if isinstance(ids, Tensor) else ids
+        return self.hf.convert_ids_to_tokens(ids)
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write a diffusers `tokenizer/` folder (vocab.json, merges.txt, configs)."""
+        self.hf.save_pretrained(str(folder))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible map from bytes to printable characters, so BPE never sees raw bytes."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _derive_clip_vocab() -> Path:
+    """vocab.json + merges.txt of CLIP ViT-L/14 from the bundled merge list, cached on first use.
+
+    The vocabulary is, in order: the 256 byte characters, the same with the end-of-word mark `</w>`,
+    one token per merge (48,894 of them), then <|startoftext|> and <|endoftext|>: 49,408 ids
+    (OpenAI CLIP's `SimpleTokenizer`, which the Hugging Face files were converted from).
+    """
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minisd" / "clip-vit-large-patch14"
+    if (cache / "vocab.json").is_file() and (cache / "merges.txt").is_file():
+        return cache
+    lines = gzip.open(ASSETS / "bpe_simple_vocab_16e6.txt.gz").read().decode("utf-8").split("\n")
+    merges = lines[1: 49152 - 256 - 2 + 1]
+    chars = list(_bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges] + [BOS, EOS]
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f"vocab.json.{os.getpid()}"
+    tmp.write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (cache / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tmp.replace(cache / "vocab.json")  # last, so a half-written cache is never taken as complete
+    return cache
+
+
+def build_word_tokenizer(words: list[str], folder: str | os.PathLike) -> Tokenizer:
+    """A CLIP-format tokenizer for a closed vocabulary: each word one token, any other text spelled
+    out in bytes. Used by the shapes world and the tests; loaded by the same code as SD's tokenizer.
+
+    Vocabulary: the 512 byte characters (with and without `</w>`), then the words, then BOS, EOS.
+    Each word is built by merges, left to right ("c i", "ci r", ..., "circl e</w>").
+    """
+    chars = list(_bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars]
+    merges: list[str] = []
+    seen = set(vocab)
+    for word in words:
+        if word != word.lower() or not word.isascii() or not word.isalpha():
+            raise ValueError(f"words must be lower-case ASCII letters, got {word!r}")
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        left = pieces[0]
+        for right in pieces[1:]:
+            merge = f"{left} {right}"
+            left = left + right
+            if merge not in merges:
+                merges.append(merge)
+            if left not in seen:  # intermediate pieces become tokens too (a BPE vocabulary is closed under merges)
+                seen.add(left)
+                vocab.append(left)
+    vocab += [BOS, EOS]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return Tokenizer(folder)
