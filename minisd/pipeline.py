@@ -135,9 +135,10 @@ class StableDiffusion:
         with torch.device("meta"):  # no time spent on random init: every tensor comes from the file
             unet, vae = UNet(parts.unet[0]), AutoencoderKL(parts.vae[0])
             text_encoder = TextEncoder(parts.text_encoder[0])
-        weights.load_strict(unet, parts.unet[1], f"{source} (unet)", dtype, device)
-        weights.load_strict(vae, parts.vae[1], f"{source} (vae)", dtype, device)
-        weights.load_strict(text_encoder, parts.text_encoder[1], f"{source} (text_encoder)", dtype, device)
+        where = parts.sources or {}
+        for key, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+            state_dict = getattr(parts, key)[1]
+            weights.load_strict(module, state_dict, f"{where.get(key, source)} ({key})", dtype, device)
         return cls(unet, vae, text_encoder, tok, parts.scheduler, name=name)
 
     # ─── saving ────────────────────────────────────────────────────────────────────────────────────

@@ -32,18 +32,22 @@ class Tokenizer:
         from transformers import CLIPTokenizer  # the BPE itself; transformers is a runtime dependency
 
         folder = Path(folder)
-        for name in ("vocab.json", "merges.txt"):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"tokenizer folder {folder} has no {name}")
-        pad = EOS
-        config = folder / "special_tokens_map.json"
-        if config.is_file():  # SD 2.x tokenizers pad with "!"
-            value = json.loads(config.read_text()).get("pad_token", EOS)
-            pad = value["content"] if isinstance(value, dict) else value
+        has_bpe_files = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+        if not has_bpe_files and not (folder / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"tokenizer folder {folder} has neither vocab.json + merges.txt nor tokenizer.json")
         self.folder = folder
         self.max_length = max_length
-        self.hf = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length,
-                                bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=pad)
+        if has_bpe_files:  # the classic layout of SD repos
+            pad = EOS
+            special = folder / "special_tokens_map.json"
+            if special.is_file():  # SD 2.x tokenizers pad with "!"
+                value = json.loads(special.read_text()).get("pad_token", EOS)
+                pad = value["content"] if isinstance(value, dict) else value
+            self.hf = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                                    model_max_length=max_length, bos_token=BOS, eos_token=EOS, unk_token=EOS,
+                                    pad_token=pad)
+        else:  # transformers >= 5 saves a single tokenizer.json
+            self.hf = CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length)
         self.bos_id, self.eos_id, self.pad_id = self.hf.bos_token_id, self.hf.eos_token_id, self.hf.pad_token_id
 
     @classmethod
@@ -73,8 +77,13 @@ class Tokenizer:
         return self.hf.convert_ids_to_tokens(ids)
 
     def save(self, folder: str | os.PathLike) -> None:
-        """Write a diffusers `tokenizer/` folder (vocab.json, merges.txt, configs)."""
+        """Write a diffusers `tokenizer/` folder (vocab.json and merges.txt where we have them, configs)."""
+        import shutil
+
         self.hf.save_pretrained(str(folder))
+        for name in ("vocab.json", "merges.txt"):
+            if (self.folder / name).is_file() and not (Path(folder) / name).exists():
+                shutil.copy(self.folder / name, Path(folder) / name)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

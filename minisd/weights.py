@@ -366,6 +366,7 @@ class Components:
     text_encoder: tuple[TextEncoderConfig, StateDict]
     scheduler: SchedulerConfig
     tokenizer_folder: Path | None = None
+    sources: dict[str, str] | None = None  # component -> the file its weights came from (for errors)
 
 
 def convert_single_file(sd: StateDict, source: str, metadata: dict[str, str] | None = None) -> Components:
@@ -466,8 +467,8 @@ def read_diffusers_folder(folder: Path, variant: str | None = None) -> Component
     sched_path = folder / "scheduler" / "scheduler_config.json"
     scheduler = SchedulerConfig.from_diffusers(json.loads(sched_path.read_text()) if sched_path.is_file() else {})
     ucfg, usd, usrc = read_component(folder, "unet", variant)
-    vcfg, vsd, _ = read_component(folder, "vae", variant)
-    tcfg, tsd, _ = read_component(folder, "text_encoder", variant)
+    vcfg, vsd, vsrc = read_component(folder, "vae", variant)
+    tcfg, tsd, tsrc = read_component(folder, "text_encoder", variant)
     try:
         unet_cfg = UNetConfig.from_diffusers(ucfg, scheduler.prediction_type)
         vae_cfg, text_cfg = VAEConfig.from_diffusers(vcfg), TextEncoderConfig.from_transformers(tcfg)
@@ -476,7 +477,8 @@ def read_diffusers_folder(folder: Path, variant: str | None = None) -> Component
     tok = folder / "tokenizer"
     return Components(unet=(unet_cfg, usd), vae=(vae_cfg, fix_vae_keys(vsd)),
                       text_encoder=(text_cfg, fix_text_encoder_keys(tsd)), scheduler=scheduler,
-                      tokenizer_folder=tok if tok.is_dir() else None)
+                      tokenizer_folder=tok if tok.is_dir() else None,
+                      sources={"unet": usrc, "vae": vsrc, "text_encoder": tsrc})
 
 
 def write_diffusers_folder(folder: Path, unet: tuple[UNetConfig, StateDict], vae: tuple[VAEConfig, StateDict],
