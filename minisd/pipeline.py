@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import weights
 from .configs import ModelConfig
+from .generate import generate
 from .schedules import SchedulerConfig
 from .text_encoder import TextEncoder
 from .tokenizer import Tokenizer
@@ -149,6 +150,47 @@ class StableDiffusion:
             folder, (self.unet.config, self.unet.state_dict()), (self.vae.config, self.vae.state_dict()),
             (self.text_encoder.config, self.text_encoder.state_dict()), self.scheduler)
         self.tokenizer.save(folder / "tokenizer")
+
+    # ─── generation (the loop itself: generate.py) ─────────────────────────────────────────────────
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+                 num_inference_steps: int = 50, guidance_scale: float = 7.5, height: int | None = None,
+                 width: int | None = None, sampler: str = "ddim", karras: bool = False, eta: float = 0.0,
+                 seed: int | None = None, generator: torch.Generator | None = None, latents: Tensor | None = None,
+                 num_images_per_prompt: int = 1, callback=None, output_type: str = "pil", clip_skip: int = 0,
+                 **control_kwargs):
+        """Text to image. Returns a list of PIL images (output_type "pil"), a tensor (B, 3, H, W) in
+        [0, 1] ("pt"), or the final latents before ÷ scaling_factor ("latent").
+
+        guidance_scale 1 turns classifier-free guidance off (one U-Net pass per step); a negative
+        prompt replaces the empty prompt of the unconditional branch. `latents`: the initial noise
+        (B, 4, h, w) before scaling by the sampler's initial σ. `callback(step, t, latents)` runs after
+        every step. Samplers: see `minisd.samplers.SAMPLERS`."""
+        return generate(self, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                        guidance_scale=guidance_scale, height=height, width=width, sampler=sampler, karras=karras,
+                        eta=eta, seed=seed, generator=generator, latents=latents,
+                        num_images_per_prompt=num_images_per_prompt, callback=callback, output_type=output_type,
+                        clip_skip=clip_skip, **self._control(control_kwargs))
+
+    def img2img(self, prompt: str | list[str], image, strength: float = 0.75, **kwargs):
+        """Image to image (SDEdit, Meng et al. 2022): noise the image's latents to the level of step
+        (1 − strength)·steps and denoise from there. strength 0 returns the image, 1 ignores it."""
+        return generate(self, prompt, image=image, strength=strength, **self._split(kwargs))
+
+    def inpaint(self, prompt: str | list[str], image, mask_image, strength: float = 1.0, **kwargs):
+        """Repaint where mask_image is white. A 9-channel inpainting U-Net sees the mask and the masked
+        image; a standard U-Net gets the known latents pasted back outside the mask after every step."""
+        return generate(self, prompt, image=image, mask_image=mask_image, strength=strength, **self._split(kwargs))
+
+    def _split(self, kwargs: dict) -> dict:
+        control_keys = {"control_image", "controlnet_scale", "control_start", "control_end", "guess_mode"}
+        control = {k: kwargs.pop(k) for k in list(kwargs) if k in control_keys}
+        return {**kwargs, **self._control(control)}
+
+    def _control(self, control_kwargs: dict) -> dict:
+        if not control_kwargs:
+            return {}
+        raise ValueError(f"unexpected arguments {sorted(control_kwargs)}: load a ControlNet first "
+                         f"(pipe.load_controlnet) to use control_image")
 
     # ─── text conditioning ─────────────────────────────────────────────────────────────────────────
     @torch.inference_mode()

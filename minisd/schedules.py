@@ -33,33 +33,36 @@ class SchedulerConfig:
     beta_schedule: str = "scaled_linear"   # "linear" | "scaled_linear" | "squaredcos_cap_v2" (cosine)
     prediction_type: str = "epsilon"       # "epsilon" | "v_prediction" | "sample"
     steps_offset: int = 1                  # added to "leading" timesteps (SD 1.x: 1 -> 981, 961, ..., 1)
-    timestep_spacing: str = "leading"      # how inference timesteps are picked: "leading" | "trailing" | "linspace"
-    set_alpha_to_one: bool = False         # DDIM/PNDM: ᾱ before the first step is 1 (True) or ᾱ_0 (False)
-    clip_sample: bool = False
+    timestep_spacing: str | None = None    # "leading" | "trailing" | "linspace"; None: each sampler's diffusers default
+    set_alpha_to_one: bool | None = False  # DDIM/PNDM: ᾱ "before" t=0 is 1 (True) or ᾱ_0 (False); None: DDIM's default
 
     def __post_init__(self):
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"unknown beta_schedule {self.beta_schedule!r}; known: {sorted(BETA_SCHEDULES)}")
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
-        if self.timestep_spacing not in ("leading", "trailing", "linspace"):
+        if self.timestep_spacing not in (None, "leading", "trailing", "linspace"):
             raise ValueError(f"unknown timestep_spacing {self.timestep_spacing!r}")
 
     @classmethod
     def from_diffusers(cls, cfg: dict) -> SchedulerConfig:
         if cfg.get("trained_betas") is not None:
             raise ValueError("schedulers with trained_betas are not supported")
-        defaults = cls()
-        return cls(**{k: cfg.get(k, getattr(defaults, k)) for k in (
-            "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "steps_offset",
-            "timestep_spacing", "set_alpha_to_one", "clip_sample")})
+        # absent keys: diffusers' scheduler defaults (so timestep_spacing / set_alpha_to_one stay per-sampler)
+        return cls(num_train_timesteps=cfg.get("num_train_timesteps", 1000), beta_start=cfg.get("beta_start", 0.0001),
+                   beta_end=cfg.get("beta_end", 0.02), beta_schedule=cfg.get("beta_schedule", "linear"),
+                   prediction_type=cfg.get("prediction_type", "epsilon"), steps_offset=cfg.get("steps_offset", 0),
+                   timestep_spacing=cfg.get("timestep_spacing"), set_alpha_to_one=cfg.get("set_alpha_to_one"))
 
     def to_diffusers(self, class_name: str = "PNDMScheduler") -> dict:
-        return {"_class_name": class_name, "num_train_timesteps": self.num_train_timesteps,
-                "beta_start": self.beta_start, "beta_end": self.beta_end, "beta_schedule": self.beta_schedule,
-                "prediction_type": self.prediction_type, "steps_offset": self.steps_offset,
-                "timestep_spacing": self.timestep_spacing, "set_alpha_to_one": self.set_alpha_to_one,
-                "clip_sample": self.clip_sample, "skip_prk_steps": True, "trained_betas": None}
+        out = {"_class_name": class_name, "num_train_timesteps": self.num_train_timesteps,
+               "beta_start": self.beta_start, "beta_end": self.beta_end, "beta_schedule": self.beta_schedule,
+               "prediction_type": self.prediction_type, "steps_offset": self.steps_offset,
+               "clip_sample": False, "skip_prk_steps": True, "trained_betas": None}
+        for key in ("timestep_spacing", "set_alpha_to_one"):  # absent means "the scheduler's default"
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
 
     def betas(self) -> Tensor:
         if self.beta_schedule in ("squaredcos_cap_v2", "cosine"):  # defined by ᾱ(t); ignores beta_start/end

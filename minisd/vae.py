@@ -202,6 +202,10 @@ class AutoencoderKL(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.quant_conv.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.quant_conv.weight.device
+
     def encode(self, x: Tensor) -> DiagonalGaussian:
         """x in [-1, 1], (B, 3, H, W) -> q(z₀|x), z₀ (B, Z, H/f, W/f), *unscaled*."""
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))

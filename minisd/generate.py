@@ -1,0 +1,225 @@
+"""The generation loop: text-to-image, image-to-image and inpainting, in one readable function.
+
+    1. encode the prompt (and the negative prompt, for classifier-free guidance)
+    2. start: pure noise z_T (txt2img), or the image's latents noised to step `start` (img2img, inpainting)
+    3. the sampler calls the guided U-Net once (or twice) per step
+    4. decode: x = vae.decode(z_0 / scaling_factor), mapped from [-1, 1] to [0, 1]
+
+The random draws happen in the order diffusers' pipelines make them (posterior sample, then the
+noise), so the same generator gives the same image.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from . import samplers
+from .guidance import guided_eps
+
+if TYPE_CHECKING:
+    from .pipeline import StableDiffusion
+
+ImageInput = Image.Image | Tensor | np.ndarray | str | Path
+
+
+def load_image(image: ImageInput, name: str = "image") -> Image.Image | Tensor:
+    if isinstance(image, (str, Path)):
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"{name} file not found: {image}")
+        return Image.open(image)
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(image)
+    if not isinstance(image, (Image.Image, Tensor)):
+        raise TypeError(f"{name} must be a PIL image, a tensor, an array or a path, got {type(image).__name__}")
+    return image
+
+
+def image_to_tensor(image: ImageInput, height: int | None = None, width: int | None = None) -> Tensor:
+    """A picture as (1, 3, H, W) in [-1, 1]; H, W rounded down to multiples of 8 (or resized to the
+    requested size). Tensors are taken as (B, 3, H, W) in [0, 1]."""
+    image = load_image(image)
+    if isinstance(image, Tensor):
+        x = image[None] if image.ndim == 3 else image
+        x = x.float()
+    else:
+        x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    H, W = x.shape[-2:]
+    h, w = (height or H), (width or W)
+    h, w = h - h % 8, w - w % 8
+    if (h, w) != (H, W):
+        pil = Image.fromarray((x[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8))
+        x = torch.from_numpy(np.asarray(pil.resize((w, h), Image.LANCZOS), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    return x * 2 - 1
+
+
+def mask_to_tensor(mask: ImageInput, height: int, width: int) -> Tensor:
+    """A mask as (1, 1, H, W) of 0/1 (white = 1 = repaint), binarised at 0.5; it must match the image size."""
+    mask = load_image(mask, "mask_image")
+    if isinstance(mask, Tensor):
+        m = mask.float()
+        m = m.reshape(1, 1, *m.shape[-2:]) if m.ndim in (2, 3, 4) and m.shape[-3:-2] in ((), (1,)) else m[..., :1, :, :]
+    else:
+        m = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)[None, None]
+    if tuple(m.shape[-2:]) != (height, width):
+        raise ValueError(f"mask_image is {m.shape[-1]}x{m.shape[-2]} but the image is {width}x{height}; "
+                         f"give a mask of the same size")
+    return (m >= 0.5).float()
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [0, 1] -> PIL images."""
+    arr = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
+def decode_latents(pipe: StableDiffusion, z: Tensor) -> Tensor:
+    """z (B, 4, h, w) -> images (B, 3, H, W) in [0, 1]; reruns in fp32 if fp16 overflows to NaN/inf
+    (the SD 1.x VAE's activations can exceed fp16's range)."""
+    vae = pipe.vae
+    x = vae.decode((z / vae.scaling_factor).to(vae.dtype))
+    if vae.dtype != torch.float32 and not torch.isfinite(x).all():
+        warnings.warn(f"the VAE overflowed in {vae.dtype}; decoding again in float32", stacklevel=3)
+        dtype = vae.dtype
+        vae.float()
+        try:
+            x = vae.decode(z.float() / vae.scaling_factor)
+        finally:
+            vae.to(dtype)
+    return (x.float() / 2 + 0.5).clamp(0, 1)
+
+
+def encode_image(pipe: StableDiffusion, x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Pixels in [-1, 1] -> scaled latents z = scaling_factor · z₀, z₀ ~ q(z₀|x) (a sample, as diffusers)."""
+    posterior = pipe.vae.encode(x.to(pipe.vae.device, pipe.vae.dtype))
+    return (posterior.sample(generator) * pipe.vae.scaling_factor).to(pipe.dtype)
+
+
+def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device,
+          dtype: torch.dtype) -> Tensor:
+    """Noise drawn on the generator's device (CPU for seeds, so a seed gives the same image everywhere)."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def check_arguments(steps: int, height: int, width: int, strength: float, guidance_scale: float) -> None:
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive integer, got {steps!r}")
+    if height % 8 or width % 8 or height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    if guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+
+
+@torch.inference_mode()
+def generate(pipe: StableDiffusion, prompt: str | list[str], *, negative_prompt: str | list[str] | None = None,
+             num_inference_steps: int = 50, guidance_scale: float = 7.5, height: int | None = None,
+             width: int | None = None, sampler: str = "ddim", karras: bool = False, eta: float = 0.0,
+             seed: int | None = None, generator: torch.Generator | None = None, latents: Tensor | None = None,
+             num_images_per_prompt: int = 1, callback=None, output_type: str = "pil", clip_skip: int = 0,
+             image: ImageInput | None = None, strength: float = 1.0, mask_image: ImageInput | None = None,
+             control=None):
+    """See `StableDiffusion.__call__`, `.img2img` and `.inpaint`."""
+    if output_type not in ("pil", "pt", "latent"):
+        raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
+    samplers.get_sampler(sampler)  # unknown names fail before any work
+    device, dtype = pipe.device, pipe.dtype
+    f = pipe.vae.config.downsampling
+    x_image = image_to_tensor(image, height, width) if image is not None else None
+    if x_image is not None:
+        height, width = x_image.shape[-2:]
+    height, width = height or pipe.image_size, width or pipe.image_size
+    check_arguments(num_inference_steps, height, width, strength, guidance_scale)
+    if generator is None and seed is not None:
+        generator = torch.Generator("cpu").manual_seed(seed)
+
+    # 1. text conditioning
+    cond, uncond = pipe.encode_prompt(prompt, negative_prompt, guidance_scale, num_images_per_prompt, clip_skip)
+    B = cond.shape[0]
+    shape = (B, pipe.unet.config.out_channels, height // f, width // f)
+
+    # 2. the schedule, and where on it to start
+    schedule = samplers.make_schedule(sampler, num_inference_steps, pipe.scheduler, karras)
+    if image is not None:  # start part-way: strength 1 runs every step, 0.3 only the last 30%
+        init_steps = min(int(num_inference_steps * strength), num_inference_steps)
+        if init_steps < 1:
+            raise ValueError(f"strength {strength} with {num_inference_steps} steps leaves no step to run; "
+                             f"raise strength or num_inference_steps")
+        start = num_inference_steps - init_steps
+        schedule = samplers.truncate(schedule, start)
+    extra, blend = None, None
+    nine_channels = pipe.unet.config.in_channels == 9
+    if mask_image is not None and x_image is None:
+        raise ValueError("inpainting needs an image as well as a mask_image")
+
+    if x_image is None:  # text-to-image: pure noise
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+            noise = latents.to(device, dtype)
+        else:
+            noise = randn(shape, generator, device, dtype)
+        z = noise * schedule.init_sigma
+    elif mask_image is None:  # img2img: the image's latents, noised to the first step
+        z0 = encode_image(pipe, x_image, generator).repeat(B, 1, 1, 1)
+        noise = randn(shape, generator, device, dtype)
+        z = samplers.add_noise(sampler, z0, noise, schedule, 0)
+    else:  # inpainting
+        mask = mask_to_tensor(mask_image, height, width)
+        masked = x_image * (mask < 0.5)
+        z0 = None
+        if not nine_channels or strength < 1.0:
+            z0 = encode_image(pipe, x_image, generator).repeat(B, 1, 1, 1)
+        noise = latents.to(device, dtype) if latents is not None else randn(shape, generator, device, dtype)
+        z = noise * schedule.init_sigma if strength >= 1.0 else samplers.add_noise(sampler, z0, noise, schedule, 0)
+        mask_latent = F.interpolate(mask, size=(height // f, width // f)).to(device, dtype).repeat(B, 1, 1, 1)
+        if nine_channels:  # the inpainting U-Net sees the mask and the masked image's latents
+            masked_latents = encode_image(pipe, masked, generator).repeat(B, 1, 1, 1)
+            extra = torch.cat([mask_latent, masked_latents], dim=1)
+        else:  # a standard U-Net: paste the (noised) known latents back outside the mask after each step
+            if pipe.unet.config.in_channels != 4:
+                raise ValueError(f"inpainting needs a 4- or 9-channel U-Net, not {pipe.unet.config.in_channels}")
+            encode_image(pipe, masked, generator)  # diffusers draws this sample too; keep the same random stream
+
+            def blend(i, t, latents, x0_hat):
+                last = i + 1 >= len(schedule.timesteps)
+                known = z0 if last else samplers.add_noise(sampler, z0, noise, schedule, i + 1)
+                return (1 - mask_latent) * known + mask_latent * latents
+
+    # 3. the sampling loop
+    eps = guided_eps(pipe.unet, cond, uncond, guidance_scale, pipe.scheduler, extra_channels=extra, control=control)
+    steps = len(schedule.timesteps)
+    bar = _progress(steps, pipe.progress)
+
+    def on_step(i, t, latents, x0_hat):
+        out = blend(i, t, latents, x0_hat) if blend is not None else None
+        bar.update(1)
+        if callback is not None:
+            callback(i, t, latents if out is None else out)
+        return out
+
+    try:
+        z = samplers.run(sampler, eps, z, schedule, eta=eta, generator=generator, callback=on_step)
+    finally:
+        bar.close()
+
+    # 4. decode
+    if output_type == "latent":
+        return z
+    images = decode_latents(pipe, z)
+    return images if output_type == "pt" else to_pil(images)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc="sampling", leave=False)
