@@ -1,0 +1,338 @@
+"""Prompt adherence for the shapes world: does the picture show what the prompt asked for?
+
+The analyser reads a 64×64 picture without the model that made it (the course's stand-in for a
+CLIP score):
+
+1. background: the median colour of the one-pixel border, snapped to the nearest background colour;
+2. segmentation: each pixel is explained as a mix  p ≈ bg + α (c − bg)  of the background and each
+   palette colour c (least squares in α); it belongs to the colour with the smallest residual if
+   α > 0.5 — so anti-aliased edges (half red, half white) count as red, not as orange;
+3. objects: connected pixels of one colour (the largest component per colour, at least `MIN_AREA`);
+4. shape from how it fills its bounding box (circle π/4 ≈ 0.79, square 1, triangle 0.5, star ≈ 0.33)
+   and its convexity (area / convex-hull area: the star's ≈ 0.5 tells it from the triangle's ≈ 0.95);
+   position from the bounding-box centre (nearest of the five anchors); size from the longer side.
+
+`score(prompts, images)` gives per-factor accuracy; `check_on_ground_truth()` shows the analyser
+itself is right (≥ 99%) on rendered pictures before its numbers are trusted.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .shapes import (BACKGROUNDS, BASE_SHAPES, COLOURS, PHRASES, POSITIONS, SIZES, Scene, ShapeObject, render)
+
+MIN_AREA = 20  # px; a small triangle covers ~98, a small star ~60
+
+
+@dataclass
+class Detected:
+    colour: str
+    shape: str
+    position: str
+    size: str
+    area: int
+    fill: float       # area / bounding-box area
+    solidity: float   # area / convex-hull area
+    bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 (inclusive)
+
+
+@dataclass
+class Analysis:
+    background: str
+    objects: list[Detected]
+
+    def find(self, colour: str) -> Detected | None:
+        return next((o for o in self.objects if o.colour == colour), None)
+
+
+def _components(mask: np.ndarray) -> np.ndarray:
+    """Connected-component labels (8-connectivity) of a boolean image, by min-label propagation."""
+    H, W = mask.shape
+    big = H * W + 1
+    labels = np.where(mask, np.arange(H * W).reshape(H, W), big)
+    while True:
+        p = np.pad(labels, 1, constant_values=big)
+        neighbours = np.stack([p[1 + dy: 1 + dy + H, 1 + dx: 1 + dx + W]
+                               for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+        new = np.where(mask, neighbours.min(axis=0), big)
+        if (new == labels).all():
+            return np.where(mask, labels, -1)
+        labels = new
+
+
+def _hull_area(points: np.ndarray) -> float:
+    """Area of the convex hull of 2-D points (Andrew's monotone chain, then the shoelace formula)."""
+    pts = sorted(set(map(tuple, points)))
+    if len(pts) < 3:
+        return 0.0
+
+    def half(seq):
+        out = []
+        for p in seq:
+            while len(out) >= 2 and (out[-1][0] - out[-2][0]) * (p[1] - out[-2][1]) - \
+                    (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0]) <= 0:
+                out.pop()
+            out.append(p)
+        return out
+    hull = half(pts)[:-1] + half(pts[::-1])[:-1]
+    x, y = np.array(hull, dtype=float).T
+    return 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+
+
+def classify_shape(fill: float, solidity: float) -> str:
+    if fill > 0.89:
+        return "square"
+    if fill > 0.64:
+        return "circle"
+    return "triangle" if solidity > 0.72 else "star"
+
+
+def nearest(point: tuple[float, float], anchors: dict) -> str:
+    return min(anchors, key=lambda k: (anchors[k][0] - point[0]) ** 2 + (anchors[k][1] - point[1]) ** 2)
+
+
+def analyse(image: Image.Image | np.ndarray) -> Analysis:
+    px = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
+    border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
+    bg_name = min(BACKGROUNDS, key=lambda b: np.linalg.norm(np.median(border, axis=0) - BACKGROUNDS[b]))
+    bg = np.array(BACKGROUNDS[bg_name], dtype=np.float32)
+    d = px - bg  # (H, W, 3)
+    names = list(COLOURS)
+    residuals, alphas = [], []
+    for name in names:
+        c = np.array(COLOURS[name], dtype=np.float32) - bg
+        alpha = np.clip((d @ c) / (c @ c), 0, 1.2)
+        residuals.append(np.linalg.norm(d - alpha[..., None] * c, axis=-1))
+        alphas.append(alpha)
+    residuals, alphas = np.stack(residuals), np.stack(alphas)  # (6, H, W)
+    best = residuals.argmin(axis=0)
+    alpha = np.take_along_axis(alphas, best[None], 0)[0]
+    foreground = (alpha > 0.5) & (np.take_along_axis(residuals, best[None], 0)[0] < 80)
+    objects = []
+    for k, name in enumerate(names):
+        mask = foreground & (best == k)
+        if mask.sum() < MIN_AREA:
+            continue
+        labels = _components(mask)
+        ids, counts = np.unique(labels[labels >= 0], return_counts=True)
+        comp = labels == ids[counts.argmax()]
+        area = int(comp.sum())
+        if area < MIN_AREA:
+            continue
+        ys, xs = np.nonzero(comp)
+        x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
+        w, h = x1 - x0 + 1, y1 - y0 + 1
+        corners = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)])
+        solidity = area / max(_hull_area(corners), 1.0)
+        fill = area / (w * h)
+        centre = ((x0 + x1 + 1) / 2, (y0 + y1 + 1) / 2)
+        objects.append(Detected(name, classify_shape(fill, solidity), nearest(centre, POSITIONS),
+                                "large" if max(w, h) > (SIZES["small"] + SIZES["large"]) / 2 else "small",
+                                area, fill, solidity, (int(x0), int(y0), int(x1), int(y1))))
+    objects.sort(key=lambda o: -o.area)
+    return Analysis(bg_name, objects)
+
+
+# ─── prompts ───────────────────────────────────────────────────────────────────────────────────────
+
+_OBJECT = re.compile(r"an? (?:(small|large) )?(\w+) (\w+)(?: (on the left|on the right|at the top|at the bottom|in the center))?")
+_WHERE = {v: k for k, v in PHRASES.items()}
+
+
+@dataclass
+class Wanted:
+    colour: str
+    shape: str
+    size: str | None
+    position: str | None
+
+
+def parse(prompt: str) -> tuple[list[Wanted], str | None]:
+    """'a large red circle on the left and a blue square on the right on a black background' ->
+    ([Wanted(red, circle, large, left), Wanted(blue, square, None, right)], 'black')."""
+    background = None
+    m = re.search(r" on a (\w+) background$", prompt)
+    if m:
+        background, prompt = m.group(1), prompt[: m.start()]
+    wanted = []
+    for part in prompt.split(" and "):
+        m = _OBJECT.fullmatch(part.strip())
+        if not m or m.group(2) not in COLOURS:
+            raise ValueError(f"not in the shapes-world grammar: {part!r}")
+        wanted.append(Wanted(m.group(2), m.group(3), m.group(1), _WHERE.get(m.group(4))))
+    return wanted, background
+
+
+def eval_prompts() -> list[str]:
+    """The fixed evaluation list: every colour × base shape × size × position once (180 one-object
+    prompts, background named in a third of them), and 60 two-object prompts (left and right)."""
+    prompts = []
+    bgs = list(BACKGROUNDS)
+    i = 0
+    for colour in COLOURS:
+        for shape in BASE_SHAPES:
+            for size in SIZES:
+                for position in POSITIONS:
+                    p = f"a {size} {colour} {shape} {PHRASES[position]}"
+                    if i % 3 == 0:
+                        p += f" on a {bgs[(i // 3) % 3]} background"
+                    prompts.append(p)
+                    i += 1
+    rng = np.random.default_rng(1234)
+    colours = list(COLOURS)
+    for _ in range(60):
+        c1, c2 = rng.choice(colours, 2, replace=False)
+        s1, s2 = rng.choice(list(BASE_SHAPES), 2)
+        prompts.append(f"a {c1} {s1} on the left and a {c2} {s2} on the right")
+    return prompts
+
+
+# ─── scoring ───────────────────────────────────────────────────────────────────────────────────────
+
+FACTORS = ("colour", "shape", "position", "size", "background")
+
+
+def judge(prompt: str, image) -> dict[str, bool]:
+    """Which requested factors the picture gets right. One object: colour, shape, position, size
+    (and background), each on its own: shape/position/size are read from the object of the requested
+    colour, or from the largest object when that colour is missing. Two objects: `both` = each
+    object found in its colour with the right shape and position."""
+    wanted, background = parse(prompt)
+    a = analyse(image)
+    out: dict[str, bool] = {}
+    if background is not None:
+        out["background"] = a.background == background
+    if len(wanted) == 1:
+        w = wanted[0]
+        found = a.find(w.colour)
+        out["colour"] = found is not None
+        obj = found or (a.objects[0] if a.objects else None)
+        out["shape"] = obj is not None and obj.shape == w.shape
+        if w.position is not None:
+            out["position"] = obj is not None and obj.position == w.position
+        if w.size is not None:
+            out["size"] = obj is not None and obj.size == w.size
+        return out
+    ok = []
+    for w in wanted:
+        obj = a.find(w.colour)
+        ok.append(obj is not None and obj.shape == w.shape and (w.position is None or obj.position == w.position))
+    out["both"] = all(ok)
+    out["colours"] = all(a.find(w.colour) is not None for w in wanted)
+    return out
+
+
+def score(prompts: list[str], images: list) -> dict[str, dict[str, float]]:
+    """Per-factor accuracy, separately for one-object and two-object prompts: {"one": {...}, "two": {...}}."""
+    tallies: dict[str, dict[str, list[bool]]] = {"one": {}, "two": {}}
+    for prompt, image in zip(prompts, images):
+        group = "two" if " and " in prompt else "one"
+        for factor, ok in judge(prompt, image).items():
+            tallies[group].setdefault(factor, []).append(ok)
+    return {g: {f: float(np.mean(v)) for f, v in t.items()} for g, t in tallies.items() if t}
+
+
+def render_prompt(prompt: str, seed: int = 0) -> Image.Image:
+    """The ground truth: draw what the prompt says (unnamed attributes picked at random)."""
+    rng = np.random.default_rng(seed)
+    wanted, background = parse(prompt)
+    objs = []
+    for w in wanted:
+        position = w.position or str(rng.choice([p for p in POSITIONS if p not in [o.position for o in objs]]))
+        x, y = POSITIONS[position]
+        size = w.size or str(rng.choice(list(SIZES)))
+        lo, hi = SIZES[size] / 2 + 1, 64 - SIZES[size] / 2 - 1
+        jitter = rng.uniform(-3, 3, 2)
+        objs.append(ShapeObject(w.colour, w.shape, size, position,
+                                (float(np.clip(x + jitter[0], lo, hi)), float(np.clip(y + jitter[1], lo, hi)))))
+    return render(Scene(background or str(rng.choice(list(BACKGROUNDS))), objs))
+
+
+def check_on_ground_truth(prompts: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """The analyser's accuracy on rendered pictures of the prompts themselves (should be ≥ 99%)."""
+    prompts = prompts or eval_prompts()
+    return score(prompts, [render_prompt(p, seed=i) for i, p in enumerate(prompts)])
+
+
+def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Markdown table: one row per setting (e.g. "CFG 7.5"), one column per factor."""
+    cols = [("one", f) for f in ("colour", "shape", "position", "size", "background")] + [("two", "both")]
+    head = "| setting | " + " | ".join(f"{f}" if g == "one" else "two objects: both" for g, f in cols) + " |"
+    rows = [head, "|" + "---|" * (len(cols) + 1)]
+    for name, res in results.items():
+        cells = [f"{100 * res.get(g, {}).get(f, float('nan')):.0f}%" for g, f in cols]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+# ─── evaluating a model ────────────────────────────────────────────────────────────────────────────
+
+def generate_for(pipe, prompts: list[str], guidance_scale: float = 7.5, steps: int = 25, sampler: str = "ddim",
+                 seed: int = 0, batch: int = 40) -> list[Image.Image]:
+    """One picture per prompt; prompt i starts from the noise of seed `seed + i`, whatever the batch size."""
+    import torch
+
+    c = pipe.unet.config
+    images = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        noise = torch.stack([torch.randn(c.in_channels if c.in_channels == 4 else 4, c.sample_size, c.sample_size,
+                                         generator=torch.Generator().manual_seed(seed + start + i))
+                             for i in range(len(chunk))])
+        images += pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+                       latents=noise)
+    return images
+
+
+def evaluate(pipe, prompts: list[str] | None = None, guidance_scale: float = 7.5, steps: int = 25,
+             sampler: str = "ddim", seed: int = 0) -> dict[str, dict[str, float]]:
+    """Prompt adherence of `pipe` on the fixed prompt list (default) — per-factor accuracy."""
+    prompts = prompts or eval_prompts()
+    return score(prompts, generate_for(pipe, prompts, guidance_scale, steps, sampler, seed))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`minisd eval`: prompt adherence of a model at one or more guidance scales."""
+    import argparse
+    import json
+    import time
+
+    from .pipeline import StableDiffusion
+
+    ap = argparse.ArgumentParser(prog="minisd eval", description="Prompt adherence on the shapes world: "
+                                 "per-factor accuracy over the fixed prompt list (240 prompts).")
+    ap.add_argument("--model", default="tiny", help="tiny (default), a folder or a file")
+    ap.add_argument("--cfg", type=float, nargs="+", default=[7.5, 1.0], help="guidance scales to compare")
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--sampler", default="ddim")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--limit", type=int, default=None, help="only every n-th prompt (quick look)")
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--ground-truth", action="store_true", help="score rendered pictures instead (checks the analyser)")
+    args = ap.parse_args(argv)
+    prompts = eval_prompts()[:: args.limit or 1]
+    if args.ground_truth:
+        results = {"ground truth renders": check_on_ground_truth(prompts)}
+    else:
+        pipe = StableDiffusion.from_pretrained(args.model, device=args.device)
+        pipe.progress = False
+        results = {}
+        for scale in args.cfg:
+            t0 = time.time()
+            results[f"CFG {scale:g}"] = evaluate(pipe, prompts, scale, args.steps, args.sampler, args.seed)
+            print(f"CFG {scale:g}: {len(prompts)} prompts in {time.time() - t0:.0f}s", flush=True)
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,392 @@
+"""Training the shapes-world Stable Diffusion, from nothing, in one flat script (nanoGPT-style).
+
+    python -m minisd.train all --out data/tiny          # the recipe of the shipped model
+    python -m minisd.train unet --resume                # continue one stage
+
+The recipe, in the order SD itself was built:
+  1. data   — scenes rendered by `minisd.shapes` (the base shapes only: `star` is held out)
+  2. vae    — a KL-autoencoder, f = 4: 64×64×3 pixels <-> 16×16×4 latents; L1 + MSE + a tiny KL
+  3. scale  — the latent scaling factor 1/std(z₀) measured on the data (SD's 0.18215 was found this way)
+  4. clip   — a tiny CLIP trained contrastively on (caption, picture) pairs; its text tower is then frozen
+  5. unet   — ε-prediction on cached latents: z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε, loss ‖ε − ε_θ(z_t, t, c)‖²
+              (Min-SNR-5 weighted), 10% of captions dropped to "" for classifier-free guidance, EMA weights
+  6. save   — the diffusers folder layout under --out, read by `StableDiffusion.from_pretrained`
+
+Every stage logs to <work>/log.txt, writes sample pictures, checkpoints every few minutes and
+resumes from its checkpoint. Timings are measured and written to <work>/timings.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import shapes
+from .clip import CLIP
+from .configs import TINY, ModelConfig
+from .pipeline import StableDiffusion
+from .schedules import snr
+from .text_encoder import TextEncoder
+from .tokenizer import Tokenizer, build_word_tokenizer
+from .unet import UNet
+from .vae import AutoencoderKL
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: str = "data/tiny"            # the finished model (diffusers layout)
+    work: str = "runs/tiny"           # checkpoints, logs, sample grids
+    device: str = "cpu"
+    seed: int = 0
+    n_images: int = 40_000            # scenes rendered once and reused by every stage
+    # VAE
+    vae_steps: int = 2000
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6           # SD used 1e-6 too: latents stay informative, the KL only keeps them tame
+    # CLIP
+    clip_steps: int = 800
+    clip_batch: int = 256
+    clip_lr: float = 5e-4
+    # U-Net
+    unet_steps: int = 3000
+    unet_batch: int = 64
+    unet_lr: float = 5e-4
+    warmup: int = 200
+    caption_dropout: float = 0.1      # p(caption -> ""): the unconditional branch of CFG
+    ema_decay: float = 0.999
+    min_snr_gamma: float = 5.0        # Min-SNR weighting (Hang et al. 2023): faster, steadier convergence
+    checkpoint_minutes: float = 5.0
+
+
+# ─── helpers ───────────────────────────────────────────────────────────────────────────────────────
+
+class Log:
+    def __init__(self, work: Path):
+        work.mkdir(parents=True, exist_ok=True)
+        self.path = work / "log.txt"
+
+    def __call__(self, msg: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        tqdm.write(line)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_checkpoint(path: Path, **state) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: an interrupted save never leaves a half-written checkpoint
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+
+def grid(images: torch.Tensor, nrow: int = 8):
+    """(B, 3, H, W) in [-1, 1] -> one PIL picture."""
+    from PIL import Image
+
+    x = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
+    B, _, H, W = x.shape
+    rows = math.ceil(B / nrow)
+    canvas = torch.zeros(3, rows * H, nrow * W, dtype=torch.uint8)
+    for i in range(B):
+        r, c = divmod(i, nrow)
+        canvas[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = x[i]
+    return Image.fromarray(canvas.permute(1, 2, 0).numpy())
+
+
+def model_config(tokenizer: Tokenizer) -> ModelConfig:
+    """TINY, with the text encoder's vocabulary sized to the tokenizer."""
+    return replace(TINY, text_encoder=replace(TINY.text_encoder, vocab_size=len(tokenizer)))
+
+
+# ─── data ──────────────────────────────────────────────────────────────────────────────────────────
+
+def make_data(cfg: TrainConfig, log: Log):
+    """Render the training scenes once: images as uint8 (N, 3, 64, 64), and the scenes themselves,
+    whose captions are re-drawn every time they are used (which attributes get named varies)."""
+    t0 = time.time()
+    scenes = [shapes.make_scene(cfg.seed * 10_000_000 + i) for i in range(cfg.n_images)]
+    images = torch.stack([torch.from_numpy(np.asarray(shapes.render(s))).permute(2, 0, 1) for s in scenes])
+    log(f"data: {len(scenes)} scenes rendered in {time.time() - t0:.0f}s")
+    return images, scenes
+
+
+def to_float(images_u8: torch.Tensor, device) -> torch.Tensor:
+    return (images_u8.to(device).float() / 127.5 - 1.0).contiguous(memory_format=torch.channels_last)
+
+
+def captions_for(scenes, idx, rng: np.random.Generator, dropout: float = 0.0) -> list[str]:
+    out = []
+    for i in idx:
+        if dropout and rng.random() < dropout:
+            out.append("")
+        else:
+            out.append(shapes.make_caption(copy.copy(scenes[i]), rng))
+    return out
+
+
+# ─── stages ────────────────────────────────────────────────────────────────────────────────────────
+
+def train_vae(cfg: TrainConfig, mcfg: ModelConfig, images, log: Log) -> AutoencoderKL:
+    work = Path(cfg.work)
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    vae = AutoencoderKL(mcfg.vae).to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    start = 0
+    if (ck := load_checkpoint(work / "vae.pt")) is not None:
+        vae.load_state_dict(ck["model"]), opt.load_state_dict(ck["opt"])
+        start = ck["step"]
+        log(f"vae: resumed at step {start}")
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    last_save = time.time()
+    bar = tqdm(range(start, cfg.vae_steps), desc="vae", initial=start, total=cfg.vae_steps)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.vae_steps, cfg.vae_lr, 100)
+        idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=g)
+        x = to_float(images[idx], device)
+        x_hat, posterior = vae(x, generator=None)
+        rec = F.l1_loss(x_hat, x) + F.mse_loss(x_hat, x)
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = rec + cfg.kl_weight * kl * x[0].numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.3f}")
+        if step % 500 == 0 or step == cfg.vae_steps - 1:
+            log(f"vae step {step}: rec {rec.item():.4f} (L1+MSE), kl/dim {kl.item():.3f}")
+        if time.time() - last_save > cfg.checkpoint_minutes * 60:
+            save_checkpoint(work / "vae.pt", model=vae.state_dict(), opt=opt.state_dict(), step=step + 1)
+            last_save = time.time()
+    save_checkpoint(work / "vae.pt", model=vae.state_dict(), opt=opt.state_dict(), step=cfg.vae_steps)
+    vae.eval()
+    with torch.no_grad():
+        x = to_float(images[:16], device)
+        grid(torch.cat([x, vae.decode(vae.encode(x).mode())])).save(work / "vae_reconstructions.png")
+    return vae.to(memory_format=torch.contiguous_format)
+
+
+@torch.no_grad()
+def measure_scaling_factor(vae: AutoencoderKL, images, device, n: int = 2000) -> float:
+    """1 / std of the latents over the data, so diffusion sees z with unit variance (LDM, §4.3.2)."""
+    zs = [vae.encode(to_float(images[i:i + 250], device)).sample() for i in range(0, min(n, len(images)), 250)]
+    return float(1.0 / torch.cat(zs).std())
+
+
+def train_clip(cfg: TrainConfig, mcfg: ModelConfig, tok: Tokenizer, images, scenes, log: Log) -> TextEncoder:
+    work = Path(cfg.work)
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed + 2)
+    clip = CLIP(mcfg.text_encoder).to(device)
+    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=0.1)
+    start = 0
+    if (ck := load_checkpoint(work / "clip.pt")) is not None:
+        clip.load_state_dict(ck["model"]), opt.load_state_dict(ck["opt"])
+        start = ck["step"]
+        log(f"clip: resumed at step {start}")
+    rng = np.random.default_rng(cfg.seed + 3)
+    g = torch.Generator().manual_seed(cfg.seed + 3)
+    last_save = time.time()
+    bar = tqdm(range(start, cfg.clip_steps), desc="clip", initial=start, total=cfg.clip_steps)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.clip_steps, cfg.clip_lr, 100)
+        idx = torch.randint(0, len(images), (cfg.clip_batch,), generator=g)
+        ids = tok(captions_for(scenes, idx.tolist(), rng), warn=False)
+        ids = ids[:, : int((ids != tok.pad_id).sum(1).max()) + 1].to(device)  # causal: padding after EOS can go
+        loss = clip(ids, to_float(images[idx], device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % 300 == 0 or step == cfg.clip_steps - 1:
+            log(f"clip step {step}: contrastive loss {loss.item():.3f} (chance: {math.log(cfg.clip_batch):.2f})")
+        if time.time() - last_save > cfg.checkpoint_minutes * 60:
+            save_checkpoint(work / "clip.pt", model=clip.state_dict(), opt=opt.state_dict(), step=step + 1)
+            last_save = time.time()
+    save_checkpoint(work / "clip.pt", model=clip.state_dict(), opt=opt.state_dict(), step=cfg.clip_steps)
+    return clip.text_encoder.eval()
+
+
+@torch.no_grad()
+def cache_latents(vae: AutoencoderKL, images, device, log: Log) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode every image once: the posterior's mean and std, so each U-Net step samples a fresh z₀."""
+    t0 = time.time()
+    means, stds = [], []
+    for i in range(0, len(images), 500):
+        post = vae.encode(to_float(images[i:i + 500], device))
+        means.append(post.mean.half().cpu()), stds.append(post.std.half().cpu())
+    log(f"latents cached for {len(images)} images in {time.time() - t0:.0f}s")
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_unet(cfg: TrainConfig, mcfg: ModelConfig, tok: Tokenizer, text_encoder: TextEncoder,
+               latents: tuple[torch.Tensor, torch.Tensor], scenes, scaling_factor: float,
+               sample_fn, log: Log) -> UNet:
+    work = Path(cfg.work)
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed + 4)
+    unet = UNet(mcfg.unet).to(device)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
+    start = 0
+    if (ck := load_checkpoint(work / "unet.pt")) is not None:
+        unet.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
+        start = ck["step"]
+        log(f"unet: resumed at step {start}")
+    alpha_bar = mcfg.scheduler.alphas_cumprod().to(device)
+    snr_t = snr(alpha_bar)
+    means, stds = latents
+    rng = np.random.default_rng(cfg.seed + 5 + start)
+    g = torch.Generator().manual_seed(cfg.seed + 5 + start)
+    last_save = time.time()
+    losses = []
+    bar = tqdm(range(start, cfg.unet_steps), desc="unet", initial=start, total=cfg.unet_steps)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup)
+        idx = torch.randint(0, len(means), (cfg.unet_batch,), generator=g)
+        z0 = (means[idx].float() + stds[idx].float() * torch.randn(means[idx].shape, generator=g)).to(device)
+        z0 = z0 * scaling_factor
+        with torch.no_grad():
+            ids = tok(captions_for(scenes, idx.tolist(), rng, cfg.caption_dropout), warn=False).to(device)
+            context = text_encoder(ids)  # (B, 77, E): frozen, as SD freezes CLIP
+        t = torch.randint(0, len(alpha_bar), (cfg.unet_batch,), generator=g).to(device)
+        eps = torch.randn(z0.shape, generator=g).to(device)
+        a = alpha_bar[t].view(-1, 1, 1, 1)
+        z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps  # the forward process in one jump (schedules.py eq. 2)
+        eps_hat = unet(z_t, t, context)
+        weight = snr_t[t].clamp(max=cfg.min_snr_gamma) / snr_t[t]  # Min-SNR-γ for ε-prediction
+        loss = (weight * (eps_hat - eps).pow(2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # EMA warm-up: early weights are forgotten fast
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), unet.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+        losses.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if step % 250 == 0 or step == cfg.unet_steps - 1:
+            log(f"unet step {step}: loss {np.mean(losses[-250:]):.4f}, lr {opt.param_groups[0]['lr']:.2e}")
+        if step > 0 and step % 1000 == 0:
+            sample_fn(ema, f"unet_samples_{step:05d}.png")
+        if time.time() - last_save > cfg.checkpoint_minutes * 60:
+            save_checkpoint(work / "unet.pt", model=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                            step=step + 1)
+            last_save = time.time()
+    save_checkpoint(work / "unet.pt", model=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                    step=cfg.unet_steps)
+    (work / "unet_losses.json").write_text(json.dumps(losses[::10]))
+    return ema.eval()
+
+
+SAMPLE_PROMPTS = ["a red circle", "a large blue square on the left", "a small yellow triangle at the top",
+                  "a green circle on a black background", "a large purple triangle in the center",
+                  "an orange square at the bottom on a gray background",
+                  "a red circle on the left and a blue square on the right",
+                  "a yellow triangle on the left and a green circle on the right"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="minisd train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", nargs="?", default="all", choices=["all", "vae", "clip", "unet"],
+                        help="what to train (default: the whole recipe)")
+    for f, v in asdict(TrainConfig()).items():
+        parser.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
+    parser.add_argument("--fresh", action="store_true", help="ignore checkpoints in --work and start over")
+    args = parser.parse_args(argv)
+    cfg = TrainConfig(**{f: getattr(args, f) for f in asdict(TrainConfig())})
+    work = Path(cfg.work)
+    if args.fresh and work.exists():
+        for p in work.glob("*.pt"):
+            p.unlink()
+    log = Log(work)
+    log(f"config: {json.dumps(asdict(cfg))}")
+    torch.manual_seed(cfg.seed)
+    timings_path = work / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+
+    def timed(name, fn, *a):
+        t0 = time.time()
+        out = fn(*a)
+        timings[name] = time.time() - t0
+        timings_path.write_text(json.dumps(timings, indent=2))
+        log(f"{name}: {timings[name] / 60:.1f} min")
+        return out
+
+    device = torch.device(cfg.device)
+    tok = build_word_tokenizer(shapes.VOCABULARY, work / "tokenizer")
+    mcfg = model_config(tok)
+    images, scenes = timed("data", make_data, cfg, log)
+
+    if args.stage in ("all", "vae") or not (work / "vae.pt").is_file():
+        vae = timed("vae", train_vae, cfg, mcfg, images, log)
+    else:
+        vae = AutoencoderKL(mcfg.vae).to(device)
+        vae.load_state_dict(load_checkpoint(work / "vae.pt")["model"])
+    vae.eval()
+    scaling_factor = measure_scaling_factor(vae, images, device)
+    log(f"latent scaling factor: {scaling_factor:.4f} (SD 1.x: 0.18215)")
+    mcfg = replace(mcfg, vae=replace(mcfg.vae, scaling_factor=round(scaling_factor, 5)))
+
+    if args.stage in ("all", "clip") or not (work / "clip.pt").is_file():
+        text_encoder = timed("clip", train_clip, cfg, mcfg, tok, images, scenes, log)
+    else:
+        clip = CLIP(mcfg.text_encoder).to(device)
+        clip.load_state_dict(load_checkpoint(work / "clip.pt")["model"])
+        text_encoder = clip.text_encoder.eval()
+    text_encoder.requires_grad_(False)
+
+    def assemble(unet: UNet) -> StableDiffusion:
+        pipe = StableDiffusion(unet, vae, text_encoder, tok, mcfg.scheduler, name="tiny")
+        pipe.vae.config = mcfg.vae
+        pipe.progress = False
+        return pipe
+
+    def sample_fn(unet: UNet, name: str) -> None:
+        pipe = assemble(unet.eval())
+        imgs = pipe(SAMPLE_PROMPTS, num_inference_steps=25, seed=0, output_type="pt", num_images_per_prompt=2)
+        grid(imgs * 2 - 1).save(work / name)
+        unet.train()
+
+    latents = timed("cache", cache_latents, vae, images, device, log)
+    unet = timed("unet", train_unet, cfg, mcfg, tok, text_encoder, latents, scenes, scaling_factor, sample_fn, log)
+    pipe = assemble(unet)
+    sample_fn(unet, "unet_samples_final.png")
+    pipe.to("cpu")
+    pipe.save_pretrained(cfg.out)
+    log(f"saved the model to {cfg.out}; total {sum(timings.values()) / 60:.1f} min: {json.dumps(timings)}")
+
+
+if __name__ == "__main__":
+    main()
