@@ -33,6 +33,8 @@ def main(argv=None) -> list[tuple]:
     torch.set_grad_enabled(False)
     ref_unet, ref_vae, ref_text = reference_modules(SD15, device, dtype)
     unet, vae, text = minisd_modules(SD15, ref_unet, ref_vae, ref_text)
+    for m in (unet, vae):  # as StableDiffusion runs them (pipeline.py); the references keep their defaults
+        m.to(memory_format=torch.channels_last)
     h = args.size // 8
     g = torch.Generator().manual_seed(0)
     z = torch.randn(args.batch, 4, h, h, generator=g).to(device, dtype)

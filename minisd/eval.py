@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .shapes import (BACKGROUNDS, BASE_SHAPES, COLOURS, PHRASES, POSITIONS, SIZES, Scene, ShapeObject, render)
+from .shapes import BACKGROUNDS, BASE_SHAPES, COLOURS, PHRASES, POSITIONS, SHAPES, SIZES, Scene, ShapeObject, render
 
 MIN_AREA = 20  # px; a small triangle covers ~98, a small star ~60
 
@@ -162,7 +162,7 @@ def parse(prompt: str) -> tuple[list[Wanted], str | None]:
     wanted = []
     for part in prompt.split(" and "):
         m = _OBJECT.fullmatch(part.strip())
-        if not m or m.group(2) not in COLOURS:
+        if not m or m.group(2) not in COLOURS or m.group(3) not in SHAPES:
             raise ValueError(f"not in the shapes-world grammar: {part!r}")
         wanted.append(Wanted(m.group(2), m.group(3), m.group(1), _WHERE.get(m.group(4))))
     return wanted, background

@@ -137,14 +137,19 @@ def make_caption(scene: Scene, rng: np.random.Generator) -> str:
     return text
 
 
-def make_scene(seed: int, shapes=BASE_SHAPES, p_two: float = 0.35) -> Scene:
+def make_scene(seed: int, shapes=BASE_SHAPES, p_two: float = 0.5) -> Scene:
     """One random scene with its caption; the same seed always gives the same scene."""
     rng = np.random.default_rng(seed)
     scene = Scene(background=str(rng.choice(list(BACKGROUNDS))), objects=[random_object(rng, shapes)])
     if rng.random() < p_two:
         first = scene.objects[0]
+        if rng.random() < 0.5:  # half of the pairs side by side, the layout two-object prompts ask for most
+            first = random_object(rng, shapes, str(rng.choice(["left", "right"])))
+            scene.objects = [first]
         for _ in range(20):  # a second object at another position, not touching the first
-            other = random_object(rng, shapes, str(rng.choice([p for p in POSITIONS if p != first.position])))
+            options = ["right" if first.position == "left" else "left"] if first.position in ("left", "right") \
+                and rng.random() < 0.5 else [p for p in POSITIONS if p != first.position]
+            other = random_object(rng, shapes, str(rng.choice(options)))
             if not _overlap(first, other):
                 # left-to-right / top-to-bottom reading order, as the captions name them
                 scene.objects = sorted([first, other], key=lambda o: (o.center[0], o.center[1]))
@@ -160,7 +165,7 @@ def to_tensor(img: Image.Image):
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
 
-def dataset(n: int, seed: int = 0, shapes=BASE_SHAPES, p_two: float = 0.35):
+def dataset(n: int, seed: int = 0, shapes=BASE_SHAPES, p_two: float = 0.5):
     """n scenes (seeds seed·10⁷ + i): (images (n, 3, 64, 64) in [-1, 1], captions, scenes)."""
     import torch
 
