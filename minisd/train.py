@@ -68,6 +68,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0        # Min-SNR weighting (Hang et al. 2023): faster, steadier convergence
     checkpoint_minutes: float = 5.0
+    sample_steps: int = 25            # sampling steps of the sample grids written during training
 
 
 # ─── helpers ───────────────────────────────────────────────────────────────────────────────────────
@@ -102,6 +103,17 @@ def load_checkpoint(path: Path) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
 
 
+def resume(path: Path, log: Log, **objects) -> int:
+    """Restore `objects` (model=..., opt=..., ema=...) from a stage's checkpoint; the step to continue from."""
+    ck = load_checkpoint(path)
+    if ck is None:
+        return 0
+    for name, obj in objects.items():
+        obj.load_state_dict(ck[name])
+    log(f"{path.stem}: resumed at step {ck['step']}")
+    return ck["step"]
+
+
 def grid(images: torch.Tensor, nrow: int = 8):
     """(B, 3, H, W) in [-1, 1] -> one PIL picture."""
     from PIL import Image
@@ -128,7 +140,7 @@ def make_data(cfg: TrainConfig, log: Log):
     whose captions are re-drawn every time they are used (which attributes get named varies)."""
     t0 = time.time()
     scenes = [shapes.make_scene(cfg.seed * 10_000_000 + i) for i in range(cfg.n_images)]
-    images = torch.stack([torch.from_numpy(np.asarray(shapes.render(s))).permute(2, 0, 1) for s in scenes])
+    images = torch.stack([torch.from_numpy(np.array(shapes.render(s))).permute(2, 0, 1) for s in scenes])
     log(f"data: {len(scenes)} scenes rendered in {time.time() - t0:.0f}s")
     return images, scenes
 
@@ -155,11 +167,7 @@ def train_vae(cfg: TrainConfig, mcfg: ModelConfig, images, log: Log) -> Autoenco
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKL(mcfg.vae).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    start = 0
-    if (ck := load_checkpoint(work / "vae.pt")) is not None:
-        vae.load_state_dict(ck["model"]), opt.load_state_dict(ck["opt"])
-        start = ck["step"]
-        log(f"vae: resumed at step {start}")
+    start = resume(work / "vae.pt", log, model=vae, opt=opt)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     last_save = time.time()
     bar = tqdm(range(start, cfg.vae_steps), desc="vae", initial=start, total=cfg.vae_steps)
@@ -170,16 +178,16 @@ def train_vae(cfg: TrainConfig, mcfg: ModelConfig, images, log: Log) -> Autoenco
         x = to_float(images[idx], device)
         x_hat, posterior = vae(x, generator=None)
         rec = F.l1_loss(x_hat, x) + F.mse_loss(x_hat, x)
-        kl = posterior.kl().mean() / x[0].numel()
-        loss = rec + cfg.kl_weight * kl * x[0].numel()
+        kl = posterior.kl().mean()  # summed over the latent, averaged over the batch
+        loss = rec + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         if step % 50 == 0:
-            bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.3f}")
+            bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.0f}")
         if step % 500 == 0 or step == cfg.vae_steps - 1:
-            log(f"vae step {step}: rec {rec.item():.4f} (L1+MSE), kl/dim {kl.item():.3f}")
+            log(f"vae step {step}: rec {rec.item():.4f} (L1+MSE), kl {kl.item():.0f} nats per image")
         if time.time() - last_save > cfg.checkpoint_minutes * 60:
             save_checkpoint(work / "vae.pt", model=vae.state_dict(), opt=opt.state_dict(), step=step + 1)
             last_save = time.time()
@@ -204,11 +212,7 @@ def train_clip(cfg: TrainConfig, mcfg: ModelConfig, tok: Tokenizer, images, scen
     torch.manual_seed(cfg.seed + 2)
     clip = CLIP(mcfg.text_encoder).to(device)
     opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=0.1)
-    start = 0
-    if (ck := load_checkpoint(work / "clip.pt")) is not None:
-        clip.load_state_dict(ck["model"]), opt.load_state_dict(ck["opt"])
-        start = ck["step"]
-        log(f"clip: resumed at step {start}")
+    start = resume(work / "clip.pt", log, model=clip, opt=opt)
     rng = np.random.default_rng(cfg.seed + 3)
     g = torch.Generator().manual_seed(cfg.seed + 3)
     last_save = time.time()
@@ -255,11 +259,7 @@ def train_unet(cfg: TrainConfig, mcfg: ModelConfig, tok: Tokenizer, text_encoder
     unet = UNet(mcfg.unet).to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
-    start = 0
-    if (ck := load_checkpoint(work / "unet.pt")) is not None:
-        unet.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
-        start = ck["step"]
-        log(f"unet: resumed at step {start}")
+    start = resume(work / "unet.pt", log, model=unet, ema=ema, opt=opt)
     alpha_bar = mcfg.scheduler.alphas_cumprod().to(device)
     snr_t = snr(alpha_bar)
     means, stds = latents
@@ -375,7 +375,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def sample_fn(unet: UNet, name: str) -> None:
         pipe = assemble(unet.eval())
-        imgs = pipe(SAMPLE_PROMPTS, num_inference_steps=25, seed=0, output_type="pt", num_images_per_prompt=2)
+        imgs = pipe(SAMPLE_PROMPTS, num_inference_steps=cfg.sample_steps, seed=0, output_type="pt",
+                    num_images_per_prompt=2)
         grid(imgs * 2 - 1).save(work / name)
         unet.train()
 
