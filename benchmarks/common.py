@@ -49,18 +49,20 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def median_time(fn, device, repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of fn() in seconds, after warm-up runs."""
+def paired_medians(fn_a, fn_b, device, repeats: int = 5, warmup: int = 1) -> tuple[float, float]:
+    """Median times of fn_a and fn_b, measured alternately (a, b, a, b, ...) so that drift in the
+    machine's speed (other load, clocks) hits both alike."""
     for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
+        fn_a(), fn_b()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, out in ((fn_a, times[0]), (fn_b, times[1])):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            out.append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def peak_memory(fn, device) -> float:

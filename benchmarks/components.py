@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, median_time, minisd_modules, reference_modules  # noqa: E402
+from common import environment, minisd_modules, paired_medians, reference_modules  # noqa: E402
 
 from minisd import SD15  # noqa: E402
 
@@ -33,8 +33,7 @@ def main(argv=None) -> list[tuple]:
     torch.set_grad_enabled(False)
     ref_unet, ref_vae, ref_text = reference_modules(SD15, device, dtype)
     unet, vae, text = minisd_modules(SD15, ref_unet, ref_vae, ref_text)
-    for m in (unet, vae):  # as StableDiffusion runs them (pipeline.py); the references keep their defaults
-        m.to(memory_format=torch.channels_last)
+    vae.to(memory_format=torch.channels_last)  # as StableDiffusion runs it (pipeline.py); references as they come
     h = args.size // 8
     g = torch.Generator().manual_seed(0)
     z = torch.randn(args.batch, 4, h, h, generator=g).to(device, dtype)
@@ -48,8 +47,7 @@ def main(argv=None) -> list[tuple]:
         (f"text encoder, batch {args.batch}×77", lambda: text(ids), lambda: ref_text(ids).last_hidden_state),
     ):
         diff = (ours().float() - ref().float()).abs().max().item()
-        t_ref = median_time(ref, device, args.repeats)
-        t_ours = median_time(ours, device, args.repeats)
+        t_ours, t_ref = paired_medians(ours, ref, device, args.repeats)
         rows.append((name, t_ours, t_ref, diff))
     print(f"\n{environment(device)}, {args.dtype}, SD 1.5 shapes, random weights, median of {args.repeats}\n")
     print("| module | minisd (ms) | diffusers/transformers (ms) | ratio minisd/ref | max abs diff |")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, median_time, minisd_modules, peak_memory, reference_modules  # noqa: E402
+from common import environment, minisd_modules, paired_medians, peak_memory, reference_modules  # noqa: E402
 
 from minisd import SD15, StableDiffusion, TextEncoderConfig, Tokenizer, UNetConfig, VAEConfig  # noqa: E402
 
@@ -75,7 +75,7 @@ def main(argv=None):
                 return ref(prompts, latents=noise, output_type="pt", **kw).images
 
             diff = (run_ours().float() - run_ref().float()).abs()
-            t_ref, t_ours = median_time(run_ref, device, args.repeats), median_time(run_ours, device, args.repeats)
+            t_ours, t_ref = paired_medians(run_ours, run_ref, device, args.repeats)
             m_ref, m_ours = peak_memory(run_ref, device), peak_memory(run_ours, device)
             rows.append((batch, steps, t_ours / batch, t_ref / batch, steps * batch / t_ours, steps * batch / t_ref,
                          m_ours, m_ref, diff.max().item(), diff.mean().item()))
