@@ -169,3 +169,30 @@ def test_clip_skip_matches_diffusers(ours, ref_pipe, tiny_folder):
                    output_type="latent").images
     mine = ours(PROMPTS[0], num_inference_steps=5, latents=latents, clip_skip=1, output_type="latent")
     report("txt2img clip_skip=1", mine, ref, 1e-3)
+
+
+@pytest.fixture(scope="module")
+def vpred_folder(tokenizer, tmp_path_factory):
+    """SD 2.x-style: v-prediction, linear proj_in/proj_out, per-level heads, GELU text encoder."""
+    cfg = replace(TEST, unet=replace(TEST.unet, use_linear_projection=True, num_heads=(1, 2, 2, 4)),
+                  text_encoder=replace(TEST.text_encoder, hidden_act="gelu"),
+                  scheduler=replace(TEST.scheduler, prediction_type="v_prediction"))
+    pipe = StableDiffusion.from_config(cfg, tokenizer, seed=2)
+    folder = tmp_path_factory.mktemp("vpred")
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m"])
+def test_v_prediction_sd2_style_matches_diffusers(name, vpred_folder):
+    ours = StableDiffusion.from_pretrained(vpred_folder, device="cpu")
+    ours.progress = False
+    assert ours.scheduler.prediction_type == "v_prediction" and ours.unet.config.use_linear_projection
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(vpred_folder, safety_checker=None,
+                                                            requires_safety_checker=False)
+    ref.scheduler = diffusers_scheduler(name, vpred_folder)
+    ref.set_progress_bar_config(disable=True)
+    latents = noise((1, 4, 8, 8), seed=8)
+    a = ref(PROMPTS[0], num_inference_steps=8, latents=latents, output_type="latent").images
+    b = ours(PROMPTS[0], num_inference_steps=8, latents=latents, output_type="latent", sampler=name)
+    report(f"txt2img v-prediction (SD 2.x style) {name}", b, a, 1e-3)

@@ -111,3 +111,14 @@ def test_fp16_vae_overflow_is_decoded_again_in_fp32(tiny_pipe):
     with pytest.warns(UserWarning, match="overflowed"):
         x = decode_latents(pipe, z)
     assert torch.isfinite(x).all() and pipe.vae.dtype == torch.float16
+
+
+def test_bfloat16_on_request(tiny_pipe):
+    import copy
+
+    pipe = copy.deepcopy(tiny_pipe).to(dtype=torch.bfloat16)
+    assert pipe.dtype == torch.bfloat16
+    ref = tiny_pipe("a red circle", num_inference_steps=4, seed=0, output_type="pt")
+    out = pipe("a red circle", num_inference_steps=4, seed=0, output_type="pt")
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert (out - ref).abs().mean() < 0.05  # bf16 rounding, not another picture
