@@ -121,33 +121,44 @@ def _derive_clip_vocab() -> Path:
     return cache
 
 
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Apply merges the way BPE does: always the lowest-ranked adjacent pair first."""
+    while len(pieces) > 1:
+        pairs = [(ranks.get((a, b), float("inf")), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank == float("inf"):
+            break
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2:]
+    return pieces
+
+
 def build_word_tokenizer(words: list[str], folder: str | os.PathLike) -> Tokenizer:
     """A CLIP-format tokenizer for a closed vocabulary: each word one token, any other text spelled
     out in bytes. Used by the shapes world and the tests; loaded by the same code as SD's tokenizer.
 
-    Vocabulary: the 512 byte characters (with and without `</w>`), then the words, then BOS, EOS.
-    Each word is built by merges, left to right ("c i", "ci r", ..., "circl e</w>").
+    Vocabulary: the 512 byte characters (with and without `</w>`), the merged pieces, then BOS, EOS.
+    Merges are added word by word: run BPE with the merges so far, and while the word is still in
+    several pieces, merge its first two (BPE applies merges by rank, so a pair learnt for "right"
+    would otherwise split "triangle" for good).
     """
     chars = list(_bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars]
-    merges: list[str] = []
+    ranks: dict[tuple[str, str], int] = {}
     seen = set(vocab)
     for word in words:
         if word != word.lower() or not word.isascii() or not word.isalpha():
             raise ValueError(f"words must be lower-case ASCII letters, got {word!r}")
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        left = pieces[0]
-        for right in pieces[1:]:
-            merge = f"{left} {right}"
-            left = left + right
-            if merge not in merges:
-                merges.append(merge)
-            if left not in seen:  # intermediate pieces become tokens too (a BPE vocabulary is closed under merges)
-                seen.add(left)
-                vocab.append(left)
+        pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        while len(pieces) > 1:
+            ranks[(pieces[0], pieces[1])] = len(ranks)
+            if pieces[0] + pieces[1] not in seen:
+                seen.add(pieces[0] + pieces[1])
+                vocab.append(pieces[0] + pieces[1])
+            pieces = _bpe(pieces, ranks)
     vocab += [BOS, EOS]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    merges = [f"{a} {b}" for (a, b), _ in sorted(ranks.items(), key=lambda kv: kv[1])]
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     return Tokenizer(folder)

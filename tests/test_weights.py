@@ -318,6 +318,16 @@ def test_long_prompt_warns_and_truncates():
     assert ids.shape == (1, 77) and ids[0, -1] == 49407
 
 
+def test_every_shapes_world_word_is_one_token(tmp_path):
+    from minisd import shapes
+    from minisd.tokenizer import build_word_tokenizer
+
+    tok = build_word_tokenizer(shapes.VOCABULARY, tmp_path)
+    for word in shapes.VOCABULARY:
+        ids = tok([word])[0]
+        assert (ids != tok.eos_id).sum() == 2, (word, tok.decode(ids[:6]))  # BOS + the word
+
+
 def test_word_tokenizer(tokenizer):
     ids = tokenizer(["a large red circle"])[0]
     assert ids[0] == tokenizer.bos_id and ids[5] == tokenizer.eos_id and (ids[5:] == tokenizer.eos_id).all()
