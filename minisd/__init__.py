@@ -2,7 +2,7 @@
 
     from minisd import StableDiffusion
     pipe = StableDiffusion.from_pretrained("tiny")          # the shipped shapes-world model
-    pipe("a red circle on the left").images[0]
+    image = pipe("a red circle on the left", seed=0)[0]     # a list of PIL images
 """
 
 from .attention import attention, capture_attention
