@@ -62,9 +62,10 @@ class Tokenizer:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if warn:
             for prompt in prompts:
-                n = len(self.hf(prompt).input_ids)
+                full = self.hf(prompt, verbose=False).input_ids  # untruncated, to measure (no library warning)
+                n = len(full)
                 if n > self.max_length:
-                    kept = self.hf.decode(self.hf(prompt).input_ids[1: self.max_length - 1])
+                    kept = self.hf.decode(full[1: self.max_length - 1])
                     warnings.warn(f"prompt is {n} tokens, longer than {self.max_length}; it was truncated to "
                                   f"{kept!r}", stacklevel=2)
         out = self.hf(prompts, padding="max_length", max_length=self.max_length, truncation=True,
