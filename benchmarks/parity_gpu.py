@@ -54,8 +54,8 @@ def main(argv=None):
         torch.cuda.empty_cache() if device.type == "cuda" else None
     print(f"\n{environment(device)}; TF32 convs {torch.backends.cudnn.allow_tf32}, TF32 matmul "
           f"{torch.backends.cuda.matmul.allow_tf32}\n")
-    print(f"| module | fp32: minisd vs ref (max / mean / rel max) | fp16: minisd vs ref | "
-          f"fp16 ref vs fp32 ref (the fp16 noise floor) |")
+    print("| module | fp32: minisd vs ref (max / mean / rel max) | fp16: minisd vs ref | "
+          "fp16 ref vs fp32 ref (the fp16 noise floor) |")
     print("|---|---|---|---|")
     for name in outputs[torch.float32]:
         ours32, ref32 = outputs[torch.float32][name]

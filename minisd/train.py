@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path

@@ -18,7 +18,7 @@ import json
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -542,6 +542,3 @@ def download(repo_id: str, variant: str | None = None) -> Path:
                                + (f" for variant {variant!r}" if variant else ""))
     return Path(snapshot_download(repo_id, allow_patterns=wanted))
 
-
-def config_json(**configs) -> str:
-    return json.dumps({k: asdict(v) for k, v in configs.items()})
