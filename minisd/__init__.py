@@ -6,7 +6,10 @@
 """
 
 from .attention import attention, capture_attention
+from .canny import canny
 from .configs import SD15, TINY, ModelConfig
+from .controlnet import ControlNet, ControlNetConfig
+from .lora import LoRA
 from .pipeline import StableDiffusion, save_single_file
 from .schedules import SchedulerConfig
 from .text_encoder import TextEncoder, TextEncoderConfig
@@ -17,6 +20,6 @@ from .weights import WeightsError
 
 __version__ = "0.1.0"
 
-__all__ = ["SD15", "TINY", "AutoencoderKL", "ModelConfig", "SchedulerConfig", "StableDiffusion", "TextEncoder",
+__all__ = ["SD15", "TINY", "AutoencoderKL", "ControlNet", "ControlNetConfig", "LoRA", "ModelConfig", "SchedulerConfig", "StableDiffusion", "TextEncoder",
            "TextEncoderConfig", "Tokenizer", "UNet", "UNetConfig", "VAEConfig", "WeightsError", "attention",
-           "capture_attention", "save_single_file"]
+           "canny", "capture_attention", "save_single_file"]

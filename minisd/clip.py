@@ -55,8 +55,14 @@ class CLIP(nn.Module):
     def encode_image(self, x: Tensor) -> Tensor:
         return F.normalize(self.image_tower(x), dim=-1)
 
-    def forward(self, ids: Tensor, x: Tensor) -> Tensor:
-        """The symmetric contrastive loss of a batch of matching (caption, picture) pairs."""
-        logits = self.logit_scale.exp().clamp(max=100) * self.encode_text(ids) @ self.encode_image(x).T
-        target = torch.arange(len(ids), device=ids.device)
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    def forward(self, ids: Tensor, x: Tensor, negative_ids: Tensor | None = None) -> Tensor:
+        """The symmetric contrastive loss of a batch of matching (caption, picture) pairs.
+
+        `negative_ids`: extra captions that match no picture — "hard negatives" such as a two-object
+        caption with its colours swapped. They join the texts each picture must choose among, so the
+        text tower cannot get away with a bag of words: it has to say *which* object is red."""
+        B = len(ids)
+        texts = ids if negative_ids is None else torch.cat([ids, negative_ids])
+        logits = self.logit_scale.exp().clamp(max=100) * self.encode_text(texts) @ self.encode_image(x).T
+        target = torch.arange(B, device=ids.device)
+        return (F.cross_entropy(logits[:B], target) + F.cross_entropy(logits.T, target)) / 2

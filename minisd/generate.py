@@ -127,8 +127,8 @@ def generate(pipe: StableDiffusion, prompt: str | list[str], *, negative_prompt:
              seed: int | None = None, generator: torch.Generator | None = None, latents: Tensor | None = None,
              num_images_per_prompt: int = 1, callback=None, output_type: str = "pil", clip_skip: int = 0,
              image: ImageInput | None = None, strength: float = 1.0, mask_image: ImageInput | None = None,
-             control=None):
-    """See `StableDiffusion.__call__`, `.img2img` and `.inpaint`."""
+             control: dict | None = None):
+    """See `StableDiffusion.__call__`, `.img2img` and `.inpaint`. `control`: ControlNet arguments."""
     if output_type not in ("pil", "pt", "latent"):
         raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
     samplers.get_sampler(sampler)  # unknown names fail before any work
@@ -195,8 +195,15 @@ def generate(pipe: StableDiffusion, prompt: str | list[str], *, negative_prompt:
                 known = z0 if last else samplers.add_noise(sampler, z0, noise, schedule, i + 1)
                 return (1 - mask_latent) * known + mask_latent * latents
 
+    control_fn = None
+    if control:
+        from .controlnet import control_function
+
+        control_fn = control_function(pipe.controlnets, control, schedule.timesteps, B, uncond is not None,
+                                      height, width, device, dtype)
+
     # 3. the sampling loop
-    eps = guided_eps(pipe.unet, cond, uncond, guidance_scale, pipe.scheduler, extra_channels=extra, control=control)
+    eps = guided_eps(pipe.unet, cond, uncond, guidance_scale, pipe.scheduler, extra_channels=extra, control=control_fn)
     steps = len(schedule.timesteps)
     bar = _progress(steps, pipe.progress)
 

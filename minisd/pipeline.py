@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import lora as lora_lib
 from . import weights
 from .configs import ModelConfig
 from .generate import generate
@@ -52,7 +53,8 @@ class StableDiffusion:
         self.scheduler = scheduler
         self.name = name
         self.progress = True  # tqdm bar over the sampling steps; set False (or TQDM_DISABLE=1) to hide
-        self.controlnets: list = []
+        self.controlnets: list = []  # ControlNets used by every generation call (load_controlnet)
+        self.loras: dict[str, dict[str, lora_lib.LoRA]] = {}  # name -> {module path: LoRA} (load_lora)
 
     # ─── properties ────────────────────────────────────────────────────────────────────────────────
     @property
@@ -74,6 +76,9 @@ class StableDiffusion:
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> StableDiffusion:
         for m in (self.unet, self.vae, self.text_encoder, *self.controlnets):
             m.to(device=device, dtype=dtype)
+        for loras in self.loras.values():
+            for lora in loras.values():
+                lora.to(device=device)
         self.vae.to(memory_format=torch.channels_last)
         return self
 
@@ -186,15 +191,92 @@ class StableDiffusion:
         return generate(self, prompt, image=image, mask_image=mask_image, strength=strength, **self._split(kwargs))
 
     def _split(self, kwargs: dict) -> dict:
-        control_keys = {"control_image", "controlnet_scale", "control_start", "control_end", "guess_mode"}
-        control = {k: kwargs.pop(k) for k in list(kwargs) if k in control_keys}
+        from .controlnet import CONTROL_ARGUMENTS
+
+        control = {k: kwargs.pop(k) for k in list(kwargs) if k in CONTROL_ARGUMENTS}
         return {**kwargs, **self._control(control)}
 
     def _control(self, control_kwargs: dict) -> dict:
+        from .controlnet import CONTROL_ARGUMENTS
+
+        unknown = sorted(set(control_kwargs) - set(CONTROL_ARGUMENTS))
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments {unknown}")
         if not control_kwargs:
             return {}
-        raise ValueError(f"unexpected arguments {sorted(control_kwargs)}: load a ControlNet first "
-                         f"(pipe.load_controlnet) to use control_image")
+        if not self.controlnets:
+            raise ValueError(f"{sorted(control_kwargs)} need a ControlNet: load one first (pipe.load_controlnet)")
+        return {"control": control_kwargs}
+
+    # ─── ControlNet (controlnet.py) ────────────────────────────────────────────────────────────────
+    def load_controlnet(self, source):
+        """Add a ControlNet: a diffusers ControlNetModel folder or file, an original lllyasviel
+        .pth/.safetensors, a Hub id, or a `ControlNet` object. Every later generation call then takes
+        control_image=…, controlnet_scale, control_start/control_end and guess_mode; with several
+        ControlNets, control_image (and controlnet_scale) are lists, one entry per ControlNet."""
+        from .controlnet import ControlNet, load_controlnet
+
+        cn = source if isinstance(source, ControlNet) else load_controlnet(source, self.unet)
+        if cn.config.unet.block_out_channels != self.unet.config.block_out_channels:
+            raise ValueError(f"this ControlNet was made for U-Net widths {cn.config.unet.block_out_channels}, "
+                             f"not {self.unet.config.block_out_channels}")
+        self.controlnets.append(cn.to(device=self.device, dtype=self.dtype))
+        return cn
+
+    def unload_controlnet(self) -> None:
+        self.controlnets.clear()
+
+    # ─── LoRA (lora.py) ────────────────────────────────────────────────────────────────────────────
+    @property
+    def _lora_roots(self) -> dict:
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    def load_lora(self, source, scale: float = 1.0, name: str | None = None) -> str:
+        """Attach a LoRA (kohya, diffusers/PEFT or older diffusers file, a folder holding
+        pytorch_lora_weights.safetensors, or a state dict) at `scale`; several can be attached, each under
+        its own name (default: the file's stem). Returns the name."""
+        if name is None:
+            name = Path(source).stem if not isinstance(source, dict) else f"lora_{len(self.loras)}"
+        if name in self.loras:
+            raise ValueError(f"a LoRA named {name!r} is already loaded; pass name=… or unload_lora({name!r})")
+        roots = self._lora_roots
+        loras = lora_lib.build(roots, lora_lib.read_lora(source, roots))
+        for path, lora in loras.items():
+            lora.multiplier = scale
+            lora_lib.attach(lora_lib._layer(roots, path), name, lora.to(dtype=self.dtype))
+        self.loras[name] = loras
+        return name
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        if name not in self.loras:
+            raise KeyError(f"no LoRA named {name!r}; loaded: {sorted(self.loras)}")
+        fused = any(lo.fused for lo in self.loras[name].values())
+        if fused:
+            lora_lib.unfuse(self._lora_roots, self.loras[name])
+        for lora in self.loras[name].values():
+            lora.multiplier = scale
+        if fused:
+            lora_lib.fuse(self._lora_roots, self.loras[name])
+
+    def fuse_lora(self) -> None:
+        """Fold every loaded LoRA into the weights (W ← W + scale·ΔW): no extra cost per step."""
+        for loras in self.loras.values():
+            lora_lib.fuse(self._lora_roots, loras)
+
+    def unfuse_lora(self) -> None:
+        """Restore the original weights; the LoRAs stay attached, applied on the fly again."""
+        for loras in self.loras.values():
+            lora_lib.unfuse(self._lora_roots, loras)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA (or all): the model is exactly as it was before loading."""
+        names = [name] if name is not None else list(self.loras)
+        for n in names:
+            if n not in self.loras:
+                raise KeyError(f"no LoRA named {n!r}; loaded: {sorted(self.loras)}")
+            lora_lib.unfuse(self._lora_roots, self.loras[n])
+            for path in self.loras.pop(n):
+                lora_lib.detach(lora_lib._layer(self._lora_roots, path), n)
 
     # ─── text conditioning ─────────────────────────────────────────────────────────────────────────
     @torch.inference_mode()

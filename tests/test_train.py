@@ -50,3 +50,19 @@ def test_unet_loss_falls_on_a_memorised_batch(tiny_pipe):
         unet.load_state_dict(state)
         unet.eval()
     assert losses[-1] < 0.3 * losses[0], losses[::8]
+
+
+def test_clip_hard_negatives_swap_exactly_one_attribute():
+    """Each two-object scene gets a negative caption: same words named, colours/shapes/positions swapped."""
+    import numpy as np
+
+    from minisd import shapes
+    from minisd.train import captions_with_negatives
+
+    scenes = [shapes.make_scene(i) for i in range(200)]
+    captions, negatives = captions_with_negatives(scenes, list(range(200)), np.random.default_rng(0))
+    two = [i for i, s in enumerate(scenes) if len(s.objects) == 2]
+    assert len(captions) == 200 and len(negatives) == len(two) > 50
+    for i, neg in zip(two, negatives):
+        assert neg != captions[i]
+        assert sorted(neg.split()) == sorted(captions[i].split())  # the same words, bound differently
