@@ -75,6 +75,12 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-skip", type=int, default=0, help="stop the text encoder this many layers early")
     p.add_argument("--model", default="tiny", help="tiny (default), a diffusers folder, a .safetensors/.ckpt file or a Hub id")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA file or folder (kohya, diffusers/PEFT), optionally with a scale; repeatable")
+    p.add_argument("--controlnet", default=None, metavar="PATH", help="a ControlNet (diffusers folder or lllyasviel file)")
+    p.add_argument("--control-image", default=None, metavar="PNG", help="the ControlNet's map (edges, mask, ...)")
+    p.add_argument("--canny", action="store_true", help="take Canny edges of --control-image first")
+    p.add_argument("--controlnet-scale", type=float, default=1.0, help="strength of the ControlNet (default 1)")
     p.add_argument("--out", default="out.png", help="output PNG (default out.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -90,20 +96,36 @@ def run_generation(args: argparse.Namespace, mode: str) -> None:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
     if args.num_images < 1:
         raise ValueError(f"-n must be at least 1, got {args.num_images}")
-    for name in ("image", "mask"):
+    for name in ("image", "mask", "control_image"):
         path = getattr(args, name, None)
         if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"--{name} file not found: {path}")
+            raise FileNotFoundError(f"--{name.replace('_', '-')} file not found: {path}")
+    if (args.controlnet is None) != (args.control_image is None):
+        raise ValueError("--controlnet and --control-image go together")
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     t0 = time.time()
     pipe = StableDiffusion.from_pretrained(args.model, device=args.device)
     pipe.progress = not args.quiet
+    extra = {}
+    for spec in args.lora:
+        path, _, scale = spec.rpartition(":") if not Path(spec).exists() and ":" in spec else (spec, "", "1")
+        name = pipe.load_lora(path, scale=float(scale))
+        extra[f"Lora {name}"] = float(scale)
+    control = {}
+    if args.controlnet is not None:
+        from PIL import Image
+
+        from .canny import canny
+
+        pipe.load_controlnet(args.controlnet)
+        image = Image.open(args.control_image).convert("RGB")
+        control = {"control_image": canny(image) if args.canny else image, "controlnet_scale": args.controlnet_scale}
+        extra.update({"ControlNet": Path(args.controlnet).name, "ControlNet scale": args.controlnet_scale})
     width = args.width or args.size
     height = args.height or args.size
     kwargs = dict(negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.cfg,
                   sampler=args.sampler, karras=args.karras, eta=args.eta, num_images_per_prompt=args.num_images,
-                  generator=torch.Generator().manual_seed(seed), clip_skip=args.clip_skip)
-    extra = {}
+                  generator=torch.Generator().manual_seed(seed), clip_skip=args.clip_skip, **control)
     if mode == "generate":
         images = pipe(args.prompt, height=height, width=width, **kwargs)
     elif mode == "img2img":

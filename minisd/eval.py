@@ -192,6 +192,40 @@ def eval_prompts() -> list[str]:
     return prompts
 
 
+def concept_prompts(shape: str = "star") -> list[str]:
+    """One-object prompts for one shape: every colour × size × position (60) — a LoRA's new concept."""
+    return [f"a {size} {colour} {shape} {PHRASES[position]}" for colour in COLOURS for size in SIZES
+            for position in POSITIONS]
+
+
+def layout_scenes(n: int = 60, seed: int = 7_000_000) -> list[Scene]:
+    """Held-out layouts for ControlNet: scenes from seeds no training run uses."""
+    from .shapes import make_scene
+
+    return [make_scene(seed + i) for i in range(n)]
+
+
+def layout_prompt(scene: Scene) -> str:
+    """What is in the scene but not where: "a red circle and a blue square" — the map must say where."""
+    return " and ".join(f"a {o.colour} {o.shape}" for o in scene.objects)
+
+
+def foreground(image) -> np.ndarray:
+    """Pixels that are not background (the background read from the border, as `analyse` does)."""
+    px = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
+    border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
+    return np.linalg.norm(px - np.median(border, axis=0), axis=-1) > 60
+
+
+def layout_iou(image, scene: Scene) -> float:
+    """Intersection over union of the picture's foreground and the scene's object mask."""
+    from .shapes import control_map
+
+    want = np.asarray(control_map(scene, "mask").convert("L")) > 127
+    got = foreground(image)
+    return float((want & got).sum() / max((want | got).sum(), 1))
+
+
 # ─── scoring ───────────────────────────────────────────────────────────────────────────────────────
 
 FACTORS = ("colour", "shape", "position", "size", "background")
@@ -296,6 +330,52 @@ def evaluate(pipe, prompts: list[str] | None = None, guidance_scale: float = 7.5
     return score(prompts, generate_for(pipe, prompts, guidance_scale, steps, sampler, seed))
 
 
+def evaluate_lora(pipe, lora, concept: str = "star", scale: float = 1.0, steps: int = 25) -> dict:
+    """Adherence on the concept's prompts and on the base one-object prompts, without and with the LoRA:
+    the new shape should appear, the old ones should stay right."""
+    base = [p for p in eval_prompts() if " and " not in p][::3]  # 60 one-object prompts
+    concept_list = concept_prompts(concept)
+    out = {}
+    for label in ("without LoRA", f"with LoRA (scale {scale:g})"):
+        if label.startswith("with "):
+            name = pipe.load_lora(lora, scale=scale, name="eval")
+        res_concept = score(concept_list, generate_for(pipe, concept_list, steps=steps))["one"]
+        res_base = score(base, generate_for(pipe, base, steps=steps))["one"]
+        out[label] = {f"{concept}: shape": res_concept["shape"], f"{concept}: colour": res_concept["colour"],
+                      f"{concept}: position": res_concept["position"], "base shapes: shape": res_base["shape"],
+                      "base shapes: colour": res_base["colour"]}
+    pipe.unload_lora(name)
+    return out
+
+
+def evaluate_controlnet(pipe, controlnet, kind: str = "edges", n: int = 60, scale: float = 1.0,
+                        steps: int = 25) -> dict:
+    """Held-out layouts, prompts that name the objects but not where they are: how well the pictures
+    cover the layout's objects (mean IoU; placed = IoU ≥ 0.5), without and with the ControlNet."""
+    import torch
+
+    from .shapes import control_map
+
+    scenes = layout_scenes(n)
+    prompts = [layout_prompt(s) for s in scenes]
+    noise = torch.stack([torch.randn(4, pipe.unet.config.sample_size, pipe.unet.config.sample_size,
+                                     generator=torch.Generator().manual_seed(i)) for i in range(n)])
+    maps = [control_map(s, kind) for s in scenes]
+    out = {}
+    pipe.load_controlnet(controlnet)
+    try:
+        for label, s in (("without ControlNet", 0.0), (f"with ControlNet (scale {scale:g})", scale)):
+            images = []
+            for i in range(0, n, 20):
+                images += pipe(prompts[i:i + 20], latents=noise[i:i + 20], num_inference_steps=steps,
+                               control_image=maps[i:i + 20], controlnet_scale=s)
+            ious = np.array([layout_iou(im, sc) for im, sc in zip(images, scenes)])
+            out[label] = {"mean IoU": float(ious.mean()), "placed (IoU >= 0.5)": float((ious >= 0.5).mean())}
+    finally:
+        pipe.unload_controlnet()
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     """`minisd eval`: prompt adherence of a model at one or more guidance scales."""
     import argparse
@@ -315,7 +395,30 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--limit", type=int, default=None, help="only every n-th prompt (quick look)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--ground-truth", action="store_true", help="score rendered pictures instead (checks the analyser)")
+    ap.add_argument("--lora", default=None, help="evaluate this LoRA: its concept's prompts and the base shapes, "
+                    "without and with it")
+    ap.add_argument("--concept", default="star", help="the LoRA's new shape (default star)")
+    ap.add_argument("--controlnet", default=None, help="evaluate this ControlNet: layout IoU without and with it")
+    ap.add_argument("--control", default="edges", help="the ControlNet's map kind: edges or mask")
     args = ap.parse_args(argv)
+    if args.lora or args.controlnet:
+        import json
+
+        from .pipeline import StableDiffusion
+
+        pipe = StableDiffusion.from_pretrained(args.model, device=args.device)
+        pipe.progress = False
+        results = evaluate_lora(pipe, args.lora, args.concept, steps=args.steps) if args.lora else \
+            evaluate_controlnet(pipe, args.controlnet, args.control, steps=args.steps)
+        cols = list(next(iter(results.values())))
+        print("| setting | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 1))
+        for name, res in results.items():
+            print(f"| {name} | " + " | ".join(f"{100 * res[c]:.0f}%" if "IoU" not in c or "placed" in c
+                                              else f"{res[c]:.2f}" for c in cols) + " |")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        return results
     prompts = eval_prompts()[:: args.limit or 1]
     if args.ground_truth:
         results = {"ground truth renders": check_on_ground_truth(prompts)}

@@ -355,10 +355,19 @@ SAMPLE_PROMPTS = ["a red circle", "a large blue square on the left", "a small ye
 
 
 def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("lora", "controlnet"):  # adapters on the finished model: finetune.py
+        from .finetune import main as finetune_main
+
+        finetune_main(argv)
+        return
     parser = argparse.ArgumentParser(prog="minisd train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", nargs="?", default="all", choices=["all", "vae", "clip", "unet"],
-                        help="what to train (default: the whole recipe)")
+                        help="what to train (default: the whole recipe); `minisd train lora|controlnet "
+                             "--help` trains adapters on the finished model")
     for f, v in asdict(TrainConfig()).items():
         parser.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
     parser.add_argument("--fresh", action="store_true", help="ignore checkpoints in --work and start over")

@@ -66,3 +66,24 @@ def test_clip_hard_negatives_swap_exactly_one_attribute():
     for i, neg in zip(two, negatives):
         assert neg != captions[i]
         assert sorted(neg.split()) == sorted(captions[i].split())  # the same words, bound differently
+
+
+def test_adapter_training_runs_saves_and_loads(tiny_folder, tmp_path):
+    """`minisd train lora|controlnet`: a few steps on the small SD-1.5-layout model, files the loaders read."""
+    from minisd.finetune import main as finetune_main
+
+    common = ["--model", str(tiny_folder), "--n-images", "24", "--steps", "3", "--batch", "4"]
+    lora_dir = finetune_main(["lora", "--out", str(tmp_path / "lora"), "--work", str(tmp_path / "lw"), *common])
+    cn_dir = finetune_main(["controlnet", "--out", str(tmp_path / "cn"), "--work", str(tmp_path / "cw"), *common])
+    pipe = StableDiffusion.from_pretrained(tiny_folder, device="cpu")
+    pipe.progress = False
+    assert pipe.load_lora(lora_dir) == "lora"
+    assert pipe.load_lora(lora_dir / "lora_kohya.safetensors") == "lora_kohya"
+    assert len(pipe.loras["lora"]) == 4 * 2 * 16  # q, k, v, out of both attentions in 16 transformer blocks
+    pipe.load_controlnet(cn_dir)
+    from minisd import shapes
+
+    scene = shapes.make_scene(3)
+    image = pipe(scene.caption, control_image=shapes.control_map(scene), num_inference_steps=2, output_type="pt")
+    assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
+    assert "controlnet step 2" in (tmp_path / "cw" / "log.txt").read_text()

@@ -1,0 +1,197 @@
+"""Training adapters on a frozen model: a LoRA that teaches a new concept, a ControlNet that follows a map.
+
+    minisd train lora                      # teach the tiny model `star` (never in its training data)
+    minisd train controlnet                # a ControlNet that places objects where an edge map says
+
+Both loops are the base recipe's U-Net loop (train.py) with the model frozen:
+
+    LoRA        trainable: A, B of every attention projection (W' = W + (α/r)·BA)
+                data: half pictures of the new concept, half ordinary scenes (prior preservation, as
+                DreamBooth does: the other shapes must stay right)
+    ControlNet  trainable: the encoder copy, the hint encoder and the zero convs
+                data: (control map, picture, caption); half of the captions dropped to "" so the map
+                alone must carry the layout (Zhang et al. 2023, §3.3)
+
+Each writes checkpoints and resumes, logs to <work>/log.txt, and saves what the course ships:
+the LoRA in diffusers/PEFT and kohya layouts, the ControlNet as a diffusers ControlNetModel folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import lora as lora_lib
+from . import shapes
+from .controlnet import ControlNet, save_controlnet
+from .pipeline import StableDiffusion
+from .schedules import snr
+from .train import Log, lr_at, resume, save_checkpoint
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    kind: str = "lora"                # "lora" or "controlnet"
+    model: str = "tiny"               # the frozen base model
+    out: str = ""                     # default: data/tiny_star_lora or data/tiny_controlnet_edges
+    work: str = ""                    # default: runs/lora or runs/controlnet
+    device: str = "cpu"
+    seed: int = 0
+    n_images: int = 4000
+    steps: int = 400
+    batch: int = 32
+    lr: float = 1e-3
+    warmup: int = 20
+    min_snr_gamma: float = 5.0
+    caption_dropout: float = 0.1
+    # LoRA
+    concept: str = "star"             # the new shape; half of the training pictures show it
+    rank: int = 8
+    alpha: float = 8.0
+    targets: str = "to_q,to_k,to_v,to_out.0"
+    # ControlNet
+    control: str = "edges"            # "edges" or "mask" (shapes.control_map)
+    checkpoint_minutes: float = 5.0
+
+    def paths(self) -> tuple[Path, Path]:
+        name = f"tiny_{self.concept}_lora" if self.kind == "lora" else f"tiny_controlnet_{self.control}"
+        return Path(self.out or f"data/{name}"), Path(self.work or f"runs/{self.kind}")
+
+
+def lora_scenes(cfg: AdapterConfig) -> list[shapes.Scene]:
+    """Half the scenes made of the concept only, half ordinary (base shapes): learn one, forget none."""
+    rng_seed = 50_000_000 + cfg.seed * 1_000_000  # far from the base training seeds
+    return [shapes.make_scene(rng_seed + i, shapes=(cfg.concept,) if i % 2 == 0 else shapes.BASE_SHAPES)
+            for i in range(cfg.n_images)]
+
+
+def controlnet_scenes(cfg: AdapterConfig) -> list[shapes.Scene]:
+    return [shapes.make_scene(60_000_000 + cfg.seed * 1_000_000 + i) for i in range(cfg.n_images)]
+
+
+@torch.no_grad()
+def encode_all(pipe: StableDiffusion, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for i in range(0, len(images), 250):
+        post = pipe.vae.encode(images[i:i + 250].to(pipe.device, pipe.dtype))
+        means.append(post.mean.float().cpu()), stds.append(post.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_adapter(cfg: AdapterConfig) -> Path:
+    """The one loop for both adapters; returns where the result was saved."""
+    out, work = cfg.paths()
+    log = Log(work)
+    log(f"config: {json.dumps(asdict(cfg))}")
+    device = torch.device(cfg.device)
+    pipe = StableDiffusion.from_pretrained(cfg.model, device=device, dtype=torch.float32)
+    pipe.progress = False
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False).eval()
+    torch.manual_seed(cfg.seed)
+
+    t0 = time.time()
+    scenes = lora_scenes(cfg) if cfg.kind == "lora" else controlnet_scenes(cfg)
+    images = torch.stack([shapes.to_tensor(shapes.render(s)) for s in scenes])
+    means, stds = encode_all(pipe, images)
+    controls = None
+    if cfg.kind == "controlnet":
+        controls = torch.stack([shapes.to_tensor(shapes.control_map(s, cfg.control)) * 0.5 + 0.5 for s in scenes])
+    log(f"data: {len(scenes)} scenes rendered and encoded in {time.time() - t0:.0f}s")
+
+    if cfg.kind == "lora":
+        loras = lora_lib.inject({"unet": pipe.unet}, "train", cfg.rank, cfg.alpha, cfg.targets.split(","))
+        module = torch.nn.ModuleDict({k.replace(".", "/"): v for k, v in loras.items()})
+        log(f"LoRA rank {cfg.rank} on {len(loras)} layers: {lora_lib.parameter_count(loras):,} trainable parameters "
+            f"({lora_lib.parameter_count(loras) / sum(p.numel() for p in pipe.unet.parameters()):.1%} of the U-Net)")
+    elif cfg.kind == "controlnet":
+        hint = tuple(16 * 2**i for i in range(int(math.log2(pipe.vae.config.downsampling)) + 1))
+        module = ControlNet.from_unet(pipe.unet, hint).to(device)
+        module.requires_grad_(True).train()
+        log(f"ControlNet with hint encoder {hint}: {sum(p.numel() for p in module.parameters()):,} trainable parameters")
+    else:
+        raise ValueError(f"kind must be 'lora' or 'controlnet', got {cfg.kind!r}")
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0 if cfg.kind == "lora" else 0.01)
+    start = resume(work / f"{cfg.kind}.pt", log, model=module, opt=opt)
+
+    alpha_bar = pipe.scheduler.alphas_cumprod().to(device)
+    snr_t = snr(alpha_bar)
+    dropout = 0.5 if cfg.kind == "controlnet" else cfg.caption_dropout
+    rng = np.random.default_rng(cfg.seed + start)
+    g = torch.Generator().manual_seed(cfg.seed + start)
+    losses, last_save = [], time.time()
+    bar = tqdm(range(start, cfg.steps), desc=cfg.kind, initial=start, total=cfg.steps)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+        idx = torch.randint(0, len(scenes), (cfg.batch,), generator=g)
+        z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)).to(device) * pipe.vae.scaling_factor
+        captions = ["" if rng.random() < dropout else shapes.make_caption(scenes[i], rng) for i in idx.tolist()]
+        with torch.no_grad():
+            context = pipe.text_encoder(pipe.tokenizer(captions, warn=False).to(device))
+        t = torch.randint(0, len(alpha_bar), (cfg.batch,), generator=g).to(device)
+        eps = torch.randn(z0.shape, generator=g).to(device)
+        a = alpha_bar[t].view(-1, 1, 1, 1)
+        z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        residuals = module(z_t, t, context, controls[idx].to(device)) if cfg.kind == "controlnet" else None
+        eps_hat = pipe.unet(z_t, t, context, control=residuals)
+        weight = snr_t[t].clamp(max=cfg.min_snr_gamma) / snr_t[t]
+        loss = (weight * (eps_hat - eps).pow(2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-25:]):.4f}")
+        if step % 100 == 0 or step == cfg.steps - 1:
+            log(f"{cfg.kind} step {step}: loss {np.mean(losses[-100:]):.4f}, lr {opt.param_groups[0]['lr']:.2e}")
+        if time.time() - last_save > cfg.checkpoint_minutes * 60:
+            save_checkpoint(work / f"{cfg.kind}.pt", model=module.state_dict(), opt=opt.state_dict(), step=step + 1)
+            last_save = time.time()
+    save_checkpoint(work / f"{cfg.kind}.pt", model=module.state_dict(), opt=opt.state_dict(), step=cfg.steps)
+    module.eval()
+
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.kind == "lora":
+        meta = {"minisd_concept": cfg.concept, "ss_base_model_version": "minisd_tiny"}
+        lora_lib.save_lora(loras, out, "peft", meta)                                   # diffusers/PEFT
+        lora_lib.save_lora(loras, out / f"{out.name}_kohya.safetensors", "kohya", meta)  # A1111 / ComfyUI
+    else:
+        save_controlnet(module, out)
+    timings = {"train_minutes": round((time.time() - t0) / 60, 1), "steps": cfg.steps, "batch": cfg.batch}
+    (work / "timings.json").write_text(json.dumps(timings))
+    log(f"saved to {out}; {timings}")
+    return out
+
+
+KIND_DEFAULTS = {"lora": {}, "controlnet": {"steps": 1500, "lr": 2e-4, "n_images": 8000}}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="minisd train lora|controlnet", description=__doc__.split("\n\n")[0])
+    parser.add_argument("kind", choices=["lora", "controlnet"])
+    for f, v in asdict(AdapterConfig()).items():
+        if f != "kind":
+            default = KIND_DEFAULTS["controlnet"].get(f, v)
+            parser.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=None,
+                                help=f"default {v}" + (f" (controlnet: {default})" if default != v else ""))
+    parser.add_argument("--fresh", action="store_true", help="ignore the checkpoint in --work and start over")
+    args = parser.parse_args(argv)
+    given = {f: getattr(args, f) for f in asdict(AdapterConfig()) if f != "kind" and getattr(args, f) is not None}
+    cfg = AdapterConfig(kind=args.kind, **{**KIND_DEFAULTS[args.kind], **given})
+    if args.fresh:
+        (cfg.paths()[1] / f"{cfg.kind}.pt").unlink(missing_ok=True)
+    return train_adapter(cfg)
+
+
+__all__ = ["AdapterConfig", "main", "train_adapter"]
