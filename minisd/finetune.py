@@ -5,7 +5,8 @@
 
 Both loops are the base recipe's U-Net loop (train.py) with the model frozen:
 
-    LoRA        trainable: A, B of every attention projection (W' = W + (α/r)·BA)
+    LoRA        trainable: A, B on every layer of the transformer blocks (W' = W + (α/r)·BA): the
+                attention projections, proj_in/proj_out and the feed-forward (kohya's default set)
                 data: half pictures of the new concept, half ordinary scenes (prior preservation, as
                 DreamBooth does: the other shapes must stay right)
     ControlNet  trainable: the encoder copy, the hint encoder and the zero convs
@@ -33,8 +34,7 @@ from . import lora as lora_lib
 from . import shapes
 from .controlnet import ControlNet, save_controlnet
 from .pipeline import StableDiffusion
-from .schedules import snr
-from .train import Log, lr_at, resume, save_checkpoint
+from .train import Log, diffusion_loss, lr_at, resume, save_checkpoint
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class AdapterConfig:
     concept: str = "star"             # the new shape; half of the training pictures show it
     rank: int = 8
     alpha: float = 8.0
-    targets: str = "to_q,to_k,to_v,to_out.0"
+    targets: str = "to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2"  # kohya's default set
     # ControlNet
     control: str = "edges"            # "edges" or "mask" (shapes.control_map)
     checkpoint_minutes: float = 5.0
@@ -84,6 +84,17 @@ def encode_all(pipe: StableDiffusion, images: torch.Tensor) -> tuple[torch.Tenso
         post = pipe.vae.encode(images[i:i + 250].to(pipe.device, pipe.dtype))
         means.append(post.mean.float().cpu()), stds.append(post.std.float().cpu())
     return torch.cat(means), torch.cat(stds)
+
+
+class _Controlled(torch.nn.Module):
+    """U-Net + ControlNet as one ε_θ(z_t, t, c): the ControlNet's residuals fed to the U-Net."""
+
+    def __init__(self, unet, controlnet: ControlNet, hint: torch.Tensor):
+        super().__init__()
+        self.unet, self.controlnet, self.hint = unet, controlnet, hint
+
+    def forward(self, z_t, t, context, control=None):
+        return self.unet(z_t, t, context, control=self.controlnet(z_t, t, context, self.hint))
 
 
 def train_adapter(cfg: AdapterConfig) -> Path:
@@ -124,7 +135,6 @@ def train_adapter(cfg: AdapterConfig) -> Path:
     start = resume(work / f"{cfg.kind}.pt", log, model=module, opt=opt)
 
     alpha_bar = pipe.scheduler.alphas_cumprod().to(device)
-    snr_t = snr(alpha_bar)
     dropout = 0.5 if cfg.kind == "controlnet" else cfg.caption_dropout
     rng = np.random.default_rng(cfg.seed + start)
     g = torch.Generator().manual_seed(cfg.seed + start)
@@ -140,12 +150,11 @@ def train_adapter(cfg: AdapterConfig) -> Path:
             context = pipe.text_encoder(pipe.tokenizer(captions, warn=False).to(device))
         t = torch.randint(0, len(alpha_bar), (cfg.batch,), generator=g).to(device)
         eps = torch.randn(z0.shape, generator=g).to(device)
-        a = alpha_bar[t].view(-1, 1, 1, 1)
-        z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
-        residuals = module(z_t, t, context, controls[idx].to(device)) if cfg.kind == "controlnet" else None
-        eps_hat = pipe.unet(z_t, t, context, control=residuals)
-        weight = snr_t[t].clamp(max=cfg.min_snr_gamma) / snr_t[t]
-        loss = (weight * (eps_hat - eps).pow(2).mean(dim=(1, 2, 3))).mean()
+        unet = pipe.unet
+        if cfg.kind == "controlnet":  # the ControlNet sees the same z_t as the U-Net it steers
+            hint = controls[idx].to(device)
+            unet = _Controlled(pipe.unet, module, hint)
+        loss = diffusion_loss(unet, z0, t, eps, context, alpha_bar, cfg.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -10,7 +10,8 @@ The recipe, in the order SD itself was built:
   4. clip   — a tiny CLIP trained contrastively on (caption, picture) pairs; its text tower is then frozen
   5. unet   — ε-prediction on cached latents: z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε, loss ‖ε − ε_θ(z_t, t, c)‖²
               (Min-SNR-5 weighted), 10% of captions dropped to "" for classifier-free guidance, EMA weights
-  6. save   — the diffusers folder layout under --out, read by `StableDiffusion.from_pretrained`
+  6. save   — the diffusers folder layout under --out (fp16 safetensors), read by `StableDiffusion.from_pretrained`,
+              with training.json (config, minutes per stage, machine, loss curve) beside it
 
 Every stage logs to <work>/log.txt, writes sample pictures, checkpoints every few minutes and
 resumes from its checkpoint. Timings are measured and written to <work>/timings.json.
@@ -276,6 +277,33 @@ def binding_accuracy(clip: CLIP, tok: Tokenizer, images, scenes, device, n: int 
     return float((pos > neg).float().mean())
 
 
+def diffusion_loss(unet: UNet, z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, context: torch.Tensor,
+                   alpha_bar: torch.Tensor, min_snr_gamma: float | None = 5.0, control=None) -> torch.Tensor:
+    """The training objective: noise z₀ to z_t in one jump, predict ε, weighted squared error.
+
+        z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε                      (the forward process, schedules.py eq. 2)
+        L   = mean_b  w(t_b) · ‖ε_b − ε_θ(z_t, t_b, c_b)‖² / D
+        w(t) = min(SNR(t), γ) / SNR(t)                  (Min-SNR-γ, Hang et al. 2023; None: w = 1, DDPM's)
+    """
+    a = alpha_bar[t].view(-1, 1, 1, 1)
+    z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
+    per_sample = (unet(z_t, t, context, control=control) - eps).pow(2).mean(dim=(1, 2, 3))
+    if min_snr_gamma is None:
+        return per_sample.mean()
+    s = snr(alpha_bar)[t]
+    return (s.clamp(max=min_snr_gamma) / s * per_sample).mean()
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float = 0.999) -> float:
+    """θ_ema ← d·θ_ema + (1−d)·θ, with d = min(decay, (1+step)/(10+step)): early, noisy weights are
+    forgotten fast; later the average spans ~1/(1−decay) steps. Returns d."""
+    d = min(decay, (1 + step) / (10 + step))
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p, 1 - d)
+    return d
+
+
 @torch.no_grad()
 def cache_latents(vae: AutoencoderKL, images, device, log: Log) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode every image once: the posterior's mean and std, so each U-Net step samples a fresh z₀."""
@@ -299,7 +327,6 @@ def train_unet(cfg: TrainConfig, mcfg: ModelConfig, tok: Tokenizer, text_encoder
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
     start = resume(work / "unet.pt", log, model=unet, ema=ema, opt=opt)
     alpha_bar = mcfg.scheduler.alphas_cumprod().to(device)
-    snr_t = snr(alpha_bar)
     means, stds = latents
     rng = np.random.default_rng(cfg.seed + 5 + start)
     g = torch.Generator().manual_seed(cfg.seed + 5 + start)
@@ -317,19 +344,12 @@ def train_unet(cfg: TrainConfig, mcfg: ModelConfig, tok: Tokenizer, text_encoder
             context = text_encoder(ids)  # (B, 77, E): frozen, as SD freezes CLIP
         t = torch.randint(0, len(alpha_bar), (cfg.unet_batch,), generator=g).to(device)
         eps = torch.randn(z0.shape, generator=g).to(device)
-        a = alpha_bar[t].view(-1, 1, 1, 1)
-        z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps  # the forward process in one jump (schedules.py eq. 2)
-        eps_hat = unet(z_t, t, context)
-        weight = snr_t[t].clamp(max=cfg.min_snr_gamma) / snr_t[t]  # Min-SNR-γ for ε-prediction
-        loss = (weight * (eps_hat - eps).pow(2).mean(dim=(1, 2, 3))).mean()
+        loss = diffusion_loss(unet, z0, t, eps, context, alpha_bar, cfg.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # EMA warm-up: early weights are forgotten fast
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), unet.parameters()):
-                p_ema.lerp_(p, 1 - decay)
+        ema_update(ema, unet, step, cfg.ema_decay)
         losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
@@ -431,9 +451,25 @@ def main(argv: list[str] | None = None) -> None:
     unet = timed("unet", train_unet, cfg, mcfg, tok, text_encoder, latents, scenes, scaling_factor, sample_fn, log)
     pipe = assemble(unet)
     sample_fn(unet, "unet_samples_final.png")
-    pipe.to("cpu")
+    pipe.to("cpu", torch.float16)  # shipped in fp16: half the size, and CPU loads it back as fp32
     pipe.save_pretrained(cfg.out)
+    write_training_record(cfg, timings, work, Path(cfg.out))
     log(f"saved the model to {cfg.out}; total {sum(timings.values()) / 60:.1f} min: {json.dumps(timings)}")
+
+
+def write_training_record(cfg: TrainConfig, timings: dict, work: Path, out: Path) -> None:
+    """training.json beside the weights: the config, the minutes per stage, the machine, the loss curve."""
+    import os
+    import platform
+
+    losses = json.loads((work / "unet_losses.json").read_text()) if (work / "unet_losses.json").is_file() else []
+    record = {"command": "minisd train all", "config": asdict(cfg),
+              "minutes": {k: round(v / 60, 2) for k, v in timings.items()},
+              "total_minutes": round(sum(timings.values()) / 60, 1),
+              "machine": {"device": cfg.device, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "torch": torch.__version__, "platform": platform.platform()},
+              "unet_loss_every_10_steps": [round(x, 5) for x in losses]}
+    (out / "training.json").write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

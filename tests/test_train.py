@@ -79,7 +79,7 @@ def test_adapter_training_runs_saves_and_loads(tiny_folder, tmp_path):
     pipe.progress = False
     assert pipe.load_lora(lora_dir) == "lora"
     assert pipe.load_lora(lora_dir / "lora_kohya.safetensors") == "lora_kohya"
-    assert len(pipe.loras["lora"]) == 4 * 2 * 16  # q, k, v, out of both attentions in 16 transformer blocks
+    assert len(pipe.loras["lora"]) == 12 * 16  # q, k, v, out ×2, proj_in/out, 2 feed-forward: 16 blocks
     pipe.load_controlnet(cn_dir)
     from minisd import shapes
 
