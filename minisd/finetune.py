@@ -5,8 +5,8 @@
 
 Both loops are the base recipe's U-Net loop (train.py) with the model frozen:
 
-    LoRA        trainable: A, B on every layer of the transformer blocks (W' = W + (α/r)·BA): the
-                attention projections, proj_in/proj_out and the feed-forward (kohya's default set)
+    LoRA        trainable: A, B (W' = W + (α/r)·BA) on every layer of the transformer blocks (attention
+                projections, proj_in/proj_out, feed-forward: kohya's default) and the ResBlocks' convs
                 data: half pictures of the new concept, half ordinary scenes (prior preservation, as
                 DreamBooth does: the other shapes must stay right)
     ControlNet  trainable: the encoder copy, the hint encoder and the zero convs
@@ -46,17 +46,19 @@ class AdapterConfig:
     device: str = "cpu"
     seed: int = 0
     n_images: int = 4000
-    steps: int = 400
-    batch: int = 32
-    lr: float = 1e-3
+    steps: int = 500
+    batch: int = 16
+    lr: float = 2e-3
     warmup: int = 20
     min_snr_gamma: float = 5.0
     caption_dropout: float = 0.1
     # LoRA
     concept: str = "star"             # the new shape; half of the training pictures show it
-    rank: int = 8
-    alpha: float = 8.0
-    targets: str = "to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2"  # kohya's default set
+    rank: int = 16
+    alpha: float = 16.0
+    # kohya's default set (every layer of the transformer blocks) plus the ResBlocks' 3×3 convs (LoCon):
+    # a new *shape* needs the convolutions, attention alone learnt `star` far more slowly
+    targets: str = "to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2"
     # ControlNet
     control: str = "edges"            # "edges" or "mask" (shapes.control_map)
     checkpoint_minutes: float = 5.0
@@ -183,7 +185,7 @@ def train_adapter(cfg: AdapterConfig) -> Path:
     return out
 
 
-KIND_DEFAULTS = {"lora": {}, "controlnet": {"steps": 1500, "lr": 2e-4, "n_images": 8000}}
+KIND_DEFAULTS = {"lora": {}, "controlnet": {"steps": 800, "lr": 1e-3, "warmup": 50, "n_images": 8000}}
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -70,6 +70,7 @@ def test_clip_hard_negatives_swap_exactly_one_attribute():
 
 def test_adapter_training_runs_saves_and_loads(tiny_folder, tmp_path):
     """`minisd train lora|controlnet`: a few steps on the small SD-1.5-layout model, files the loaders read."""
+    from minisd.finetune import AdapterConfig
     from minisd.finetune import main as finetune_main
 
     common = ["--model", str(tiny_folder), "--n-images", "24", "--steps", "3", "--batch", "4"]
@@ -79,7 +80,11 @@ def test_adapter_training_runs_saves_and_loads(tiny_folder, tmp_path):
     pipe.progress = False
     assert pipe.load_lora(lora_dir) == "lora"
     assert pipe.load_lora(lora_dir / "lora_kohya.safetensors") == "lora_kohya"
-    assert len(pipe.loras["lora"]) == 12 * 16  # q, k, v, out ×2, proj_in/out, 2 feed-forward: 16 blocks
+    from torch import nn
+
+    targets = AdapterConfig().targets.split(",")
+    expected = sum(isinstance(m, (nn.Linear, nn.Conv2d)) and n.endswith(tuple(targets)) for n, m in pipe.unet.named_modules())
+    assert len(pipe.loras["lora"]) == expected > 12 * 16  # 12 layers in each of 16 transformer blocks, + convs
     pipe.load_controlnet(cn_dir)
     from minisd import shapes
 
