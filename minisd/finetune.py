@@ -10,8 +10,8 @@ Both loops are the base recipe's U-Net loop (train.py) with the model frozen:
                 data: half pictures of the new concept, half ordinary scenes (prior preservation, as
                 DreamBooth does: the other shapes must stay right)
     ControlNet  trainable: the encoder copy, the hint encoder and the zero convs
-                data: (control map, picture, caption); half of the captions dropped to "" so the map
-                alone must carry the layout (Zhang et al. 2023, §3.3)
+                data: (control map, picture, caption); captions that never say where things are, half
+                of them dropped to "" (Zhang et al. 2023, §3.3): only the map can tell the layout
 
 Each writes checkpoints and resumes, logs to <work>/log.txt, and saves what the course ships:
 the LoRA in diffusers/PEFT and kohya layouts, the ControlNet as a diffusers ControlNetModel folder.
@@ -20,6 +20,7 @@ the LoRA in diffusers/PEFT and kohya layouts, the ControlNet as a diffusers Cont
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -147,7 +148,10 @@ def train_adapter(cfg: AdapterConfig) -> Path:
             group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
         idx = torch.randint(0, len(scenes), (cfg.batch,), generator=g)
         z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)).to(device) * pipe.vae.scaling_factor
-        captions = ["" if rng.random() < dropout else shapes.make_caption(scenes[i], rng) for i in idx.tolist()]
+        # ControlNet: captions never say where things are, and half are empty — only the map knows
+        captions = ["" if rng.random() < dropout else shapes.make_caption(copy.copy(scenes[i]), rng,
+                                                                          positions=cfg.kind == "lora")
+                    for i in idx.tolist()]
         with torch.no_grad():
             context = pipe.text_encoder(pipe.tokenizer(captions, warn=False).to(device))
         t = torch.randint(0, len(alpha_bar), (cfg.batch,), generator=g).to(device)
@@ -185,7 +189,7 @@ def train_adapter(cfg: AdapterConfig) -> Path:
     return out
 
 
-KIND_DEFAULTS = {"lora": {}, "controlnet": {"steps": 800, "lr": 1e-3, "warmup": 50, "n_images": 8000}}
+KIND_DEFAULTS = {"lora": {}, "controlnet": {"steps": 400, "batch": 32, "lr": 1e-3, "warmup": 30, "n_images": 8000}}
 
 
 def main(argv: list[str] | None = None) -> Path:

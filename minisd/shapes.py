@@ -118,18 +118,19 @@ def random_object(rng: np.random.Generator, shapes=BASE_SHAPES, position: str | 
     return ShapeObject(colour=colour, shape=shape, size=size, position=position, center=center)
 
 
-def make_caption(scene: Scene, rng: np.random.Generator) -> str:
+def make_caption(scene: Scene, rng: np.random.Generator, positions: bool = True) -> str:
     """A caption in the core grammar; optional attributes are named with some probability, so the
-    model learns both "a red circle" and "a large red circle on the left on a black background"."""
+    model learns both "a red circle" and "a large red circle on the left on a black background".
+    `positions=False` never says where things are (ControlNet training: the map has to)."""
     objs = scene.objects
     if len(objs) == 1:
-        with_size, with_position = rng.random() < 0.7, rng.random() < 0.8
+        with_size, with_position = rng.random() < 0.7, rng.random() < 0.8 and positions
         text = objs[0].phrase(with_size, with_position)
         mentions = {"size": with_size, "position": with_position}
     else:  # two objects: both positions are always named, so the caption says which is which
         with_size = rng.random() < 0.5
-        text = " and ".join(o.phrase(with_size, True) for o in objs)
-        mentions = {"size": with_size, "position": True}
+        text = " and ".join(o.phrase(with_size, positions) for o in objs)
+        mentions = {"size": with_size, "position": positions}
     with_background = rng.random() < 0.5
     if with_background:
         text += f" on a {scene.background} background"

@@ -92,3 +92,14 @@ def test_adapter_training_runs_saves_and_loads(tiny_folder, tmp_path):
     image = pipe(scene.caption, control_image=shapes.control_map(scene), num_inference_steps=2, output_type="pt")
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
     assert "controlnet step 2" in (tmp_path / "cw" / "log.txt").read_text()
+
+
+def test_controlnet_captions_never_say_where():
+    import numpy as np
+
+    from minisd import shapes
+
+    rng = np.random.default_rng(0)
+    caps = [shapes.make_caption(shapes.make_scene(i), rng, positions=False) for i in range(100)]
+    assert not any(w in c for c in caps for w in ("left", "right", "top", "bottom", "center"))
+    assert any(" and " in c for c in caps)
