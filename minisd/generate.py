@@ -84,13 +84,20 @@ def decode_latents(pipe: StableDiffusion, z: Tensor) -> Tensor:
     """z (B, 4, h, w) -> images (B, 3, H, W) in [0, 1]; reruns in fp32 if fp16 overflows to NaN/inf
     (the SD 1.x VAE's activations can exceed fp16's range)."""
     vae = pipe.vae
-    x = vae.decode((z / vae.scaling_factor).to(vae.dtype))
+
+    def run(z: Tensor) -> Tensor:  # pipe.enable_vae_slicing: one image at a time; tiling: tile by tile
+        decode = vae.tiled_decode if pipe.vae_tiling else vae.decode
+        if pipe.vae_slicing and len(z) > 1:
+            return torch.cat([decode(zi[None]) for zi in z])
+        return decode(z)
+
+    x = run((z / vae.scaling_factor).to(vae.dtype))
     if vae.dtype != torch.float32 and not torch.isfinite(x).all():
         warnings.warn(f"the VAE overflowed in {vae.dtype}; decoding again in float32", stacklevel=3)
         dtype = vae.dtype
         vae.float()
         try:
-            x = vae.decode(z.float() / vae.scaling_factor)
+            x = run(z.float() / vae.scaling_factor)
         finally:
             vae.to(dtype)
     return (x.float() / 2 + 0.5).clamp(0, 1)

@@ -55,6 +55,8 @@ class StableDiffusion:
         self.progress = True  # tqdm bar over the sampling steps; set False (or TQDM_DISABLE=1) to hide
         self.controlnets: list = []  # ControlNets used by every generation call (load_controlnet)
         self.loras: dict[str, dict[str, lora_lib.LoRA]] = {}  # name -> {module path: LoRA} (load_lora)
+        self.vae_slicing = False  # decode a batch one image at a time (peak memory of one image)
+        self.vae_tiling = False   # decode each image in overlapping tiles (pictures larger than native)
 
     # ─── properties ────────────────────────────────────────────────────────────────────────────────
     @property
@@ -207,6 +209,12 @@ class StableDiffusion:
         if not self.controlnets:
             raise ValueError(f"{sorted(control_kwargs)} need a ControlNet: load one first (pipe.load_controlnet)")
         return {"control": control_kwargs}
+
+    def enable_vae_slicing(self, enabled: bool = True) -> None:
+        self.vae_slicing = enabled
+
+    def enable_vae_tiling(self, enabled: bool = True) -> None:
+        self.vae_tiling = enabled
 
     # ─── ControlNet (controlnet.py) ────────────────────────────────────────────────────────────────
     def load_controlnet(self, source):

@@ -214,6 +214,40 @@ class AutoencoderKL(nn.Module):
         """Unscaled latents z₀ (B, Z, h, w) -> image in about [-1, 1], (B, 3, h·f, w·f)."""
         return self.decoder(self.post_quant_conv(z))
 
+    def tiled_decode(self, z: Tensor, tile: int | None = None, overlap: float = 0.25) -> Tensor:
+        """Decode a large latent in overlapping tiles (memory ∝ one tile, not the whole picture).
+
+        Tiles of `tile` latent pixels (default: the VAE's native size, 64 for SD = 512 px) step by
+        tile·(1 − overlap); where two decoded tiles overlap they are blended with linear ramps, so no
+        seam shows. Not bit-equal to `decode` (each tile's GroupNorm sees only its tile), but close.
+        """
+        f = self.config.downsampling
+        tile = tile or max(self.config.sample_size // f, 8)
+        B, _, h, w = z.shape
+        if h <= tile and w <= tile:
+            return self.decode(z)
+        stride = max(int(tile * (1 - overlap)), 1)
+        ys = list(range(0, max(h - tile, 0) + 1, stride))
+        xs = list(range(0, max(w - tile, 0) + 1, stride))
+        ys += [h - tile] if ys[-1] != max(h - tile, 0) else []
+        xs += [w - tile] if xs[-1] != max(w - tile, 0) else []
+        out = torch.zeros(B, self.config.out_channels, h * f, w * f, device=z.device, dtype=z.dtype)
+        weight = torch.zeros(1, 1, h * f, w * f, device=z.device, dtype=z.dtype)
+        ramp = torch.ones(min(tile, h) * f, min(tile, w) * f, device=z.device, dtype=z.dtype)
+        edge = (tile - stride) * f
+        if edge > 0:  # linear ramps over the overlap on every side: weights sum to 1 after normalising
+            r = torch.linspace(1 / edge, 1, edge, device=z.device, dtype=z.dtype)
+            ramp[:edge] *= r[:, None]
+            ramp[-edge:] *= r.flip(0)[:, None]
+            ramp[:, :edge] *= r
+            ramp[:, -edge:] *= r.flip(0)
+        for y in ys:
+            for x in xs:
+                piece = self.decode(z[:, :, y:y + tile, x:x + tile])
+                out[:, :, y * f:y * f + piece.shape[2], x * f:x * f + piece.shape[3]] += piece * ramp
+                weight[:, :, y * f:y * f + piece.shape[2], x * f:x * f + piece.shape[3]] += ramp
+        return out / weight
+
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, DiagonalGaussian]:
         posterior = self.encode(x)
         return self.decode(posterior.sample(generator)), posterior
