@@ -47,7 +47,7 @@ class AdapterConfig:
     device: str = "cpu"
     seed: int = 0
     n_images: int = 4000
-    steps: int = 500
+    steps: int = 400
     batch: int = 16
     lr: float = 2e-3
     warmup: int = 20
@@ -189,7 +189,7 @@ def train_adapter(cfg: AdapterConfig) -> Path:
     return out
 
 
-KIND_DEFAULTS = {"lora": {}, "controlnet": {"steps": 400, "batch": 32, "lr": 1e-3, "warmup": 30, "n_images": 8000}}
+KIND_DEFAULTS = {"lora": {}, "controlnet": {"steps": 300, "batch": 32, "lr": 1e-3, "warmup": 30, "n_images": 8000}}
 
 
 def main(argv: list[str] | None = None) -> Path:
