@@ -132,8 +132,8 @@ def run_generation(args: argparse.Namespace, mode: str) -> None:
         images = pipe.img2img(args.prompt, args.image, strength=args.strength, height=height, width=width, **kwargs)
         extra["Denoising strength"] = args.strength
     else:
-        images = pipe.inpaint(args.prompt, args.image, args.mask, strength=args.strength, height=height,
-                              width=width, **kwargs)
+        images = pipe.inpaint(args.prompt, args.image, args.mask, strength=args.strength, height=height, width=width,
+                              keep_unmasked=args.keep_unmasked, **kwargs)
         extra["Denoising strength"] = args.strength
     w, h = images[0].size
     text = parameters_text(args.prompt, args.negative, args.steps, args.sampler, args.karras, args.cfg, seed, w, h,
@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     inp.add_argument("--image", required=True, help="the picture")
     inp.add_argument("--mask", required=True, help="same size as the image; white = repaint")
     inp.add_argument("--strength", type=float, default=1.0, help="how much to change the masked part (default 1)")
+    inp.add_argument("--keep-unmasked", action="store_true",
+                     help="paste the original pixels back outside the mask (the VAE changes them a little)")
     sub.add_parser("train", help="train the shapes-world model (minisd train --help)")
     sub.add_parser("eval", help="prompt adherence on the shapes world (minisd eval --help)")
     b = sub.add_parser("bench", help="seconds per image on this machine")

@@ -134,7 +134,7 @@ def generate(pipe: StableDiffusion, prompt: str | list[str], *, negative_prompt:
              seed: int | None = None, generator: torch.Generator | None = None, latents: Tensor | None = None,
              num_images_per_prompt: int = 1, callback=None, output_type: str = "pil", clip_skip: int = 0,
              image: ImageInput | None = None, strength: float = 1.0, mask_image: ImageInput | None = None,
-             control: dict | None = None):
+             keep_unmasked: bool = False, control: dict | None = None):
     """See `StableDiffusion.__call__`, `.img2img` and `.inpaint`. `control`: ControlNet arguments."""
     if output_type not in ("pil", "pt", "latent"):
         raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
@@ -167,6 +167,8 @@ def generate(pipe: StableDiffusion, prompt: str | list[str], *, negative_prompt:
     nine_channels = pipe.unet.config.in_channels == 9
     if mask_image is not None and x_image is None:
         raise ValueError("inpainting needs an image as well as a mask_image")
+    if keep_unmasked and mask_image is None:
+        raise ValueError("keep_unmasked pastes the image back outside the mask: it needs a mask_image")
 
     if x_image is None:  # text-to-image: pure noise
         if latents is not None:
@@ -230,6 +232,9 @@ def generate(pipe: StableDiffusion, prompt: str | list[str], *, negative_prompt:
     if output_type == "latent":
         return z
     images = decode_latents(pipe, z)
+    if keep_unmasked:  # the VAE's round trip changes every pixel a little: paste the original back outside the mask
+        m = mask.to(images.device, images.dtype)
+        images = m * images + (1 - m) * (x_image.to(images.device, images.dtype) / 2 + 0.5)
     return images if output_type == "pt" else to_pil(images)
 
 

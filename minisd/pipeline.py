@@ -187,10 +187,17 @@ class StableDiffusion:
         (1 − strength)·steps and denoise from there. strength 0 returns the image, 1 ignores it."""
         return generate(self, prompt, image=image, strength=strength, **self._split(kwargs))
 
-    def inpaint(self, prompt: str | list[str], image, mask_image, strength: float = 1.0, **kwargs):
+    def inpaint(self, prompt: str | list[str], image, mask_image, strength: float = 1.0, keep_unmasked: bool = False,
+                **kwargs):
         """Repaint where mask_image is white. A 9-channel inpainting U-Net sees the mask and the masked
-        image; a standard U-Net gets the known latents pasted back outside the mask after every step."""
-        return generate(self, prompt, image=image, mask_image=mask_image, strength=strength, **self._split(kwargs))
+        image; a standard U-Net gets the known latents pasted back outside the mask after every step.
+
+        The latents outside the mask come back unchanged, but decoding them is not exact (and a VAE
+        decoder is not strictly local), so the pixels there change a little. keep_unmasked=True pastes
+        the original pixels back outside the mask after decoding, as AUTOMATIC1111 does and diffusers
+        does with `padding_mask_crop`; off by default, as in diffusers."""
+        return generate(self, prompt, image=image, mask_image=mask_image, strength=strength,
+                        keep_unmasked=keep_unmasked, **self._split(kwargs))
 
     def _split(self, kwargs: dict) -> dict:
         from .controlnet import CONTROL_ARGUMENTS
