@@ -58,6 +58,7 @@ class Attention(nn.Module):
                  qkv_bias: bool = False, upcast: bool = False):
         super().__init__()
         inner = heads * dim_head
+        self.is_cross = context_dim is not None
         context_dim = context_dim or query_dim
         self.heads, self.upcast = heads, upcast
         self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)
@@ -65,17 +66,52 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=qkv_bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(0.0)])  # .1: dropout, no weights
         self.capture: list[Tensor] | None = None
+        self.slice_size: int | None = None  # attention over this many queries at a time (enable_attention_slicing)
+        self.fused = False                  # q, k, v (or k, v) in one matmul (fuse_projections)
+
+    def fuse_projections(self) -> None:
+        """One matmul instead of three: W_qkv = [W_q; W_k; W_v] (self-attention), or [W_k; W_v] for
+        cross-attention, whose q reads the image and k, v the text. A snapshot of the weights, kept as
+        non-persistent buffers, so state_dict() and saved files do not change; `unfuse_projections`."""
+        projections = (self.to_k, self.to_v) if self.is_cross else (self.to_q, self.to_k, self.to_v)
+        if any(getattr(p, "_minisd_loras", None) for p in projections):
+            raise RuntimeError("LoRAs are attached to the q/k/v projections: fuse the QKV projections before "
+                               "loading LoRAs, or unload them first")
+        with torch.no_grad():
+            weight = torch.cat([p.weight for p in projections])
+            bias = torch.cat([p.bias for p in projections]) if self.to_q.bias is not None else None
+        self.register_buffer("fused_weight", weight, persistent=False)
+        self.register_buffer("fused_bias", bias, persistent=False)
+        self.fused = True
+
+    def unfuse_projections(self) -> None:
+        if self.fused:
+            del self.fused_weight, self.fused_bias
+            self.fused = False
+
+    def project(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """q from the image tokens x; k, v from `context` (cross-attention) or from x itself."""
+        if self.fused and (context is None) != self.is_cross:
+            if self.is_cross:
+                k, v = F.linear(context, self.fused_weight, self.fused_bias).chunk(2, dim=-1)
+                return self.to_q(x), k, v
+            q, k, v = F.linear(x, self.fused_weight, self.fused_bias).chunk(3, dim=-1)
+            return q, k, v
+        context = x if context is None else context
+        return self.to_q(x), self.to_k(context), self.to_v(context)  # (B, L or S, C)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         B, L, _ = x.shape
-        context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, L or S, C)
+        q, k, v = self.project(x, context)
         nh = self.heads
-        q, k, v = (y.view(B, -1, nh, y.shape[-1] // nh).transpose(1, 2) for y in (q, k, v))  # (B, nh, ·, hd)
+        q, k, v = (y.reshape(B, -1, nh, y.shape[-1] // nh).transpose(1, 2) for y in (q, k, v))  # (B, nh, ·, hd)
         if self.capture is not None:
             probs = attention_probs(q, k, upcast=self.upcast)
             self.capture.append(probs.detach().float().cpu())
             out = probs.to(v.dtype) @ v
+        elif self.slice_size and self.slice_size < L:  # peak memory of one (slice, S) block, not (L, S)
+            out = torch.cat([attention(q[:, :, i:i + self.slice_size], k, v, upcast=self.upcast)
+                             for i in range(0, L, self.slice_size)], dim=2)
         else:
             out = attention(q, k, v, upcast=self.upcast)
         out = out.transpose(1, 2).reshape(B, L, -1)  # (B, L, C)

@@ -212,7 +212,8 @@ def generate(pipe: StableDiffusion, prompt: str | list[str], *, negative_prompt:
                                       height, width, device, dtype)
 
     # 3. the sampling loop
-    eps = guided_eps(pipe.unet, cond, uncond, guidance_scale, pipe.scheduler, extra_channels=extra, control=control_fn)
+    eps = guided_eps(pipe.unet, cond, uncond, guidance_scale, pipe.scheduler, extra_channels=extra,
+                     control=control_fn, timesteps=schedule.timesteps)
     steps = len(schedule.timesteps)
     bar = _progress(steps, pipe.progress)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import fast, weights
 from . import lora as lora_lib
-from . import weights
 from .configs import ModelConfig
 from .generate import generate
 from .schedules import SchedulerConfig
@@ -57,11 +57,14 @@ class StableDiffusion:
         self.loras: dict[str, dict[str, lora_lib.LoRA]] = {}  # name -> {module path: LoRA} (load_lora)
         self.vae_slicing = False  # decode a batch one image at a time (peak memory of one image)
         self.vae_tiling = False   # decode each image in overlapping tiles (pictures larger than native)
+        self._offload: fast.ModelOffload | None = None  # enable_model_cpu_offload
 
     # ─── properties ────────────────────────────────────────────────────────────────────────────────
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        """Where generation runs: the U-Net's device (or the offload target, see enable_model_cpu_offload)."""
+        offload = getattr(self, "_offload", None)
+        return offload.device if offload is not None else self.unet.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -76,6 +79,8 @@ class StableDiffusion:
         return self.config.image_size
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> StableDiffusion:
+        if device is not None:
+            self.disable_model_cpu_offload()
         for m in (self.unet, self.vae, self.text_encoder, *self.controlnets):
             m.to(device=device, dtype=dtype)
         for loras in self.loras.values():
@@ -217,11 +222,50 @@ class StableDiffusion:
             raise ValueError(f"{sorted(control_kwargs)} need a ControlNet: load one first (pipe.load_controlnet)")
         return {"control": control_kwargs}
 
+    # ─── speed and memory switches (fast.py; measured in notebook 13 and docs/benchmarks.md) ──────────
     def enable_vae_slicing(self, enabled: bool = True) -> None:
         self.vae_slicing = enabled
 
     def enable_vae_tiling(self, enabled: bool = True) -> None:
         self.vae_tiling = enabled
+
+    def enable_attention_slicing(self, slice_size: int | None = 1024) -> None:
+        """Attention over `slice_size` queries at a time (U-Net and VAE): the (L, S) attention matrix is
+        never whole, for the naive path and for devices without memory-efficient kernels. None: off."""
+        fast.set_attention_slice(self.unet, slice_size)
+        fast.set_attention_slice(self.vae, slice_size)
+
+    def disable_attention_slicing(self) -> None:
+        self.enable_attention_slicing(None)
+
+    def fuse_qkv_projections(self, fused: bool = True) -> None:
+        """q, k, v of every U-Net attention layer in one matmul (k, v for cross-attention): same result,
+        fewer kernel launches. A snapshot of the weights: load LoRAs before fusing, or unfuse first."""
+        fast.fuse_qkv_projections(self.unet, fused)
+
+    def unfuse_qkv_projections(self) -> None:
+        self.fuse_qkv_projections(False)
+
+    def compile(self, mode: str | None = None, vae: bool = True, **kwargs) -> StableDiffusion:
+        """torch.compile the U-Net (and the VAE decoder) in place: the first call traces and compiles
+        (seconds to minutes), later calls of the same shapes run the fused kernels. mode
+        "reduce-overhead" adds CUDA graphs; "max-autotune" also searches matmul/conv kernels."""
+        self.unet.compile(mode=mode, dynamic=False, **kwargs)
+        self.unet._minisd_cudagraphs = mode in ("reduce-overhead", "max-autotune")
+        if vae:
+            self.vae.decoder.compile(mode=mode, dynamic=False, **kwargs)
+        return self
+
+    def enable_model_cpu_offload(self, device: str | torch.device = "cuda") -> None:
+        """Keep the components in CPU memory and move each to `device` only while it runs: the GPU
+        holds one component at a time (the U-Net's 1.7 GB in fp16 for SD 1.5, not all 2.6 GB)."""
+        self.disable_model_cpu_offload()
+        self._offload = fast.ModelOffload(self, device)
+
+    def disable_model_cpu_offload(self) -> None:
+        if getattr(self, "_offload", None) is not None:
+            self._offload.remove()
+            self._offload = None
 
     # ─── ControlNet (controlnet.py) ────────────────────────────────────────────────────────────────
     def load_controlnet(self, source):
@@ -236,6 +280,8 @@ class StableDiffusion:
             raise ValueError(f"this ControlNet was made for U-Net widths {cn.config.unet.block_out_channels}, "
                              f"not {self.unet.config.block_out_channels}")
         self.controlnets.append(cn.to(device=self.device, dtype=self.dtype))
+        if self._offload is not None:  # the new ControlNet joins the U-Net's group
+            self.enable_model_cpu_offload(self._offload.device)
         return cn
 
     def unload_controlnet(self) -> None:
@@ -250,6 +296,7 @@ class StableDiffusion:
         """Attach a LoRA (kohya, diffusers/PEFT or older diffusers file, a folder holding
         pytorch_lora_weights.safetensors, or a state dict) at `scale`; several can be attached, each under
         its own name (default: the file's stem). Returns the name."""
+        self._refuse_if_qkv_fused("load a LoRA")
         if name is None:
             name = Path(source).stem if not isinstance(source, dict) else f"lora_{len(self.loras)}"
         if name in self.loras:
@@ -273,13 +320,22 @@ class StableDiffusion:
         if fused:
             lora_lib.fuse(self._lora_roots, self.loras[name])
 
+    def _refuse_if_qkv_fused(self, action: str) -> None:
+        from .attention import Attention
+
+        if any(m.fused for m in self.unet.modules() if isinstance(m, Attention)):
+            raise RuntimeError(f"the U-Net's QKV projections are fused (a snapshot of the weights): "
+                               f"pipe.unfuse_qkv_projections() before you {action}, fuse again after")
+
     def fuse_lora(self) -> None:
         """Fold every loaded LoRA into the weights (W ← W + scale·ΔW): no extra cost per step."""
+        self._refuse_if_qkv_fused("fuse LoRAs")
         for loras in self.loras.values():
             lora_lib.fuse(self._lora_roots, loras)
 
     def unfuse_lora(self) -> None:
         """Restore the original weights; the LoRAs stay attached, applied on the fly again."""
+        self._refuse_if_qkv_fused("unfuse LoRAs")
         for loras in self.loras.values():
             lora_lib.unfuse(self._lora_roots, loras)
 
@@ -296,7 +352,7 @@ class StableDiffusion:
     # ─── text conditioning ─────────────────────────────────────────────────────────────────────────
     @torch.inference_mode()
     def encode_text(self, prompts: list[str], clip_skip: int = 0) -> Tensor:
-        ids = self.tokenizer(prompts).to(self.text_encoder.device)
+        ids = self.tokenizer(prompts).to(self.device)
         return self.text_encoder(ids, clip_skip=clip_skip).to(self.dtype)  # (B, 77, E)
 
     def encode_prompt(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
