@@ -188,3 +188,29 @@ def control_map(scene: Scene, kind: str = "edges") -> Image.Image:
     shrunk = mask.filter(ImageFilter.MinFilter(3))
     edges = Image.fromarray((np.asarray(grown, dtype=np.int16) - np.asarray(shrunk, dtype=np.int16)).clip(0, 255).astype(np.uint8))
     return edges.convert("RGB")
+
+
+def clutter(seed: int) -> Image.Image:
+    """A picture of 1–3 random polygons (3–10 vertices at random radii: convex and concave, pointed and
+    blunt) in the world's colours, on one of its backgrounds — no caption, no world shape.
+
+    Image data for the VAE only: a VAE is a general image codec (SD's was trained on OpenImages, not
+    on its captions), and one that has seen nothing but circles, squares and triangles cannot
+    reconstruct a shape it has never seen, so no LoRA could teach it `star`. The U-Net and the text
+    encoder never see these pictures."""
+    rng = np.random.default_rng(seed)
+    S = SIZE * SUPERSAMPLE
+    img = Image.new("RGB", (S, S), BACKGROUNDS[str(rng.choice(list(BACKGROUNDS)))])
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(1, 4))):
+        r = rng.uniform(5, 17) * SUPERSAMPLE
+        cx, cy = rng.uniform(r, S - r, 2)
+        n = int(rng.integers(3, 11))
+        if rng.random() < 0.5:  # evenly spaced vertices at random radii, or random angles
+            angles = np.linspace(0, 2 * np.pi, n, endpoint=False) + rng.uniform(0, 2 * np.pi)
+        else:
+            angles = np.sort(rng.uniform(0, 2 * np.pi, n))
+        radii = r * rng.uniform(0.3, 1.0, n)
+        draw.polygon([(cx + q * math.cos(a), cy + q * math.sin(a)) for q, a in zip(radii, angles)],
+                     fill=COLOURS[str(rng.choice(list(COLOURS)))])
+    return img.resize((SIZE, SIZE), Image.BOX)

@@ -138,3 +138,11 @@ def test_cli_errors_are_messages_not_tracebacks(argv, message, tmp_path, capsys)
     assert cli(argv + ["--quiet", "--out", str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_vae_ceiling_judges_round_tripped_ground_truth(tiny):
+    res = ev.evaluate_vae(tiny, ("circle", "square"))
+    print(res)
+    assert set(res) == {"circle", "square"} and set(res["circle"]) == {"shape, small", "shape, large", "mean |error|"}
+    assert res["circle"]["shape, large"] >= 0.95 and res["square"]["shape, large"] >= 0.95
+    assert res["circle"]["mean |error|"] < 0.02
