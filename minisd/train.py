@@ -55,6 +55,7 @@ class TrainConfig:
     vae_batch: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6           # SD used 1e-6 too: latents stay informative, the KL only keeps them tame
+    vae_clutter: float = 0.0          # share of each VAE batch drawn from shapes.clutter (random polygons)
     # CLIP
     clip_steps: int = 800
     clip_batch: int = 256
@@ -191,13 +192,21 @@ def train_vae(cfg: TrainConfig, mcfg: ModelConfig, images, log: Log) -> Autoenco
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     start = resume(work / "vae.pt", log, model=vae, opt=opt)
     g = torch.Generator().manual_seed(cfg.seed + 1)
+    n_clutter = round(cfg.vae_batch * cfg.vae_clutter)
+    if n_clutter:  # generic shapes for the VAE alone (never a star, never seen by CLIP or the U-Net)
+        extra = torch.stack([torch.from_numpy(np.array(shapes.clutter(900_000_000 + i))).permute(2, 0, 1)
+                             for i in range(max(len(images) // 4, 1))])
+        log(f"vae: {n_clutter} of every {cfg.vae_batch} pictures from {len(extra)} clutter pictures")
     last_save = time.time()
     bar = tqdm(range(start, cfg.vae_steps), desc="vae", initial=start, total=cfg.vae_steps)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.vae_steps, cfg.vae_lr, 100)
-        idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=g)
-        x = to_float(images[idx], device)
+        idx = torch.randint(0, len(images), (cfg.vae_batch - n_clutter,), generator=g)
+        batch = images[idx]
+        if n_clutter:
+            batch = torch.cat([batch, extra[torch.randint(0, len(extra), (n_clutter,), generator=g)]])
+        x = to_float(batch, device)
         x_hat, posterior = vae(x, generator=None)
         rec = F.l1_loss(x_hat, x) + F.mse_loss(x_hat, x)
         kl = posterior.kl().mean()  # summed over the latent, averaged over the batch

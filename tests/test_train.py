@@ -103,3 +103,15 @@ def test_controlnet_captions_never_say_where():
     caps = [shapes.make_caption(shapes.make_scene(i), rng, positions=False) for i in range(100)]
     assert not any(w in c for c in caps for w in ("left", "right", "top", "bottom", "center"))
     assert any(" and " in c for c in caps)
+
+
+def test_vae_clutter_mixes_random_polygons_into_vae_batches(tmp_path):
+    from minisd import shapes
+
+    a, b = shapes.clutter(5), shapes.clutter(5)
+    assert a.size == (64, 64) and a.tobytes() == b.tobytes() and a.tobytes() != shapes.clutter(6).tobytes()
+    work = tmp_path / "work"
+    train_main(["vae", "--out", str(tmp_path / "model"), "--work", str(work), *SMALL[:6], "--vae-clutter", "0.25",
+                "--clip-steps", "1", "--clip-batch", "8", "--unet-steps", "1", "--unet-batch", "4", "--warmup", "1",
+                "--sample-steps", "1"])
+    assert "vae: 2 of every 8 pictures from 30 clutter pictures" in (work / "log.txt").read_text()
