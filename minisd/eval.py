@@ -323,6 +323,31 @@ def generate_for(pipe, prompts: list[str], guidance_scale: float = 7.5, steps: i
     return images
 
 
+def two_object_failure(prompt: str, image) -> str:
+    """What went wrong with a two-object prompt, in one word-group (or "both right")."""
+    wanted, _ = parse(prompt)
+    a = analyse(image)
+    found = [a.find(w.colour) for w in wanted]
+    if any(f is None for f in found):
+        return "a colour missing (both objects in one colour, or one object missing)"
+    if all(f.shape == w.shape and f.position == w.position for f, w in zip(found, wanted)):
+        return "both right"
+    if all(f.position == w.position for f, w in zip(found, wanted)):
+        return "a shape wrong"
+    if found[0].position == wanted[1].position and found[1].position == wanted[0].position:
+        return "colours on swapped sides"
+    return "a position wrong"
+
+
+def two_object_breakdown(pipe, guidance_scale: float = 7.5, steps: int = 25, seed: int = 0) -> dict[str, int]:
+    """How the model fails the two-object prompts of the evaluation list: counts per kind of failure."""
+    from collections import Counter
+
+    prompts = [p for p in eval_prompts() if " and " in p]
+    images = generate_for(pipe, prompts, guidance_scale, steps, seed=seed)
+    return dict(Counter(two_object_failure(p, im) for p, im in zip(prompts, images)).most_common())
+
+
 def evaluate(pipe, prompts: list[str] | None = None, guidance_scale: float = 7.5, steps: int = 25,
              sampler: str = "ddim", seed: int = 0) -> dict[str, dict[str, float]]:
     """Prompt adherence of `pipe` on the fixed prompt list (default) — per-factor accuracy."""
@@ -376,6 +401,65 @@ def evaluate_controlnet(pipe, controlnet, kind: str = "edges", n: int = 60, scal
     return out
 
 
+@dataclass
+class InpaintTask:
+    """Replace one object of a two-object picture by another (new colour and shape, same place)."""
+    image: Image.Image
+    mask: Image.Image   # white = repaint: the replaced object's box, grown by 4 px
+    prompt: str         # both objects, the new one in place of the old, with their positions
+    kept: int           # which object (0 or 1, reading order) must stay as it was
+
+
+def inpaint_tasks(n: int = 60, seed: int = 9_000_000) -> list[InpaintTask]:
+    """Held-out two-object scenes (seeds no training run uses), alternately replacing the first and second object."""
+    import copy
+
+    from .shapes import make_scene
+
+    rng = np.random.default_rng(seed)
+    tasks, i = [], 0
+    while len(tasks) < n:
+        scene = make_scene(seed + i, p_two=1.0)
+        i += 1
+        if len(scene.objects) != 2:
+            continue
+        image = render(scene)
+        k = len(tasks) % 2
+        old = scene.objects[k]
+        new = copy.copy(old)
+        new.colour = str(rng.choice([c for c in COLOURS if c not in {o.colour for o in scene.objects}]))
+        new.shape = str(rng.choice([sh for sh in BASE_SHAPES if sh != old.shape]))
+        x0, y0, x1, y1 = old.bbox
+        mask = Image.new("L", image.size, 0)
+        mask.paste(255, (max(x0 - 4, 0), max(y0 - 4, 0), min(x1 + 4, image.width), min(y1 + 4, image.height)))
+        objects = [new if j == k else o for j, o in enumerate(scene.objects)]
+        prompt = " and ".join(o.phrase(True, True) for o in objects)  # sizes too: the two never overlap
+        tasks.append(InpaintTask(image, mask, prompt, 1 - k))
+    return tasks
+
+
+def evaluate_inpaint(pipes: dict, tasks: list[InpaintTask] | None = None, steps: int = 25,
+                     guidance_scale: float = 7.5) -> dict[str, dict[str, float]]:
+    """For each pipeline ({label: pipe}): how often the new object appears right (colour, shape,
+    position), the other one is still right, and both. The same seed for every pipeline."""
+    tasks = tasks if tasks is not None else inpaint_tasks()
+    out = {}
+    for label, pipe in pipes.items():
+        new_ok, kept_ok = [], []
+        for i, task in enumerate(tasks):
+            image = pipe.inpaint(task.prompt, task.image, task.mask, num_inference_steps=steps,
+                                 guidance_scale=guidance_scale, seed=i)[0]
+            wanted, _ = parse(task.prompt)
+            a = analyse(image)
+            right = [(o := a.find(w.colour)) is not None and o.shape == w.shape and o.position == w.position
+                     for w in wanted]
+            new_ok.append(right[1 - task.kept])
+            kept_ok.append(right[task.kept])
+        out[label] = {"new object right": float(np.mean(new_ok)), "other object kept": float(np.mean(kept_ok)),
+                      "both": float(np.mean([a and b for a, b in zip(new_ok, kept_ok)]))}
+    return out
+
+
 def evaluate_vae(pipe, shape_names=("circle", "square", "triangle", "star")) -> dict[str, dict[str, float]]:
     """A model's ceiling: it cannot draw what its VAE cannot reconstruct. Ground-truth renders of
     each shape in every colour × size × position (60 pictures a shape), encoded, decoded and judged;
@@ -422,9 +506,37 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--concept", default="star", help="the LoRA's new shape (default star)")
     ap.add_argument("--controlnet", default=None, help="evaluate this ControlNet: layout IoU without and with it")
     ap.add_argument("--control", default="edges", help="the ControlNet's map kind: edges or mask")
+    ap.add_argument("--inpaint", default=None, help="compare mask blending (--model) with this 9-channel "
+                    "inpainting model on 60 held-out object replacements")
+    ap.add_argument("--breakdown", action="store_true", help="how the two-object prompts fail (at the first --cfg)")
     ap.add_argument("--vae", action="store_true", help="the VAE's ceiling: shape accuracy of ground-truth renders "
                     "after an encode-decode round trip")
     args = ap.parse_args(argv)
+    if args.inpaint:
+        pipes = {"blending (standard U-Net)": StableDiffusion.from_pretrained(args.model, device=args.device),
+                 "9-channel inpainting U-Net": StableDiffusion.from_pretrained(args.inpaint, device=args.device)}
+        for p in pipes.values():
+            p.progress = False
+        results = evaluate_inpaint(pipes, steps=args.steps)
+        cols = list(next(iter(results.values())))
+        print("| method | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 1))
+        for name, res in results.items():
+            print(f"| {name} | " + " | ".join(f"{100 * res[c]:.0f}%" for c in cols) + " |")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        return results
+    if args.breakdown:
+        pipe = StableDiffusion.from_pretrained(args.model, device=args.device)
+        pipe.progress = False
+        results = two_object_breakdown(pipe, args.cfg[0], args.steps, args.seed)
+        print(f"two-object prompts at CFG {args.cfg[0]:g}, {args.steps} steps:")
+        for kind, count in results.items():
+            print(f"  {count:3d}  {kind}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        return results
     if args.vae:
         pipe = StableDiffusion.from_pretrained(args.model, device=args.device)
         results = evaluate_vae(pipe)

@@ -2,6 +2,7 @@
 
     minisd train lora                      # teach the tiny model `star` (never in its training data)
     minisd train controlnet                # a ControlNet that places objects where an edge map says
+    minisd train inpaint                   # a 9-channel inpainting U-Net, as SD's inpainting model was made
 
 Both loops are the base recipe's U-Net loop (train.py) with the model frozen:
 
@@ -12,9 +13,14 @@ Both loops are the base recipe's U-Net loop (train.py) with the model frozen:
     ControlNet  trainable: the encoder copy, the hint encoder and the zero convs
                 data: (control map, picture, caption); captions that never say where things are, half
                 of them dropped to "" (Zhang et al. 2023, §3.3): only the map can tell the layout
+    inpainting  trainable: the whole U-Net, its first conv widened from 4 to 9 input channels (z_t, the
+                mask, the masked picture's latents), the 5 new ones zero-initialised, so it starts as the
+                base model (as runwayml's SD inpainting model was made from SD 1.2)
+                data: pictures with random masks (boxes, an object's box, or everything: 25%)
 
 Each writes checkpoints and resumes, logs to <work>/log.txt, and saves what the course ships:
-the LoRA in diffusers/PEFT and kohya layouts, the ControlNet as a diffusers ControlNetModel folder.
+the LoRA in diffusers/PEFT and kohya layouts, the ControlNet as a diffusers ControlNetModel folder,
+the inpainting model as a whole diffusers pipeline folder.
 """
 
 from __future__ import annotations
@@ -65,7 +71,8 @@ class AdapterConfig:
     checkpoint_minutes: float = 5.0
 
     def paths(self) -> tuple[Path, Path]:
-        name = f"tiny_{self.concept}_lora" if self.kind == "lora" else f"tiny_controlnet_{self.control}"
+        name = {"lora": f"tiny_{self.concept}_lora", "controlnet": f"tiny_controlnet_{self.control}",
+                "inpaint": "tiny_inpaint"}[self.kind]
         return Path(self.out or f"data/{name}"), Path(self.work or f"runs/{self.kind}")
 
 
@@ -78,6 +85,57 @@ def lora_scenes(cfg: AdapterConfig) -> list[shapes.Scene]:
 
 def controlnet_scenes(cfg: AdapterConfig) -> list[shapes.Scene]:
     return [shapes.make_scene(60_000_000 + cfg.seed * 1_000_000 + i) for i in range(cfg.n_images)]
+
+
+def inpaint_scenes(cfg: AdapterConfig) -> list[shapes.Scene]:
+    return [shapes.make_scene(80_000_000 + cfg.seed * 1_000_000 + i) for i in range(cfg.n_images)]
+
+
+def random_masks(scenes: list[shapes.Scene], idx: list[int], rng: np.random.Generator) -> torch.Tensor:
+    """(B, 1, 64, 64) of 0/1, white = repaint: a quarter everything (the model must still draw from
+    text alone), half one object's box grown by a few pixels (repaint an object), a quarter a random box."""
+    masks = torch.zeros(len(idx), 1, shapes.SIZE, shapes.SIZE)
+    for b, i in enumerate(idx):
+        r = rng.random()
+        if r < 0.25:
+            masks[b] = 1
+            continue
+        if r < 0.75:
+            x0, y0, x1, y1 = scenes[i].objects[int(rng.integers(len(scenes[i].objects)))].bbox
+            grow = int(rng.integers(2, 7))
+            x0, y0, x1, y1 = x0 - grow, y0 - grow, x1 + grow, y1 + grow
+        else:
+            w, h = rng.integers(12, 48, size=2)
+            x0, y0 = int(rng.integers(0, shapes.SIZE - w)), int(rng.integers(0, shapes.SIZE - h))
+            x1, y1 = x0 + int(w), y0 + int(h)
+        masks[b, :, max(y0, 0):y1, max(x0, 0):x1] = 1
+    return masks
+
+
+def inpainting_unet(unet):
+    """The base U-Net with 9 input channels: conv_in's new weights are zero, so at the start it ignores
+    the mask and masked picture and predicts exactly what the base model does."""
+    from dataclasses import replace as dc_replace
+
+    from .unet import UNet
+
+    new = UNet(dc_replace(unet.config, in_channels=9)).to(unet.conv_in.weight.device)
+    state = unet.state_dict()
+    w = state["conv_in.weight"]
+    state["conv_in.weight"] = torch.cat([w, torch.zeros(w.shape[0], 5, *w.shape[2:], dtype=w.dtype, device=w.device)], 1)
+    new.load_state_dict(state)
+    return new
+
+
+class _Inpainting(torch.nn.Module):
+    """The 9-channel U-Net as ε_θ(z_t, t, c): the mask and masked-picture latents ride along on channels."""
+
+    def __init__(self, unet, extra: torch.Tensor):
+        super().__init__()
+        self.unet, self.extra = unet, extra
+
+    def forward(self, z_t, t, context, control=None):
+        return self.unet(torch.cat([z_t, self.extra], dim=1), t, context)
 
 
 @torch.no_grad()
@@ -113,7 +171,7 @@ def train_adapter(cfg: AdapterConfig) -> Path:
     torch.manual_seed(cfg.seed)
 
     t0 = time.time()
-    scenes = lora_scenes(cfg) if cfg.kind == "lora" else controlnet_scenes(cfg)
+    scenes = {"lora": lora_scenes, "controlnet": controlnet_scenes, "inpaint": inpaint_scenes}[cfg.kind](cfg)
     images = torch.stack([shapes.to_tensor(shapes.render(s)) for s in scenes])
     means, stds = encode_all(pipe, images)
     controls = None
@@ -131,10 +189,20 @@ def train_adapter(cfg: AdapterConfig) -> Path:
         module = ControlNet.from_unet(pipe.unet, hint).to(device)
         module.requires_grad_(True).train()
         log(f"ControlNet with hint encoder {hint}: {sum(p.numel() for p in module.parameters()):,} trainable parameters")
+    elif cfg.kind == "inpaint":
+        module = inpainting_unet(pipe.unet)
+        module.requires_grad_(True).train()
+        log(f"inpainting U-Net: conv_in 4 -> 9 input channels, {sum(p.numel() for p in module.parameters()):,} "
+            f"trainable parameters")
     else:
-        raise ValueError(f"kind must be 'lora' or 'controlnet', got {cfg.kind!r}")
+        raise ValueError(f"kind must be 'lora', 'controlnet' or 'inpaint', got {cfg.kind!r}")
     params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0 if cfg.kind == "lora" else 0.01)
+    groups = [{"params": params, "lr_scale": 1.0}]
+    if cfg.kind == "inpaint":  # the new input channels start at zero and have the most to learn: 10× the rate
+        first = list(module.conv_in.parameters())
+        groups = [{"params": [p for p in params if all(p is not q for q in first)], "lr_scale": 1.0},
+                  {"params": first, "lr_scale": 10.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0 if cfg.kind == "lora" else 0.01)
     start = resume(work / f"{cfg.kind}.pt", log, model=module, opt=opt)
 
     alpha_bar = pipe.scheduler.alphas_cumprod().to(device)
@@ -145,12 +213,12 @@ def train_adapter(cfg: AdapterConfig) -> Path:
     bar = tqdm(range(start, cfg.steps), desc=cfg.kind, initial=start, total=cfg.steps)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+            group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup) * group["lr_scale"]
         idx = torch.randint(0, len(scenes), (cfg.batch,), generator=g)
         z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)).to(device) * pipe.vae.scaling_factor
         # ControlNet: captions never say where things are, and half are empty — only the map knows
         captions = ["" if rng.random() < dropout else shapes.make_caption(copy.copy(scenes[i]), rng,
-                                                                          positions=cfg.kind == "lora")
+                                                                          positions=cfg.kind != "controlnet")
                     for i in idx.tolist()]
         with torch.no_grad():
             context = pipe.text_encoder(pipe.tokenizer(captions, warn=False).to(device))
@@ -160,6 +228,13 @@ def train_adapter(cfg: AdapterConfig) -> Path:
         if cfg.kind == "controlnet":  # the ControlNet sees the same z_t as the U-Net it steers
             hint = controls[idx].to(device)
             unet = _Controlled(pipe.unet, module, hint)
+        elif cfg.kind == "inpaint":  # what the pipeline feeds it: the mask and the masked picture's latents
+            mask = random_masks(scenes, idx.tolist(), rng)
+            with torch.no_grad():
+                masked = pipe.vae.encode((images[idx] * (mask < 0.5)).to(device)).sample(g)
+            f = pipe.vae.config.downsampling
+            mask_latent = torch.nn.functional.interpolate(mask, size=(shapes.SIZE // f, shapes.SIZE // f)).to(device)
+            unet = _Inpainting(module, torch.cat([mask_latent, masked * pipe.vae.scaling_factor], dim=1))
         loss = diffusion_loss(unet, z0, t, eps, context, alpha_bar, cfg.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -181,20 +256,25 @@ def train_adapter(cfg: AdapterConfig) -> Path:
         meta = {"minisd_concept": cfg.concept, "ss_base_model_version": "minisd_tiny"}
         lora_lib.save_lora(loras, out, "peft", meta)                                   # diffusers/PEFT
         lora_lib.save_lora(loras, out / f"{out.name}_kohya.safetensors", "kohya", meta)  # A1111 / ComfyUI
-    else:
+    elif cfg.kind == "controlnet":
         save_controlnet(module, out)
+    else:
+        pipe.unet = module
+        pipe.to(dtype=torch.float16)  # shipped in fp16, as the base model
+        pipe.save_pretrained(out)
     timings = {"train_minutes": round((time.time() - t0) / 60, 1), "steps": cfg.steps, "batch": cfg.batch}
     (work / "timings.json").write_text(json.dumps(timings))
     log(f"saved to {out}; {timings}")
     return out
 
 
-KIND_DEFAULTS = {"lora": {}, "controlnet": {"steps": 300, "batch": 32, "lr": 1e-3, "warmup": 30, "n_images": 8000}}
+KIND_DEFAULTS = {"lora": {}, "controlnet": {"steps": 300, "batch": 32, "lr": 1e-3, "warmup": 30, "n_images": 8000},
+                 "inpaint": {"steps": 600, "batch": 32, "lr": 5e-4, "warmup": 30, "n_images": 8000}}
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="minisd train lora|controlnet", description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=["lora", "controlnet"])
+    parser = argparse.ArgumentParser(prog="minisd train lora|controlnet|inpaint", description=__doc__.split("\n\n")[0])
+    parser.add_argument("kind", choices=["lora", "controlnet", "inpaint"])
     for f, v in asdict(AdapterConfig()).items():
         if f != "kind":
             default = KIND_DEFAULTS["controlnet"].get(f, v)

@@ -105,7 +105,7 @@ def decode_latents(pipe: StableDiffusion, z: Tensor) -> Tensor:
 
 def encode_image(pipe: StableDiffusion, x: Tensor, generator: torch.Generator | None) -> Tensor:
     """Pixels in [-1, 1] -> scaled latents z = scaling_factor · z₀, z₀ ~ q(z₀|x) (a sample, as diffusers)."""
-    posterior = pipe.vae.encode(x.to(pipe.vae.device, pipe.vae.dtype))
+    posterior = pipe.vae.encode(x.to(pipe.device, pipe.vae.dtype))
     return (posterior.sample(generator) * pipe.vae.scaling_factor).to(pipe.dtype)
 
 

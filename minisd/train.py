@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     import sys
 
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("lora", "controlnet"):  # adapters on the finished model: finetune.py
+    if argv and argv[0] in ("lora", "controlnet", "inpaint"):  # adapters on the finished model: finetune.py
         from .finetune import main as finetune_main
 
         finetune_main(argv)
@@ -395,8 +395,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="minisd train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", nargs="?", default="all", choices=["all", "vae", "clip", "unet"],
-                        help="what to train (default: the whole recipe); `minisd train lora|controlnet "
-                             "--help` trains adapters on the finished model")
+                        help="what to train (default: the whole recipe); `minisd train lora|controlnet|inpaint "
+                             "--help` trains adapters (and the inpainting model) on the finished model")
     for f, v in asdict(TrainConfig()).items():
         parser.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
     parser.add_argument("--fresh", action="store_true", help="ignore checkpoints in --work and start over")

@@ -146,3 +146,32 @@ def test_vae_ceiling_judges_round_tripped_ground_truth(tiny):
     assert set(res) == {"circle", "square"} and set(res["circle"]) == {"shape, small", "shape, large", "mean |error|"}
     assert res["circle"]["shape, large"] >= 0.95 and res["square"]["shape, large"] >= 0.95
     assert res["circle"]["mean |error|"] < 0.02
+
+
+def test_inpaint_evaluator_scores_a_perfect_and_a_do_nothing_inpainter():
+    tasks = ev.inpaint_tasks(12)
+    assert len({t.prompt for t in tasks}) == 12 and {t.kept for t in tasks} == {0, 1}
+
+    class Perfect:  # paints exactly what the prompt asks (the ground truth render)
+        def inpaint(self, prompt, image, mask, seed=0, **kw):
+            return [ev.render_prompt(prompt, seed=seed)]
+
+    class Nothing:  # hands the picture back
+        def inpaint(self, prompt, image, mask, **kw):
+            return [image]
+
+    res = ev.evaluate_inpaint({"perfect": Perfect(), "nothing": Nothing()}, tasks)
+    print(res)
+    assert res["perfect"] == {"new object right": 1.0, "other object kept": 1.0, "both": 1.0}
+    assert res["nothing"]["new object right"] == 0.0 and res["nothing"]["other object kept"] == 1.0
+
+
+def test_two_object_failures_are_named():
+    prompt = "a red circle on the left and a blue square on the right"
+    assert ev.two_object_failure(prompt, ev.render_prompt(prompt)) == "both right"
+    swapped = ev.render_prompt("a blue square on the left and a red circle on the right")
+    assert ev.two_object_failure(prompt, swapped) == "colours on swapped sides"
+    one_colour = ev.render_prompt("a blue circle on the left and a blue square on the right")
+    assert ev.two_object_failure(prompt, one_colour).startswith("a colour missing")
+    wrong_shape = ev.render_prompt("a red triangle on the left and a blue square on the right")
+    assert ev.two_object_failure(prompt, wrong_shape) == "a shape wrong"

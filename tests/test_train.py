@@ -94,6 +94,46 @@ def test_adapter_training_runs_saves_and_loads(tiny_folder, tmp_path):
     assert "controlnet step 2" in (tmp_path / "cw" / "log.txt").read_text()
 
 
+def test_inpainting_model_starts_as_the_base_model_and_trains(tiny_folder, tmp_path):
+    """`minisd train inpaint`: conv_in widened to 9 channels with zero weights (so it predicts what the
+    base U-Net predicts, whatever the mask), then a few steps, saved as a pipeline the loader reads."""
+    from minisd.finetune import inpainting_unet, random_masks
+    from minisd.finetune import main as finetune_main
+
+    base = StableDiffusion.from_pretrained(tiny_folder, device="cpu")
+    unet9 = inpainting_unet(base.unet)
+    g = torch.Generator().manual_seed(0)
+    c = base.unet.config
+    z = torch.randn(2, 4, c.sample_size, c.sample_size, generator=g)
+    extra = torch.randn(2, 5, c.sample_size, c.sample_size, generator=g)
+    ctx = base.encode_text(["a red circle", "a blue square"])
+    with torch.no_grad():
+        diff = (unet9(torch.cat([z, extra], 1), torch.tensor([10, 900]), ctx)
+                - base.unet(z, torch.tensor([10, 900]), ctx)).abs().max()
+    assert diff < 1e-5  # zero weights on the new channels: float rounding of a longer sum only
+    import numpy as np
+
+    from minisd import shapes
+
+    scenes = [shapes.make_scene(i) for i in range(40)]
+    for s in scenes:
+        shapes.render(s)  # sets the boxes
+    masks = random_masks(scenes, list(range(40)), np.random.default_rng(0))
+    assert masks.shape == (40, 1, 64, 64) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert (masks.flatten(1).mean(1) == 1).any() and (masks.flatten(1).mean(1) < 0.5).any()
+
+    out = finetune_main(["inpaint", "--model", str(tiny_folder), "--n-images", "24", "--steps", "3", "--batch", "4",
+                         "--out", str(tmp_path / "inpaint"), "--work", str(tmp_path / "iw")])
+    pipe = StableDiffusion.from_pretrained(out, device="cpu")
+    pipe.progress = False
+    assert pipe.unet.config.in_channels == 9
+    scene = shapes.make_scene(3)
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 32:] = 1
+    image = pipe.inpaint(scene.caption, shapes.render(scene), mask, num_inference_steps=2, output_type="pt")
+    assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
+
+
 def test_controlnet_captions_never_say_where():
     import numpy as np
 
