@@ -269,7 +269,7 @@ def train_adapter(cfg: AdapterConfig) -> Path:
 
 
 KIND_DEFAULTS = {"lora": {}, "controlnet": {"steps": 300, "batch": 32, "lr": 1e-3, "warmup": 30, "n_images": 8000},
-                 "inpaint": {"steps": 600, "batch": 32, "lr": 5e-4, "warmup": 30, "n_images": 8000}}
+                 "inpaint": {"steps": 1500, "batch": 32, "lr": 1e-3, "warmup": 30, "n_images": 8000}}
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -195,17 +195,23 @@ def sample_ddim(eps: EpsFn, z: Tensor, s: Schedule, *, eta: float = 0.0, generat
     return z
 
 
-def sample_ddpm(eps: EpsFn, z: Tensor, s: Schedule, *, generator=None, callback: Callback = None) -> Tensor:
+def sample_ddpm(eps: EpsFn, z: Tensor, s: Schedule, *, generator=None, callback: Callback = None,
+                clip_sample: float | None = None) -> Tensor:
     """Ancestral sampling from the DDPM posterior q(z_prev | z_t, x̂₀) (Ho et al. 2020, eqs. 6–7):
 
     μ = √ᾱ_prev β_t/(1−ᾱ_t) x̂₀ + √α_t (1−ᾱ_prev)/(1−ᾱ_t) z_t,  σ² = (1−ᾱ_prev)/(1−ᾱ_t) β_t
-    with α_t = ᾱ_t/ᾱ_prev and β_t = 1 − α_t over the (possibly skipped) step."""
+    with α_t = ᾱ_t/ᾱ_prev and β_t = 1 − α_t over the (possibly skipped) step.
+    clip_sample: clamp x̂₀ to [−c, c] first — what pixel-space DDPMs do (Ho et al.'s code, diffusers'
+    `clip_sample`), since a small model's x̂₀ at high noise overshoots the data range; SD's latents
+    have no fixed range and are not clipped."""
     for i, t in enumerate(s.timesteps):
         e = eps(z, t)
         a_t = _alpha(s.alphas_cumprod, int(t), s.final_alpha)
         a_prev = _alpha(s.alphas_cumprod, int(t) - s.step_ratio, 1.0)
         alpha, beta = a_t / a_prev, 1 - a_t / a_prev
         x0_hat = (z - (1 - a_t) ** 0.5 * e) / a_t**0.5
+        if clip_sample is not None:
+            x0_hat = x0_hat.clamp(-clip_sample, clip_sample)
         mean = (a_prev**0.5 * beta / (1 - a_t)) * x0_hat + (alpha**0.5 * (1 - a_prev) / (1 - a_t)) * z
         if int(t) > 0:
             var = max((1 - a_prev) / (1 - a_t) * beta, 1e-20)

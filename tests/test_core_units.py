@@ -84,3 +84,19 @@ def test_configs_round_trip_and_presets():
     with pytest.raises(ValueError, match="SDXL"):
         UNetConfig.from_diffusers({**sd15_json, "addition_embed_type": "text_time"})
     assert json.loads(json.dumps(SD15.unet.to_diffusers()))["attention_head_dim"] == 8
+
+
+def test_ddpm_clip_sample_keeps_x0_in_the_data_range():
+    """Pixel-space DDPMs clip x̂₀ to [-1, 1] (diffusers' clip_sample): with a network that predicts
+    ε = 0, x̂₀ = z/√ᾱ explodes at high noise; clipped, the last step lands in range."""
+    from minisd import samplers
+    from minisd.schedules import SchedulerConfig
+
+    cfg = SchedulerConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, timestep_spacing="leading",
+                          steps_offset=0)
+    s = samplers.make_schedule("ddpm", 50, cfg)
+    z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    zero = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    plain = samplers.sample_ddpm(zero, z, s, generator=torch.Generator().manual_seed(1))
+    clipped = samplers.sample_ddpm(zero, z, s, generator=torch.Generator().manual_seed(1), clip_sample=1.0)
+    assert plain.abs().max() > 1.5 and clipped.abs().max() <= 1.0 + 1e-6
