@@ -482,6 +482,20 @@ def evaluate_vae(pipe, shape_names=("circle", "square", "triangle", "star")) -> 
     return out
 
 
+def _report(results: dict, first: str, fmt, json_path: str | None) -> dict:
+    """Print {row: {column: value}} as a markdown table (values through fmt(column, value)); save as JSON."""
+    import json
+
+    cols = list(next(iter(results.values())))
+    print(f"| {first} | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 1))
+    for name, res in results.items():
+        print(f"| {name} | " + " | ".join(fmt(c, res[c]) for c in cols) + " |")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict:
     """`minisd eval`: prompt adherence of a model at one or more guidance scales."""
     import argparse
@@ -517,15 +531,7 @@ def main(argv: list[str] | None = None) -> dict:
                  "9-channel inpainting U-Net": StableDiffusion.from_pretrained(args.inpaint, device=args.device)}
         for p in pipes.values():
             p.progress = False
-        results = evaluate_inpaint(pipes, steps=args.steps)
-        cols = list(next(iter(results.values())))
-        print("| method | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 1))
-        for name, res in results.items():
-            print(f"| {name} | " + " | ".join(f"{100 * res[c]:.0f}%" for c in cols) + " |")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
-        return results
+        return _report(evaluate_inpaint(pipes, steps=args.steps), "method", lambda c, v: f"{100 * v:.0f}%", args.json)
     if args.breakdown:
         pipe = StableDiffusion.from_pretrained(args.model, device=args.device)
         pipe.progress = False
@@ -539,34 +545,15 @@ def main(argv: list[str] | None = None) -> dict:
         return results
     if args.vae:
         pipe = StableDiffusion.from_pretrained(args.model, device=args.device)
-        results = evaluate_vae(pipe)
-        cols = list(next(iter(results.values())))
-        print("| shape | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 1))
-        for name, res in results.items():
-            print(f"| {name} | " + " | ".join(f"{res[c]:.3f}" if "error" in c else f"{100 * res[c]:.0f}%"
-                                              for c in cols) + " |")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
-        return results
+        return _report(evaluate_vae(pipe), "shape", lambda c, v: f"{v:.3f}" if "error" in c else f"{100 * v:.0f}%",
+                       args.json)
     if args.lora or args.controlnet:
-        import json
-
-        from .pipeline import StableDiffusion
-
         pipe = StableDiffusion.from_pretrained(args.model, device=args.device)
         pipe.progress = False
         results = evaluate_lora(pipe, args.lora, args.concept, steps=args.steps) if args.lora else \
             evaluate_controlnet(pipe, args.controlnet, args.control, steps=args.steps)
-        cols = list(next(iter(results.values())))
-        print("| setting | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 1))
-        for name, res in results.items():
-            print(f"| {name} | " + " | ".join(f"{100 * res[c]:.0f}%" if "IoU" not in c or "placed" in c
-                                              else f"{res[c]:.2f}" for c in cols) + " |")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
-        return results
+        return _report(results, "setting", lambda c, v: f"{100 * v:.0f}%" if "IoU" not in c or "placed" in c
+                       else f"{v:.2f}", args.json)
     prompts = eval_prompts()[:: args.limit or 1]
     if args.ground_truth:
         results = {"ground truth renders": check_on_ground_truth(prompts)}
