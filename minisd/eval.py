@@ -466,12 +466,13 @@ def evaluate_vae(pipe, shape_names=("circle", "square", "triangle", "star")) -> 
     shape accuracy by size, and the mean |error| of the round trip in [0, 1]."""
     import torch
 
+    from .shapes import to_tensor
+
     out = {}
     for shape in shape_names:
         prompts = concept_prompts(shape)
         images = [render_prompt(p, seed=i) for i, p in enumerate(prompts)]
-        x = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
-                         for im in images]).to(pipe.device, pipe.vae.dtype)
+        x = torch.stack([to_tensor(im) for im in images]).to(pipe.device, pipe.vae.dtype)
         with torch.no_grad():
             rec = pipe.vae.decode(pipe.vae.encode(x).mode()).float().cpu()
         rec_u8 = ((rec / 2 + 0.5).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
@@ -482,18 +483,22 @@ def evaluate_vae(pipe, shape_names=("circle", "square", "triangle", "star")) -> 
     return out
 
 
+def _save_json(results: dict, path: str | None) -> dict:
+    if path:
+        import json
+
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
 def _report(results: dict, first: str, fmt, json_path: str | None) -> dict:
     """Print {row: {column: value}} as a markdown table (values through fmt(column, value)); save as JSON."""
-    import json
-
     cols = list(next(iter(results.values())))
     print(f"| {first} | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 1))
     for name, res in results.items():
         print(f"| {name} | " + " | ".join(fmt(c, res[c]) for c in cols) + " |")
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(results, f, indent=2)
-    return results
+    return _save_json(results, json_path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -539,10 +544,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"two-object prompts at CFG {args.cfg[0]:g}, {args.steps} steps:")
         for kind, count in results.items():
             print(f"  {count:3d}  {kind}")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
-        return results
+        return _save_json(results, args.json)
     if args.vae:
         pipe = StableDiffusion.from_pretrained(args.model, device=args.device)
         return _report(evaluate_vae(pipe), "shape", lambda c, v: f"{v:.3f}" if "error" in c else f"{100 * v:.0f}%",

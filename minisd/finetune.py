@@ -4,7 +4,7 @@
     minisd train controlnet                # a ControlNet that places objects where an edge map says
     minisd train inpaint                   # a 9-channel inpainting U-Net, as SD's inpainting model was made
 
-Both loops are the base recipe's U-Net loop (train.py) with the model frozen:
+All three are the base recipe's U-Net loop (train.py) on the finished model:
 
     LoRA        trainable: A, B (W' = W + (α/r)·BA) on every layer of the transformer blocks (attention
                 projections, proj_in/proj_out, feed-forward: kohya's default) and the ResBlocks' convs
@@ -199,9 +199,9 @@ def train_adapter(cfg: AdapterConfig) -> Path:
     params = [p for p in module.parameters() if p.requires_grad]
     groups = [{"params": params, "lr_scale": 1.0}]
     if cfg.kind == "inpaint":  # the new input channels start at zero and have the most to learn: 10× the rate
-        first = list(module.conv_in.parameters())
-        groups = [{"params": [p for p in params if all(p is not q for q in first)], "lr_scale": 1.0},
-                  {"params": first, "lr_scale": 10.0}]
+        first = {id(p) for p in module.conv_in.parameters()}
+        groups = [{"params": [p for p in params if id(p) not in first], "lr_scale": 1.0},
+                  {"params": list(module.conv_in.parameters()), "lr_scale": 10.0}]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0 if cfg.kind == "lora" else 0.01)
     start = resume(work / f"{cfg.kind}.pt", log, model=module, opt=opt)
 
@@ -277,9 +277,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("kind", choices=["lora", "controlnet", "inpaint"])
     for f, v in asdict(AdapterConfig()).items():
         if f != "kind":
-            default = KIND_DEFAULTS["controlnet"].get(f, v)
+            others = ", ".join(f"{kind}: {d[f]}" for kind, d in KIND_DEFAULTS.items() if f in d)
             parser.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=None,
-                                help=f"default {v}" + (f" (controlnet: {default})" if default != v else ""))
+                                help=f"default {v}" + (f" ({others})" if others else ""))
     parser.add_argument("--fresh", action="store_true", help="ignore the checkpoint in --work and start over")
     args = parser.parse_args(argv)
     given = {f: getattr(args, f) for f in asdict(AdapterConfig()) if f != "kind" and getattr(args, f) is not None}

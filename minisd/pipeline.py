@@ -63,8 +63,7 @@ class StableDiffusion:
     @property
     def device(self) -> torch.device:
         """Where generation runs: the U-Net's device (or the offload target, see enable_model_cpu_offload)."""
-        offload = getattr(self, "_offload", None)
-        return offload.device if offload is not None else self.unet.device
+        return self._offload.device if self._offload is not None else self.unet.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -263,7 +262,7 @@ class StableDiffusion:
         self._offload = fast.ModelOffload(self, device)
 
     def disable_model_cpu_offload(self) -> None:
-        if getattr(self, "_offload", None) is not None:
+        if self._offload is not None:
             self._offload.remove()
             self._offload = None
 
@@ -321,9 +320,7 @@ class StableDiffusion:
             lora_lib.fuse(self._lora_roots, self.loras[name])
 
     def _refuse_if_qkv_fused(self, action: str) -> None:
-        from .attention import Attention
-
-        if any(m.fused for m in self.unet.modules() if isinstance(m, Attention)):
+        if any(m.fused for m in fast._attentions(self.unet)):
             raise RuntimeError(f"the U-Net's QKV projections are fused (a snapshot of the weights): "
                                f"pipe.unfuse_qkv_projections() before you {action}, fuse again after")
 
