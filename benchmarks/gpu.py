@@ -13,14 +13,24 @@ step count it prints seconds per image, denoising it/s (one "it" = one CFG step 
     compiled   torch.compile of the U-Net and VAE decoder, default Inductor mode, in both libraries
     best       minisd only: fused QKV projections + torch.compile(mode="reduce-overhead") (CUDA graphs);
                its image difference is against diffusers' eager image
+    paths      minisd only, eager, each fast path or memory option on its own (channels-last U-Net, fused
+               QKV, both, attention slicing, model CPU offload, int8 weight-only / dynamic), plus where the
+               peak memory of both libraries comes from (denoising alone, VAE decode alone); its image
+               difference is against minisd's own eager image
+
+Rows are written to --json as they come, and a mode that fails is reported and skipped, so a run
+cut short (a GPU lease ends) still leaves every finished row. --deadline stops starting new blocks
+after that many seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -29,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import environment, paired_medians, peak_memory, sync  # noqa: E402
 from pipeline import SMALL, build  # noqa: E402
 
-from minisd import SD15  # noqa: E402
+from minisd import SD15, fast  # noqa: E402
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
 
@@ -41,14 +51,15 @@ def compile_reference(ref) -> None:
     ref.vae.decoder = torch.compile(ref.vae.decoder, dynamic=False)
 
 
-def measure(ours, ref, args, mode: str, device, dtype, ref_images: dict) -> list[dict]:
+def measure(ours, ref, args, mode: str, device, dtype, ref_images: dict, batches, report) -> None:
     """Time both pipelines (or minisd alone when ref is None: its images are then compared with the
     reference's eager images, kept in ref_images)."""
-    rows = []
     h = args.size // 8
-    for batch in args.batch:
+    for batch in batches:
         noise = torch.randn(batch, 4, h, h, generator=torch.Generator().manual_seed(0)).to(device, dtype)
         for steps in args.steps:
+            if report.over():
+                return
             kw = dict(num_inference_steps=steps, guidance_scale=7.5, height=args.size, width=args.size)
             prompts = [PROMPT] * batch
 
@@ -73,14 +84,121 @@ def measure(ours, ref, args, mode: str, device, dtype, ref_images: dict) -> list
                 m_ref = float("nan")
             diff = (a.float() - b.float()).abs() if b is not None else None
             m_ours = peak_memory(run_ours, device)
-            rows.append(dict(mode=mode, batch=batch, steps=steps, first_call_s=warm,
+            report.add(dict(mode=mode, batch=batch, steps=steps, first_call_s=warm,
                              minisd_s_per_image=t_ours / batch, diffusers_s_per_image=t_ref / batch if ref else None,
                              minisd_it_s=steps / t_ours, diffusers_it_s=steps / t_ref if ref else None,
                              minisd_peak_gib=m_ours, diffusers_peak_gib=m_ref,
                              diff_max=diff.max().item() if diff is not None else None,
-                             diff_mean=diff.mean().item() if diff is not None else None))
-            print(row_text(rows[-1]), flush=True)
-    return rows
+                             diff_mean=diff.mean().item() if diff is not None else None,
+                             finite=bool(a.isfinite().all())))
+
+
+def fast_paths(ours, ref, args, device, dtype, report) -> None:
+    """minisd eager with one fast path or memory option at a time, 25 (or the fewest) steps; then the
+    peak memory of the denoising loop and of the VAE decode alone, in both libraries."""
+    steps, h = min(args.steps), args.size // 8
+    kw = dict(num_inference_steps=steps, guidance_scale=7.5, height=args.size, width=args.size)
+    unet = ours.unet
+
+    def channels_last(on: bool):
+        ours.unet.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+
+    def int8(mode: str | None):  # on a copy: quantizing is in place and one-way
+        ours.unet = unet
+        if mode is not None:
+            ours.unet = copy.deepcopy(unet)
+            fast.quantize_int8(ours.unet, mode)
+
+    switches = {  # name: (on, off)
+        "channels-last U-Net": (lambda: channels_last(True), lambda: channels_last(False)),
+        "fused QKV": (ours.fuse_qkv_projections, ours.unfuse_qkv_projections),
+        "channels-last + fused QKV": (lambda: (channels_last(True), ours.fuse_qkv_projections()),
+                                      lambda: (channels_last(False), ours.unfuse_qkv_projections())),
+        "attention slicing (1024)": (ours.enable_attention_slicing, ours.disable_attention_slicing),
+        "model CPU offload": (lambda: ours.enable_model_cpu_offload(device),
+                              lambda: (ours.disable_model_cpu_offload(), ours.to(device))),
+        "int8 weight-only": (lambda: int8("weight-only"), lambda: int8(None)),
+        "int8 dynamic": (lambda: int8("dynamic"), lambda: int8(None)),
+    }
+    for batch in args.paths_batch or args.batch:
+        noise = torch.randn(batch, 4, h, h, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        prompts = [PROMPT] * batch
+
+        def run_ours():
+            return ours(prompts, latents=noise, sampler="ddim", output_type="pt", **kw)
+
+        base = run_ours()
+        t_base, _ = paired_medians(run_ours, lambda: None, device, args.repeats, warmup=0)
+        m_base = peak_memory(run_ours, device)
+        report.add(dict(mode="paths", path="eager (reference row)", batch=batch, steps=steps,
+                        minisd_s_per_image=t_base / batch, minisd_peak_gib=m_base, diff_max=0.0, diff_mean=0.0,
+                        finite=bool(base.isfinite().all())))
+        for name, (on, off) in switches.items():
+            if report.over():
+                return
+            try:
+                on()
+                a = run_ours()
+                t, _ = paired_medians(run_ours, lambda: None, device, args.repeats, warmup=0)
+                m = peak_memory(run_ours, device)
+                diff = (a.float() - base.float()).abs()
+                report.add(dict(mode="paths", path=name, batch=batch, steps=steps, minisd_s_per_image=t / batch,
+                                speedup_vs_eager=t_base / t, minisd_peak_gib=m, diff_max=diff.max().item(),
+                                diff_mean=diff.mean().item(), finite=bool(a.isfinite().all())))
+            except Exception:  # noqa: BLE001 - report and go on with the next path
+                report.error(f"paths: {name}, batch {batch}")
+            finally:
+                off()
+        # where the peak comes from: the denoising loop alone, then the VAE decode alone
+        lat_ours = ours(prompts, latents=noise, sampler="ddim", output_type="latent", **kw)
+        lat_ref = ref(prompts, latents=noise, output_type="latent", **kw).images
+        z = lat_ours / ours.vae.config.scaling_factor
+        report.add(dict(mode="paths", path="peak: denoising only (output_type latent)", batch=batch, steps=steps,
+                        minisd_peak_gib=peak_memory(
+                            lambda: ours(prompts, latents=noise, sampler="ddim", output_type="latent", **kw), device),
+                        diffusers_peak_gib=peak_memory(
+                            lambda: ref(prompts, latents=noise, output_type="latent", **kw), device),
+                        diff_max=(lat_ours.float() - lat_ref.float()).abs().max().item()))
+        with torch.no_grad():
+            report.add(dict(mode="paths", path="peak: VAE decode only", batch=batch, steps=steps,
+                            minisd_peak_gib=peak_memory(lambda: ours.vae.decode(z), device),
+                            diffusers_peak_gib=peak_memory(lambda: ref.vae.decode(z), device)))
+
+
+class Report:
+    """Rows printed and written to the JSON file as they come; errors recorded, not raised."""
+
+    def __init__(self, path, environment: str, args, deadline: float | None):
+        self.path, self.start, self.deadline = path, time.perf_counter(), deadline
+        self.data = {"environment": environment, "args": vars(args), "rows": [], "errors": [], "skipped": []}
+
+    def add(self, row: dict) -> None:
+        row["elapsed_s"] = round(time.perf_counter() - self.start, 1)
+        self.data["rows"].append(row)
+        print(row_text(row) if row["mode"] != "paths" else path_text(row), flush=True)
+        self.save()
+
+    def error(self, where: str) -> None:
+        print(f"FAILED {where}:\n{traceback.format_exc()}", flush=True)
+        self.data["errors"].append({"where": where, "traceback": traceback.format_exc()})
+        self.save()
+
+    def over(self) -> bool:
+        late = self.deadline is not None and time.perf_counter() - self.start > self.deadline
+        if late:
+            self.data["skipped"].append(round(time.perf_counter() - self.start, 1))
+        return late
+
+    def save(self) -> None:
+        if self.path:
+            Path(self.path).write_text(json.dumps(self.data, indent=1))
+
+
+def path_text(r: dict) -> str:
+    f = lambda k, fmt: "–" if r.get(k) is None or r[k] != r[k] else format(r[k], fmt)  # noqa: E731
+    return (f"| paths | {r['path']} | {r['batch']} | {r['steps']} | {f('minisd_s_per_image', '.3f')} | "
+            f"{f('speedup_vs_eager', '.2f')}× | {f('minisd_peak_gib', '.2f')} | {f('diffusers_peak_gib', '.2f')} | "
+            f"{f('diff_max', '.1e')} / {f('diff_mean', '.1e')} | {r.get('finite', '–')} |")
 
 
 def row_text(r: dict) -> str:
@@ -100,9 +218,14 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, nargs="+", default=[50, 25])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--modes", nargs="+", default=["eager", "compiled", "best"], choices=["eager", "compiled", "best"])
+    ap.add_argument("--modes", nargs="+", default=["eager", "paths", "compiled", "best"],
+                    choices=["eager", "paths", "compiled", "best"])
+    ap.add_argument("--compiled-batch", type=int, nargs="+", default=None,
+                    help="batch sizes for the compiled and best modes (default: --batch; each size compiles anew)")
+    ap.add_argument("--paths-batch", type=int, nargs="+", default=None, help="batch sizes for the paths mode")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--deadline", type=float, default=None, help="start no new block after this many seconds")
+    ap.add_argument("--json", default=None, help="also write the rows here (after every row)")
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cuda":
@@ -113,19 +236,28 @@ def main(argv=None) -> list[dict]:
     print("| mode | batch | steps | minisd s/image | diffusers s/image | speed-up | minisd it/s | diffusers it/s | "
           "minisd peak GiB | diffusers peak GiB | image diff max / mean | first call s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    rows, ref_images = [], {}
+    report = Report(args.json, environment(device), args, args.deadline)
+    ref_images: dict = {}
     for mode in args.modes:
-        if mode == "compiled":
-            ours.compile()
-            compile_reference(ref)
-        elif mode == "best":  # compiled anew, on top of the fused projections
-            ours.fuse_qkv_projections()
-            ours.compile(mode="reduce-overhead" if device.type == "cuda" else None)
-        rows += measure(ours, ref if mode != "best" else None, args, mode, device, dtype, ref_images)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"environment": environment(device), "args": vars(args), "rows": rows},
-                                              indent=1))
-    return rows
+        if report.over():
+            break
+        try:
+            if mode == "paths":
+                print("\n| mode | fast path | batch | steps | minisd s/image | vs eager | minisd peak GiB | "
+                      "diffusers peak GiB | image diff max / mean | finite |\n|---|---|---|---|---|---|---|---|---|---|")
+                fast_paths(ours, ref, args, device, dtype, report)
+                continue
+            if mode == "compiled":
+                ours.compile()
+                compile_reference(ref)
+            elif mode == "best":  # compiled anew, on top of the fused projections
+                ours.fuse_qkv_projections()
+                ours.compile(mode="reduce-overhead" if device.type == "cuda" else None)
+            batches = args.batch if mode == "eager" else (args.compiled_batch or args.batch)
+            measure(ours, ref if mode != "best" else None, args, mode, device, dtype, ref_images, batches, report)
+        except Exception:  # noqa: BLE001 - report and go on with the next mode
+            report.error(mode)
+    return report.data["rows"]
 
 
 if __name__ == "__main__":
