@@ -155,3 +155,22 @@ def test_vae_clutter_mixes_random_polygons_into_vae_batches(tmp_path):
                 "--clip-steps", "1", "--clip-batch", "8", "--unet-steps", "1", "--unet-batch", "4", "--warmup", "1",
                 "--sample-steps", "1"])
     assert "vae: 2 of every 8 pictures from 30 clutter pictures" in (work / "log.txt").read_text()
+
+
+def test_edge_weighted_reconstruction_loss():
+    from minisd import shapes
+    from minisd.train import edge_map, reconstruction_loss
+
+    x = shapes.to_tensor(shapes.render(shapes.make_scene(3)))[None]
+    edges = edge_map(x)
+    assert edges.shape == (1, 1, 64, 64) and 0 < edges.mean() < 0.3  # outlines, not the whole picture
+    flat = torch.full_like(x, 0.3)
+    assert edge_map(flat).sum() == 0
+    x_hat = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    plain = torch.nn.functional.l1_loss(x_hat, x) + torch.nn.functional.mse_loss(x_hat, x)
+    assert torch.allclose(reconstruction_loss(x_hat, x), plain)  # weight 0: the old L1 + MSE exactly
+    # the same error on as many pixels, on the outlines or off them: weighted, the outlines cost more
+    off = (1 - edges).flatten().nonzero()[: int(edges.sum())].squeeze(1)
+    elsewhere = torch.zeros(64 * 64).index_fill_(0, off, 1.0).view(1, 1, 64, 64)
+    assert reconstruction_loss(x + 0.5 * edges, x) == reconstruction_loss(x + 0.5 * elsewhere, x)
+    assert reconstruction_loss(x + 0.5 * edges, x, 10) > 3 * reconstruction_loss(x + 0.5 * elsewhere, x, 10)
