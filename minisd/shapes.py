@@ -190,9 +190,11 @@ def control_map(scene: Scene, kind: str = "edges") -> Image.Image:
     return edges.convert("RGB")
 
 
-def clutter(seed: int) -> Image.Image:
+def clutter(seed: int, spiky: float = 0.0) -> Image.Image:
     """A picture of 1–3 random polygons (3–10 vertices at random radii: convex and concave, pointed and
-    blunt) in the world's colours, on one of its backgrounds — no caption, no world shape.
+    blunt) in the world's colours, on one of its backgrounds — no caption, no world shape. With
+    `spiky`, that share of the polygons has thin points on alternating radii (3, 4, 6, 7 or 8 of
+    them, never the star's 5): the fine tips a small star needs, at every size.
 
     Image data for the VAE only: a VAE is a general image codec (SD's was trained on OpenImages, not
     on its captions), and one that has seen nothing but circles, squares and triangles cannot
@@ -206,11 +208,16 @@ def clutter(seed: int) -> Image.Image:
         r = rng.uniform(5, 17) * SUPERSAMPLE
         cx, cy = rng.uniform(r, S - r, 2)
         n = int(rng.integers(3, 11))
-        if rng.random() < 0.5:  # evenly spaced vertices at random radii, or random angles
+        if spiky and rng.random() < spiky:  # points on alternating radii: thin tips at every size
+            points = int(rng.choice([3, 4, 6, 7, 8]))  # never five: the star stays unseen
+            angles = np.linspace(0, 2 * np.pi, 2 * points, endpoint=False) + rng.uniform(0, 2 * np.pi)
+            radii = r * np.tile([1.0, rng.uniform(0.3, 0.6)], points)
+        elif rng.random() < 0.5:  # evenly spaced vertices at random radii, or random angles
             angles = np.linspace(0, 2 * np.pi, n, endpoint=False) + rng.uniform(0, 2 * np.pi)
+            radii = r * rng.uniform(0.3, 1.0, n)
         else:
             angles = np.sort(rng.uniform(0, 2 * np.pi, n))
-        radii = r * rng.uniform(0.3, 1.0, n)
+            radii = r * rng.uniform(0.3, 1.0, n)
         draw.polygon([(cx + q * math.cos(a), cy + q * math.sin(a)) for q, a in zip(radii, angles)],
                      fill=COLOURS[str(rng.choice(list(COLOURS)))])
     return img.resize((SIZE, SIZE), Image.BOX)

@@ -56,6 +56,7 @@ class TrainConfig:
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6           # SD used 1e-6 too: latents stay informative, the KL only keeps them tame
     vae_clutter: float = 0.0          # share of each VAE batch drawn from shapes.clutter (random polygons)
+    vae_spiky: float = 0.0            # share of clutter polygons drawn with thin points (3, 4, 6, 7 or 8; never 5)
     vae_edge_weight: float = 0.0      # extra weight of pixels on object outlines (0: plain L1 + MSE)
     # CLIP
     clip_steps: int = 800
@@ -217,7 +218,7 @@ def train_vae(cfg: TrainConfig, mcfg: ModelConfig, images, log: Log) -> Autoenco
     g = torch.Generator().manual_seed(cfg.seed + 1)
     n_clutter = round(cfg.vae_batch * cfg.vae_clutter)
     if n_clutter:  # generic shapes for the VAE alone (never a star, never seen by CLIP or the U-Net)
-        extra = torch.stack([torch.from_numpy(np.array(shapes.clutter(900_000_000 + i))).permute(2, 0, 1)
+        extra = torch.stack([torch.from_numpy(np.array(shapes.clutter(900_000_000 + i, cfg.vae_spiky))).permute(2, 0, 1)
                              for i in range(max(len(images) // 4, 1))])
         log(f"vae: {n_clutter} of every {cfg.vae_batch} pictures from {len(extra)} clutter pictures")
     last_save = time.time()
