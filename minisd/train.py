@@ -70,6 +70,8 @@ class TrainConfig:
     caption_dropout: float = 0.1      # p(caption -> ""): the unconditional branch of CFG
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0        # Min-SNR weighting (Hang et al. 2023): faster, steadier convergence
+    unet_refine_steps: int = 1000     # then: restart from the EMA weights at a constant, lower rate
+    unet_refine_lr: float = 2e-4      #   (binding colours to objects in two-object scenes is learnt late)
     checkpoint_minutes: float = 5.0
     sample_steps: int = 25            # sampling steps of the sample grids written during training
 
@@ -365,10 +367,16 @@ def train_unet(cfg: TrainConfig, mcfg: ModelConfig, tok: Tokenizer, text_encoder
     g = torch.Generator().manual_seed(cfg.seed + 5 + start)
     last_save = time.time()
     losses = []
-    bar = tqdm(range(start, cfg.unet_steps), desc="unet", initial=start, total=cfg.unet_steps)
+    total = cfg.unet_steps + cfg.unet_refine_steps
+    bar = tqdm(range(start, total), desc="unet", initial=start, total=total)
     for step in bar:
+        if step == cfg.unet_steps and cfg.unet_refine_steps:  # phase 2 starts from the averaged weights
+            unet.load_state_dict(ema.state_dict())
+            opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_refine_lr, weight_decay=0.01)
+            log(f"unet step {step}: refining from the EMA weights at lr {cfg.unet_refine_lr:.1e}")
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup)
+            group["lr"] = (lr_at(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup) if step < cfg.unet_steps
+                           else cfg.unet_refine_lr * min(1.0, (step - cfg.unet_steps + 1) / 50))
         idx = torch.randint(0, len(means), (cfg.unet_batch,), generator=g)
         z0 = (means[idx].float() + stds[idx].float() * torch.randn(means[idx].shape, generator=g)).to(device)
         z0 = z0 * scaling_factor
@@ -386,7 +394,7 @@ def train_unet(cfg: TrainConfig, mcfg: ModelConfig, tok: Tokenizer, text_encoder
         losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if step % 250 == 0 or step == cfg.unet_steps - 1:
+        if step % 250 == 0 or step == total - 1:
             log(f"unet step {step}: loss {np.mean(losses[-250:]):.4f}, lr {opt.param_groups[0]['lr']:.2e}")
         if step > 0 and step % 1000 == 0:
             sample_fn(ema, f"unet_samples_{step:05d}.png")
@@ -395,8 +403,10 @@ def train_unet(cfg: TrainConfig, mcfg: ModelConfig, tok: Tokenizer, text_encoder
                             step=step + 1)
             last_save = time.time()
     save_checkpoint(work / "unet.pt", model=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                    step=cfg.unet_steps)
-    (work / "unet_losses.json").write_text(json.dumps(losses[::10]))
+                    step=total)
+    curve = work / "unet_losses.json"  # every 10th loss; resumed: the curve so far, then this part
+    before = json.loads(curve.read_text())[: start // 10] if start and curve.is_file() else []
+    curve.write_text(json.dumps(before + losses[::10]))
     return ema.eval()
 
 
@@ -428,18 +438,19 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig(**{f: getattr(args, f) for f in asdict(TrainConfig())})
     work = Path(cfg.work)
     if args.fresh and work.exists():
-        for p in work.glob("*.pt"):
-            p.unlink()
+        for p in [*work.glob("*.pt"), work / "timings.json"]:
+            p.unlink(missing_ok=True)
     log = Log(work)
     log(f"config: {json.dumps(asdict(cfg))}")
     torch.manual_seed(cfg.seed)
     timings_path = work / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
 
-    def timed(name, fn, *a):
+    def timed(name, fn, *a):  # a trained stage resumed from its checkpoint adds to the time already spent
         t0 = time.time()
+        resumed = name in ("vae", "clip", "unet") and (work / f"{name}.pt").is_file()
         out = fn(*a)
-        timings[name] = time.time() - t0
+        timings[name] = (timings.get(name, 0.0) if resumed else 0.0) + time.time() - t0
         timings_path.write_text(json.dumps(timings, indent=2))
         log(f"{name}: {timings[name] / 60:.1f} min")
         return out

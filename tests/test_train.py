@@ -10,7 +10,7 @@ from minisd import StableDiffusion
 from minisd.train import main as train_main
 
 SMALL = ["--n-images", "120", "--vae-steps", "4", "--vae-batch", "8", "--clip-steps", "4", "--clip-batch", "16",
-         "--unet-steps", "6", "--unet-batch", "8", "--warmup", "2", "--sample-steps", "2"]
+         "--unet-steps", "6", "--unet-batch", "8", "--warmup", "2", "--sample-steps", "2", "--unet-refine-steps", "0"]
 
 
 def test_recipe_runs_end_to_end_and_resumes(tmp_path):
@@ -19,11 +19,16 @@ def test_recipe_runs_end_to_end_and_resumes(tmp_path):
     pipe = StableDiffusion.from_pretrained(out, device="cpu")  # the ordinary loader reads what training wrote
     assert pipe.image_size == 64 and (work / "timings.json").is_file()
     assert abs(pipe.vae.scaling_factor - 1.0) < 10  # measured from the data, written into vae/config.json
-    train_main(["unet", "--out", str(out), "--work", str(work), *SMALL[:-8], "--unet-steps", "8",
-                "--unet-batch", "8", "--warmup", "2", "--sample-steps", "2"])
+    first = json.loads((work / "timings.json").read_text())
+    assert set(first) >= {"data", "vae", "clip", "unet"}
+    # resume the U-Net, with a refining phase after step 6: restarted from the EMA weights
+    train_main(["unet", "--out", str(out), "--work", str(work), *SMALL[:-2], "--unet-refine-steps", "3",
+                "--unet-refine-lr", "1e-4"])
     log = (work / "log.txt").read_text()
     assert "unet: resumed at step 6" in log and "vae: resumed" not in log.split("unet: resumed")[0][-200:]
-    assert set(json.loads((work / "timings.json").read_text())) >= {"data", "vae", "clip", "unet"}
+    assert "unet step 6: refining from the EMA weights at lr 1.0e-04" in log
+    second = json.loads((work / "timings.json").read_text())
+    assert second["unet"] > first["unet"] and second["vae"] == first["vae"]  # resumed time adds up
 
 
 def test_unet_loss_falls_on_a_memorised_batch(tiny_pipe):
