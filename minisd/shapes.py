@@ -212,11 +212,11 @@ def clutter(seed: int, spiky: float = 0.0) -> Image.Image:
             points = int(rng.choice([3, 4, 6, 7, 8]))  # never five: the star stays unseen
             angles = np.linspace(0, 2 * np.pi, 2 * points, endpoint=False) + rng.uniform(0, 2 * np.pi)
             radii = r * np.tile([1.0, rng.uniform(0.3, 0.6)], points)
-        elif rng.random() < 0.5:  # evenly spaced vertices at random radii, or random angles
-            angles = np.linspace(0, 2 * np.pi, n, endpoint=False) + rng.uniform(0, 2 * np.pi)
-            radii = r * rng.uniform(0.3, 1.0, n)
         else:
-            angles = np.sort(rng.uniform(0, 2 * np.pi, n))
+            if rng.random() < 0.5:  # evenly spaced vertices at random radii, or random angles
+                angles = np.linspace(0, 2 * np.pi, n, endpoint=False) + rng.uniform(0, 2 * np.pi)
+            else:
+                angles = np.sort(rng.uniform(0, 2 * np.pi, n))
             radii = r * rng.uniform(0.3, 1.0, n)
         draw.polygon([(cx + q * math.cos(a), cy + q * math.sin(a)) for q, a in zip(radii, angles)],
                      fill=COLOURS[str(rng.choice(list(COLOURS)))])

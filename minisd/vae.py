@@ -33,7 +33,7 @@ class VAEConfig:
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215         # SD 1.x latent scale, from the LDM config (`scale_factor`)
     sample_size: int = 512                  # native image size, px
-    force_upcast: bool = True               # from diffusers. config; an fp16 decode that overflows is redone in fp32
+    force_upcast: bool = True               # from diffusers' config; an fp16 decode that overflows is redone in fp32
 
     def __post_init__(self):
         if any(c % self.norm_num_groups for c in self.block_out_channels):

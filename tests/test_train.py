@@ -160,8 +160,9 @@ def test_vae_clutter_mixes_random_polygons_into_vae_batches(tmp_path):
                 "--clip-steps", "1", "--clip-batch", "8", "--unet-steps", "1", "--unet-batch", "4", "--warmup", "1",
                 "--sample-steps", "1"])
     assert "vae: 2 of every 8 pictures from 30 clutter pictures" in (work / "log.txt").read_text()
-    spiky = [shapes.clutter(i, spiky=1.0) for i in range(3)]  # every polygon pointed: mostly edge, little fill
+    spiky = [shapes.clutter(i, spiky=1.0) for i in range(3)]  # every polygon pointed instead
     assert all(im.tobytes() != shapes.clutter(i).tobytes() for i, im in enumerate(spiky))
+    assert shapes.clutter(5, spiky=0.0).tobytes() == a.tobytes()  # spiky 0: the pictures as before
 
 
 def test_edge_weighted_reconstruction_loss():
