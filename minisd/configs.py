@@ -51,7 +51,8 @@ TINY = ModelConfig(
     # 16×16×4 latents (f = 4): 2 px of latent per small shape's radius; f = 8 blurred small triangles into circles
     unet=UNetConfig(block_out_channels=(64, 128, 128), cross_attention=(True, True, False), layers_per_block=1,
                     num_heads=(4, 4, 4), cross_attention_dim=128, norm_num_groups=16, sample_size=16),
-    vae=VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, sample_size=64),
+    # level 0 at 32 channels: at 16 the 1–2 px points of a small star were lost (docs/shapes_world.md)
+    vae=VAEConfig(block_out_channels=(32, 32, 64), layers_per_block=1, norm_num_groups=8, sample_size=64),
     # vocab: the 512 byte tokens, the merges that spell each shapes-world word as one token, BOS, EOS (656)
     text_encoder=TextEncoderConfig(vocab_size=656, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                                    num_attention_heads=4, projection_dim=128),
