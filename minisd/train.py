@@ -73,6 +73,8 @@ class TrainConfig:
     min_snr_gamma: float = 5.0        # Min-SNR weighting (Hang et al. 2023): faster, steadier convergence
     unet_refine_steps: int = 1000     # then: restart from the EMA weights at a constant, lower rate
     unet_refine_lr: float = 2e-4      #   (binding colours to objects in two-object scenes is learnt late)
+    unet_two_share: float = 0.0       # > 0: this share of each captioned U-Net sample shows two objects (0: uniform, about half)
+    bf16: str = "no"                  # U-Net steps under bfloat16 autocast: "yes", "no", or "auto" (CUDA, or a CPU with avx512_bf16/AMX)
     checkpoint_minutes: float = 5.0
     sample_steps: int = 25            # sampling steps of the sample grids written during training
 
@@ -352,6 +354,32 @@ def cache_latents(vae: AutoencoderKL, images, device, log: Log) -> tuple[torch.T
     return torch.cat(means), torch.cat(stds)
 
 
+def use_bf16(setting: str, device: torch.device) -> bool:
+    """Whether to train under bfloat16 autocast: "auto" means where the hardware does bf16 natively — CUDA, or
+    a CPU with avx512_bf16 / AMX (11% faster per U-Net step on the 2-core reference machine, gradients within
+    1% of fp32); elsewhere bf16 is emulated and slower than fp32."""
+    if setting not in ("yes", "no", "auto"):
+        raise ValueError(f"bf16 must be 'yes', 'no' or 'auto', not {setting!r}")
+    if setting != "auto":
+        return setting == "yes"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return device.type == "cpu" and ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def batch_indices(two: torch.Tensor, batch: int, two_share: float, g: torch.Generator) -> torch.Tensor:
+    """A batch of scene indices: uniform over the data, or (`two_share` > 0) that share of two-object scenes."""
+    if two_share <= 0:
+        return torch.randint(0, len(two), (batch,), generator=g)
+    n_two = round(batch * two_share)
+    pools = (two.nonzero().squeeze(1), (~two).nonzero().squeeze(1))
+    return torch.cat([pool[torch.randint(0, len(pool), (n,), generator=g)] for pool, n in zip(pools, (n_two, batch - n_two))])
+
+
 def train_unet(cfg: TrainConfig, mcfg: ModelConfig, tok: Tokenizer, text_encoder: TextEncoder,
                latents: tuple[torch.Tensor, torch.Tensor], scenes, scaling_factor: float,
                sample_fn, log: Log) -> UNet:
@@ -368,6 +396,9 @@ def train_unet(cfg: TrainConfig, mcfg: ModelConfig, tok: Tokenizer, text_encoder
     g = torch.Generator().manual_seed(cfg.seed + 5 + start)
     last_save = time.time()
     losses = []
+    two = torch.tensor([len(s.objects) == 2 for s in scenes])
+    bf16 = use_bf16(cfg.bf16, device)
+    log(f"unet: {'bfloat16 autocast' if bf16 else 'float32'}")
     total = cfg.unet_steps + cfg.unet_refine_steps
     bar = tqdm(range(start, total), desc="unet", initial=start, total=total)
     for step in bar:
@@ -378,15 +409,20 @@ def train_unet(cfg: TrainConfig, mcfg: ModelConfig, tok: Tokenizer, text_encoder
         for group in opt.param_groups:
             group["lr"] = (lr_at(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup) if step < cfg.unet_steps
                            else cfg.unet_refine_lr * min(1.0, (step - cfg.unet_steps + 1) / 50))
-        idx = torch.randint(0, len(means), (cfg.unet_batch,), generator=g)
+        idx = batch_indices(two, cfg.unet_batch, cfg.unet_two_share, g)
+        captions = captions_for(scenes, idx.tolist(), rng, cfg.caption_dropout)
+        if cfg.unet_two_share > 0:  # the unconditional branch of CFG learns the data as it is, not the reweighted mix
+            empty = torch.tensor([c == "" for c in captions])
+            idx[empty] = torch.randint(0, len(means), (int(empty.sum()),), generator=g)
         z0 = (means[idx].float() + stds[idx].float() * torch.randn(means[idx].shape, generator=g)).to(device)
         z0 = z0 * scaling_factor
         with torch.no_grad():
-            ids = tok(captions_for(scenes, idx.tolist(), rng, cfg.caption_dropout), warn=False).to(device)
+            ids = tok(captions, warn=False).to(device)
             context = text_encoder(ids)  # (B, 77, E): frozen, as SD freezes CLIP
         t = torch.randint(0, len(alpha_bar), (cfg.unet_batch,), generator=g).to(device)
         eps = torch.randn(z0.shape, generator=g).to(device)
-        loss = diffusion_loss(unet, z0, t, eps, context, alpha_bar, cfg.min_snr_gamma)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # weights, loss, Adam stay fp32
+            loss = diffusion_loss(unet, z0, t, eps, context, alpha_bar, cfg.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from minisd import StableDiffusion
+from minisd.train import batch_indices, use_bf16
 from minisd.train import main as train_main
 
 SMALL = ["--n-images", "120", "--vae-steps", "4", "--vae-batch", "8", "--clip-steps", "4", "--clip-batch", "16",
@@ -21,14 +23,29 @@ def test_recipe_runs_end_to_end_and_resumes(tmp_path):
     assert abs(pipe.vae.scaling_factor - 1.0) < 10  # measured from the data, written into vae/config.json
     first = json.loads((work / "timings.json").read_text())
     assert set(first) >= {"data", "vae", "clip", "unet"}
-    # resume the U-Net, with a refining phase after step 6: restarted from the EMA weights
+    # resume the U-Net, with a refining phase after step 6: restarted from the EMA weights (and, on the
+    # way, the two-object share and bfloat16 autocast)
     train_main(["unet", "--out", str(out), "--work", str(work), *SMALL[:-2], "--unet-refine-steps", "3",
-                "--unet-refine-lr", "1e-4"])
+                "--unet-refine-lr", "1e-4", "--unet-two-share", "0.7", "--bf16", "yes"])
     log = (work / "log.txt").read_text()
+    assert "unet: bfloat16 autocast" in log
     assert "unet: resumed at step 6" in log and "vae: resumed" not in log.split("unet: resumed")[0][-200:]
     assert "unet step 6: refining from the EMA weights at lr 1.0e-04" in log
     second = json.loads((work / "timings.json").read_text())
     assert second["unet"] > first["unet"] and second["vae"] == first["vae"]  # resumed time adds up
+
+
+def test_two_object_share_and_bf16_setting():
+    two = torch.tensor([i % 4 == 0 for i in range(400)])  # a quarter of the scenes have two objects
+    g = torch.Generator().manual_seed(0)
+    uniform = torch.cat([batch_indices(two, 64, 0.0, g) for _ in range(50)])
+    mixed = torch.cat([batch_indices(two, 64, 0.7, g) for _ in range(50)])
+    assert abs(two[uniform].float().mean() - 0.25) < 0.03
+    assert abs(two[mixed].float().mean() - 0.7) < 0.01 and mixed.max() < 400
+    cpu = torch.device("cpu")
+    assert use_bf16("no", cpu) is False and use_bf16("yes", cpu) is True
+    with pytest.raises(ValueError, match="'maybe'"):
+        use_bf16("maybe", cpu)
 
 
 def test_unet_loss_falls_on_a_memorised_batch(tiny_pipe):
