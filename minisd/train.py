@@ -73,8 +73,8 @@ class TrainConfig:
     min_snr_gamma: float = 5.0        # Min-SNR weighting (Hang et al. 2023): faster, steadier convergence
     unet_refine_steps: int = 1000     # then: restart from the EMA weights at a constant, lower rate
     unet_refine_lr: float = 2e-4      #   (binding colours to objects in two-object scenes is learnt late)
-    unet_two_share: float = 0.0       # > 0: this share of each captioned U-Net sample shows two objects (0: uniform, about half)
-    bf16: str = "no"                  # U-Net steps under bfloat16 autocast: "yes", "no", or "auto" (CUDA, or a CPU with avx512_bf16/AMX)
+    unet_two_share: float = 0.7       # share of captioned U-Net samples showing two objects (0: uniform, about half)
+    bf16: str = "auto"                # U-Net steps under bfloat16 autocast: "yes", "no", or "auto" (CUDA, or a CPU with avx512_bf16/AMX)
     checkpoint_minutes: float = 5.0
     sample_steps: int = 25            # sampling steps of the sample grids written during training
 
