@@ -48,6 +48,33 @@ def test_two_object_share_and_bf16_setting():
         use_bf16("maybe", cpu)
 
 
+def test_bf16_autocast_gradients_match_fp32(tiny_pipe):
+    """`--bf16`: the U-Net's forward under bfloat16 autocast gives nearly fp32's loss and gradients."""
+    from minisd.train import diffusion_loss
+
+    torch.manual_seed(0)
+    unet = tiny_pipe.unet
+    z0, eps = torch.randn(8, 4, 8, 8), torch.randn(8, 4, 8, 8)
+    context = torch.randn(8, 77, unet.config.cross_attention_dim)
+    t = torch.randint(0, 1000, (8,))
+    alpha_bar = tiny_pipe.scheduler.alphas_cumprod()
+
+    def grads(bf16: bool):
+        unet.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = diffusion_loss(unet, z0, t, eps, context, alpha_bar)
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in unet.parameters() if p.grad is not None])
+
+    try:
+        (l32, g32), (l16, g16) = grads(False), grads(True)
+    finally:
+        unet.zero_grad(set_to_none=True)
+    rel = ((g16 - g32).norm() / g32.norm()).item()
+    print(f"loss fp32 {l32:.5f}, bf16 {l16:.5f}; gradient relative difference {rel:.4f}")
+    assert abs(l16 - l32) < 0.02 * l32 and rel < 0.05
+
+
 def test_unet_loss_falls_on_a_memorised_batch(tiny_pipe):
     """ε-prediction on one fixed batch: a working U-Net and loss must memorise it."""
     torch.manual_seed(0)
