@@ -26,25 +26,35 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, naive: b
 
     `naive=True` writes the formula out (and is what notebook 06 derives); the default calls
     PyTorch's fused `scaled_dot_product_attention` (flash / memory-efficient kernels), which gives
-    the same numbers without materialising the (L, S) matrix. `upcast` computes in fp32 (SD 2.1).
+    the same numbers without materialising the (L, S) matrix. `upcast` computes in fp32 (SD 2.1), also
+    under autocast, which would otherwise cast the inputs straight back down.
+
+    bf16 on a CPU is always upcast: PyTorch's CPU flash kernel is 2-4× slower in bf16 than in fp32 at the
+    tiny U-Net's shapes (head dim 16-32), which made attention 46% of a bf16-autocast training step;
+    in fp32 the step takes 0.92 instead of 1.26 s (2 cores; benchmarks/attention_cpu.py).
     """
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        upcast = True
     if naive:
         return attention_probs(q, k, causal=causal, upcast=upcast).to(v.dtype) @ v
     if upcast and q.dtype != torch.float32:
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal).to(q.dtype)
+        with torch.autocast(q.device.type, enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
+        return out.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
 def attention_probs(q: Tensor, k: Tensor, *, causal: bool = False, upcast: bool = False) -> Tensor:
     """The attention matrix softmax(q kᵀ / √hd): (B, nh, L, S), rows sum to 1."""
-    if upcast:
-        q, k = q.float(), k.float()
-    scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, nh, L, S)
-    if causal:  # token i may only look at tokens j <= i (the CLIP text encoder)
-        L, S = scores.shape[-2:]
-        future = torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(future, float("-inf"))
-    return scores.softmax(dim=-1)
+    with torch.autocast(q.device.type, enabled=False) if upcast else contextlib.nullcontext():
+        if upcast:
+            q, k = q.float(), k.float()
+        scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, nh, L, S)
+        if causal:  # token i may only look at tokens j <= i (the CLIP text encoder)
+            L, S = scores.shape[-2:]
+            future = torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        return scores.softmax(dim=-1)
 
 
 class Attention(nn.Module):

@@ -58,6 +58,22 @@ def test_attention_paths_agree_and_rows_sum_to_one():
     assert torch.allclose(p.sum(-1), torch.ones(2, 4, 16)) and (p.triu(1) == 0).all()
 
 
+def test_attention_upcast_holds_under_autocast():
+    """`upcast` (SD 2.1; and bf16 on a CPU, where fp32's kernel is the faster one) really computes in fp32:
+    autocast would otherwise cast the inputs straight back to bf16. The output keeps the inputs' dtype."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 64, 16, generator=g) for _ in range(3))
+    exact = attention(q, k, v)
+    bf = [x.bfloat16() for x in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(*bf)
+        probs = attention_probs(*bf[:2], upcast=True)
+    assert out.dtype == torch.bfloat16 and probs.dtype == torch.float32
+    from_rounded_inputs = attention(*(x.float() for x in bf))  # fp32 math on the bf16-rounded inputs
+    assert (out.float() - from_rounded_inputs).abs().max() <= 2 ** -7 * from_rounded_inputs.abs().max()
+    assert (out.float() - exact).abs().max() < 0.05
+
+
 def test_capture_attention(tiny_pipe):
     tiny_pipe.progress = False
     with capture_attention(tiny_pipe.unet) as maps:
