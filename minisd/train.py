@@ -59,6 +59,8 @@ class TrainConfig:
     vae_clutter: float = 0.25         # share of each VAE batch drawn from shapes.clutter (random polygons)
     vae_spiky: float = 0.5            # share of clutter polygons drawn with thin points (3, 4, 6, 7 or 8; never 5)
     vae_edge_weight: float = 10.0     # extra weight of pixels on object outlines (0: plain L1 + MSE)
+    vae_decoder_steps: int = 0        # then the decoder alone, the encoder (and so every latent) final, as SD's
+    vae_decoder_lr: float = 2e-4      #   ft-EMA/ft-MSE decoders were made: sharper small shapes, same latents
     # CLIP
     clip_steps: int = 400
     clip_batch: int = 256
@@ -227,18 +229,30 @@ def train_vae(cfg: TrainConfig, mcfg: ModelConfig, images, log: Log) -> Autoenco
                              for i in range(max(len(images) // 4, 1))])
         log(f"vae: {n_clutter} of every {cfg.vae_batch} pictures from {len(extra)} clutter pictures")
     last_save = time.time()
-    bar = tqdm(range(start, cfg.vae_steps), desc="vae", initial=start, total=cfg.vae_steps)
+    total = cfg.vae_steps + cfg.vae_decoder_steps
+    bar = tqdm(range(start, total), desc="vae", initial=start, total=total)
     for step in bar:
+        decoder_only = step >= cfg.vae_steps  # phase 2: the encoder is frozen (Adam skips gradient-less weights)
+        vae.encoder.requires_grad_(not decoder_only), vae.quant_conv.requires_grad_(not decoder_only)
+        if step == cfg.vae_steps:
+            log(f"vae step {step}: the decoder alone from here, at lr {cfg.vae_decoder_lr:.1e}; the latents are final")
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.vae_steps, cfg.vae_lr, 100)
+            group["lr"] = (cfg.vae_decoder_lr * min(1.0, (step - cfg.vae_steps + 1) / 50) if decoder_only
+                           else lr_at(step, cfg.vae_steps, cfg.vae_lr, 100))
         idx = torch.randint(0, len(images), (cfg.vae_batch - n_clutter,), generator=g)
         batch = images[idx]
         if n_clutter:
             batch = torch.cat([batch, extra[torch.randint(0, len(extra), (n_clutter,), generator=g)]])
         x = to_float(batch, device)
-        x_hat, posterior = vae(x, generator=None)
+        if decoder_only:
+            with torch.no_grad():
+                posterior = vae.encode(x)
+                z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(device)
+            x_hat, kl = vae.decode(z), torch.zeros(())
+        else:
+            x_hat, posterior = vae(x, generator=None)
+            kl = posterior.kl().mean()  # summed over the latent, averaged over the batch
         rec = reconstruction_loss(x_hat, x, cfg.vae_edge_weight)
-        kl = posterior.kl().mean()  # summed over the latent, averaged over the batch
         loss = rec + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -246,13 +260,13 @@ def train_vae(cfg: TrainConfig, mcfg: ModelConfig, images, log: Log) -> Autoenco
         opt.step()
         if step % 50 == 0:
             bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.0f}")
-        if step % 500 == 0 or step == cfg.vae_steps - 1:
+        if step % 500 == 0 or step in (cfg.vae_steps - 1, total - 1):
             log(f"vae step {step}: rec {rec.item():.4f} (L1+MSE), kl {kl.item():.0f} nats per image")
         if time.time() - last_save > cfg.checkpoint_minutes * 60:
             save_checkpoint(work / "vae.pt", model=vae.state_dict(), opt=opt.state_dict(), step=step + 1)
             last_save = time.time()
-    save_checkpoint(work / "vae.pt", model=vae.state_dict(), opt=opt.state_dict(), step=cfg.vae_steps)
-    vae.eval()
+    save_checkpoint(work / "vae.pt", model=vae.state_dict(), opt=opt.state_dict(), step=max(start, total))
+    vae.requires_grad_(True).eval()
     with torch.no_grad():
         x = to_float(images[:16], device)
         grid(torch.cat([x, vae.decode(vae.encode(x).mode())])).save(work / "vae_reconstructions.png")

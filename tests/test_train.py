@@ -13,6 +13,8 @@ from minisd.train import main as train_main
 
 SMALL = ["--n-images", "120", "--vae-steps", "4", "--vae-batch", "8", "--clip-steps", "4", "--clip-batch", "16",
          "--unet-steps", "6", "--unet-batch", "8", "--warmup", "2", "--sample-steps", "2", "--unet-refine-steps", "0"]
+AFTER_VAE = ["--clip-steps", "1", "--clip-batch", "8", "--unet-steps", "1", "--unet-batch", "4", "--warmup", "1",
+             "--sample-steps", "1", "--unet-refine-steps", "0"]  # the stages after the VAE, as short as can be
 
 
 def test_recipe_runs_end_to_end_and_resumes(tmp_path):
@@ -201,8 +203,7 @@ def test_vae_clutter_mixes_random_polygons_into_vae_batches(tmp_path):
     assert a.size == (64, 64) and a.tobytes() == b.tobytes() and a.tobytes() != shapes.clutter(6).tobytes()
     work = tmp_path / "work"
     train_main(["vae", "--out", str(tmp_path / "model"), "--work", str(work), *SMALL[:6], "--vae-clutter", "0.25",
-                "--clip-steps", "1", "--clip-batch", "8", "--unet-steps", "1", "--unet-batch", "4", "--warmup", "1",
-                "--sample-steps", "1"])
+                *AFTER_VAE])
     assert "vae: 2 of every 8 pictures from 30 clutter pictures" in (work / "log.txt").read_text()
     spiky = [shapes.clutter(i, spiky=1.0) for i in range(3)]  # every polygon pointed instead
     assert all(im.tobytes() != shapes.clutter(i).tobytes() for i, im in enumerate(spiky))
@@ -226,3 +227,19 @@ def test_edge_weighted_reconstruction_loss():
     elsewhere = torch.zeros(64 * 64).index_fill_(0, off, 1.0).view(1, 1, 64, 64)
     assert reconstruction_loss(x + 0.5 * edges, x) == reconstruction_loss(x + 0.5 * elsewhere, x)
     assert reconstruction_loss(x + 0.5 * edges, x, 10) > 3 * reconstruction_loss(x + 0.5 * elsewhere, x, 10)
+
+
+def test_vae_decoder_phase_trains_the_decoder_alone(tmp_path):
+    """`--vae-decoder-steps`: after the joint steps only the decoder moves, so the latents (and a U-Net
+    trained on them) stay valid — SD's ft-MSE decoder was made the same way."""
+    from minisd.train import load_checkpoint
+
+    work, args = tmp_path / "work", ["--out", str(tmp_path / "model"), *SMALL[:6], "--vae-clutter", "0"]
+    train_main(["vae", "--work", str(work), *args, *AFTER_VAE])
+    joint = load_checkpoint(work / "vae.pt")["model"]
+    train_main(["vae", "--work", str(work), *args, "--vae-decoder-steps", "3", *AFTER_VAE])
+    ck = load_checkpoint(work / "vae.pt")
+    assert ck["step"] == 4 + 3 and "vae step 4: the decoder alone from here" in (work / "log.txt").read_text()
+    moved = {k for k, v in ck["model"].items() if not torch.equal(v, joint[k])}
+    assert moved and all(k.startswith(("decoder.", "post_quant_conv.")) for k in moved)
+    assert any(k.startswith("decoder.") for k in moved)
