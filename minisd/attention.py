@@ -31,7 +31,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, naive: b
 
     bf16 on a CPU is always upcast: PyTorch's CPU flash kernel is 2-4× slower in bf16 than in fp32 at the
     tiny U-Net's shapes (head dim 16-32), which made attention 46% of a bf16-autocast training step;
-    in fp32 the step takes 0.92 instead of 1.26 s (2 cores; benchmarks/attention_cpu.py).
+    in fp32 the step takes 0.92 instead of 1.26 s (2 cores; benchmarks/train_cpu.py).
     """
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
         upcast = True

@@ -41,7 +41,7 @@ from . import lora as lora_lib
 from . import shapes
 from .controlnet import ControlNet, save_controlnet
 from .pipeline import StableDiffusion
-from .train import Log, diffusion_loss, lr_at, resume, save_checkpoint
+from .train import Log, diffusion_loss, lr_at, resume, save_checkpoint, use_bf16
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class AdapterConfig:
     warmup: int = 20
     min_snr_gamma: float = 5.0
     caption_dropout: float = 0.1
+    bf16: str = "auto"                # bfloat16 autocast, as for the base model (train.use_bf16)
     # LoRA
     concept: str = "star"             # the new shape; half of the training pictures show it
     rank: int = 16
@@ -210,6 +211,8 @@ def train_adapter(cfg: AdapterConfig) -> Path:
     rng = np.random.default_rng(cfg.seed + start)
     g = torch.Generator().manual_seed(cfg.seed + start)
     losses, last_save = [], time.time()
+    bf16 = use_bf16(cfg.bf16, device)
+    log(f"{cfg.kind}: {'bfloat16 autocast' if bf16 else 'float32'}")
     bar = tqdm(range(start, cfg.steps), desc=cfg.kind, initial=start, total=cfg.steps)
     for step in bar:
         for group in opt.param_groups:
@@ -235,7 +238,8 @@ def train_adapter(cfg: AdapterConfig) -> Path:
             f = pipe.vae.config.downsampling
             mask_latent = torch.nn.functional.interpolate(mask, size=(shapes.SIZE // f, shapes.SIZE // f)).to(device)
             unet = _Inpainting(module, torch.cat([mask_latent, masked * pipe.vae.scaling_factor], dim=1))
-        loss = diffusion_loss(unet, z0, t, eps, context, alpha_bar, cfg.min_snr_gamma)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # the weights stay fp32
+            loss = diffusion_loss(unet, z0, t, eps, context, alpha_bar, cfg.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

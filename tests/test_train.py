@@ -125,7 +125,9 @@ def test_adapter_training_runs_saves_and_loads(tiny_folder, tmp_path):
     from minisd.finetune import main as finetune_main
 
     common = ["--model", str(tiny_folder), "--n-images", "24", "--steps", "3", "--batch", "4"]
-    lora_dir = finetune_main(["lora", "--out", str(tmp_path / "lora"), "--work", str(tmp_path / "lw"), *common])
+    lora_dir = finetune_main(["lora", "--out", str(tmp_path / "lora"), "--work", str(tmp_path / "lw"), *common,
+                              "--bf16", "yes"])
+    assert "lora: bfloat16 autocast" in (tmp_path / "lw" / "log.txt").read_text()
     cn_dir = finetune_main(["controlnet", "--out", str(tmp_path / "cn"), "--work", str(tmp_path / "cw"), *common])
     pipe = StableDiffusion.from_pretrained(tiny_folder, device="cpu")
     pipe.progress = False
