@@ -59,21 +59,21 @@ class TrainConfig:
     vae_clutter: float = 0.25         # share of each VAE batch drawn from shapes.clutter (random polygons)
     vae_spiky: float = 0.5            # share of clutter polygons drawn with thin points (3, 4, 6, 7 or 8; never 5)
     vae_edge_weight: float = 10.0     # extra weight of pixels on object outlines (0: plain L1 + MSE)
-    vae_decoder_steps: int = 0        # then the decoder alone, the encoder (and so every latent) final, as SD's
+    vae_decoder_steps: int = 600      # then the decoder alone, the encoder (and so every latent) final, as SD's
     vae_decoder_lr: float = 2e-4      #   ft-EMA/ft-MSE decoders were made: sharper small shapes, same latents
     # CLIP
     clip_steps: int = 400
     clip_batch: int = 256
     clip_lr: float = 5e-4
     # U-Net
-    unet_steps: int = 3000
+    unet_steps: int = 3300
     unet_batch: int = 64
     unet_lr: float = 5e-4
     warmup: int = 200
     caption_dropout: float = 0.1      # p(caption -> ""): the unconditional branch of CFG
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0        # Min-SNR weighting (Hang et al. 2023): faster, steadier convergence
-    unet_refine_steps: int = 1000     # then: restart from the EMA weights at a constant, lower rate
+    unet_refine_steps: int = 1100     # then: restart from the EMA weights at a constant, lower rate
     unet_refine_lr: float = 2e-4      #   (binding colours to objects in two-object scenes is learnt late)
     unet_two_share: float = 0.7       # share of captioned U-Net samples showing two objects (0: uniform, about half)
     bf16: str = "auto"                # U-Net steps under bfloat16 autocast: "yes", "no", or "auto" (CUDA, or a CPU with avx512_bf16/AMX)
@@ -370,8 +370,9 @@ def cache_latents(vae: AutoencoderKL, images, device, log: Log) -> tuple[torch.T
 
 def use_bf16(setting: str, device: torch.device) -> bool:
     """Whether to train under bfloat16 autocast: "auto" means where the hardware does bf16 natively — CUDA, or
-    a CPU with avx512_bf16 / AMX (1.32 instead of 1.41 s per U-Net step on the 2-core reference machine;
-    gradients close to fp32's, tests/test_train.py); elsewhere bf16 is emulated and slower than fp32."""
+    a CPU with avx512_bf16 / AMX (1.04 instead of 1.41 s per U-Net step of the recipe on the 2-core reference
+    machine, attention kept in fp32 — attention.py; gradients close to fp32's, tests/test_train.py);
+    elsewhere bf16 is emulated and slower than fp32."""
     if setting not in ("yes", "no", "auto"):
         raise ValueError(f"bf16 must be 'yes', 'no' or 'auto', not {setting!r}")
     if setting != "auto":
