@@ -77,8 +77,8 @@ def main(argv=None) -> None:
     print(f"| U-Net training step, batch {B} | minisd (s) | diffusers (s) | ratio |\n|---|---|---|---|")
     for bf16 in (False, True):
         opts = [torch.optim.AdamW(m.parameters(), lr=1e-5) for m in (ours, ref)]
-        a, b = paired_medians(lambda: step(ours, opts[0], bf16), lambda: step(ref, opts[1], bf16), "cpu",
-                              args.repeats)
+        a, b = paired_medians(lambda o=opts[0], b=bf16: step(ours, o, b), lambda o=opts[1], b=bf16: step(ref, o, b),
+                              "cpu", args.repeats)
         print(f"| {'bf16 autocast' if bf16 else 'fp32'} | {a:.3f} | {b:.3f} | {a / b:.2f} |")
 
 

@@ -11,7 +11,7 @@ from minisd import StableDiffusion
 from minisd.train import batch_indices, use_bf16
 from minisd.train import main as train_main
 
-SMALL = ["--n-images", "120", "--vae-steps", "4", "--vae-batch", "8", "--clip-steps", "4", "--clip-batch", "16",
+SMALL = ["--n-images", "120", "--vae-steps", "4", "--vae-batch", "8", "--vae-decoder-steps", "0", "--clip-steps", "4", "--clip-batch", "16",
          "--unet-steps", "6", "--unet-batch", "8", "--warmup", "2", "--sample-steps", "2", "--unet-refine-steps", "0"]
 AFTER_VAE = ["--clip-steps", "1", "--clip-batch", "8", "--unet-steps", "1", "--unet-batch", "4", "--warmup", "1",
              "--sample-steps", "1", "--unet-refine-steps", "0"]  # the stages after the VAE, as short as can be
@@ -204,7 +204,7 @@ def test_vae_clutter_mixes_random_polygons_into_vae_batches(tmp_path):
     a, b = shapes.clutter(5), shapes.clutter(5)
     assert a.size == (64, 64) and a.tobytes() == b.tobytes() and a.tobytes() != shapes.clutter(6).tobytes()
     work = tmp_path / "work"
-    train_main(["vae", "--out", str(tmp_path / "model"), "--work", str(work), *SMALL[:6], "--vae-clutter", "0.25",
+    train_main(["vae", "--out", str(tmp_path / "model"), "--work", str(work), *SMALL[:8], "--vae-clutter", "0.25",
                 *AFTER_VAE])
     assert "vae: 2 of every 8 pictures from 30 clutter pictures" in (work / "log.txt").read_text()
     spiky = [shapes.clutter(i, spiky=1.0) for i in range(3)]  # every polygon pointed instead
@@ -236,7 +236,7 @@ def test_vae_decoder_phase_trains_the_decoder_alone(tmp_path):
     trained on them) stay valid — SD's ft-MSE decoder was made the same way."""
     from minisd.train import load_checkpoint
 
-    work, args = tmp_path / "work", ["--out", str(tmp_path / "model"), *SMALL[:6], "--vae-clutter", "0"]
+    work, args = tmp_path / "work", ["--out", str(tmp_path / "model"), *SMALL[:8], "--vae-clutter", "0"]
     train_main(["vae", "--work", str(work), *args, *AFTER_VAE])
     joint = load_checkpoint(work / "vae.pt")["model"]
     train_main(["vae", "--work", str(work), *args, "--vae-decoder-steps", "3", *AFTER_VAE])
