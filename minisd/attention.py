@@ -29,9 +29,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, naive: b
     the same numbers without materialising the (L, S) matrix. `upcast` computes in fp32 (SD 2.1), also
     under autocast, which would otherwise cast the inputs straight back down.
 
-    bf16 on a CPU is always upcast: PyTorch's CPU flash kernel is 2-4× slower in bf16 than in fp32 at the
-    tiny U-Net's shapes (head dim 16-32), which made attention 46% of a bf16-autocast training step;
-    in fp32 the step takes 0.92 instead of 1.26 s (2 cores; benchmarks/train_cpu.py).
+    bf16 on a CPU is always upcast: PyTorch's CPU flash kernel is 1.9-3.2× slower in bf16 than in fp32 at
+    the tiny U-Net's shapes (head dim 16-32), and had made attention 46% of a bf16-autocast training step;
+    with it in fp32 the step takes 0.95 s against diffusers' 1.22 s (2 cores; benchmarks/train_cpu.py).
     """
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
         upcast = True
