@@ -30,7 +30,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, naive: b
     under autocast, which would otherwise cast the inputs straight back down.
 
     bf16 on a CPU is always upcast: PyTorch's CPU flash kernel is 1.9-3.2× slower in bf16 than in fp32 at
-    the tiny U-Net's shapes (head dim 16-32), and had made attention 46% of a bf16-autocast training step;
+    the tiny U-Net's shapes (head dim 16-32), and had made attention the largest part of a bf16-autocast training step;
     with it in fp32 the step takes 0.95 s against diffusers' 1.22 s (2 cores; benchmarks/train_cpu.py).
     """
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
