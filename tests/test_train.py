@@ -147,6 +147,27 @@ def test_adapter_training_runs_saves_and_loads(tiny_folder, tmp_path):
     assert "controlnet step 2" in (tmp_path / "cw" / "log.txt").read_text()
 
 
+def test_lora_training_can_include_the_text_encoder(tiny_folder, tmp_path):
+    """--te-targets: LoRAs on the text encoder too (kohya's lora_te_), trained, saved in both layouts, loaded."""
+    from safetensors.torch import load_file
+
+    from minisd.finetune import main as finetune_main
+
+    out = finetune_main(["lora", "--model", str(tiny_folder), "--n-images", "24", "--steps", "3", "--batch", "4",
+                         "--out", str(tmp_path / "lora"), "--work", str(tmp_path / "lw"), "--targets", "to_k,to_v",
+                         "--te-targets", "q_proj,v_proj", "--te-lr-scale", "0.5", "--lr", "0.01"])
+    peft, kohya = load_file(out / "pytorch_lora_weights.safetensors"), load_file(out / "lora_kohya.safetensors")
+    te_up = [v for k, v in peft.items() if k.startswith("text_encoder.") and k.endswith("lora_B.weight")]
+    assert te_up and all(v.abs().max() > 0 for v in te_up)  # B starts at zero: these were trained
+    assert any(k.startswith("lora_te_") for k in kohya) and any(k.startswith("lora_unet_") for k in kohya)
+    pipe = StableDiffusion.from_pretrained(tiny_folder, device="cpu")
+    ids = pipe.tokenizer(["a red star"])
+    before = pipe.text_encoder(ids)
+    pipe.load_lora(out)
+    assert any(p.startswith("text_encoder.") for p in pipe.loras["lora"])
+    assert not torch.allclose(pipe.text_encoder(ids), before)
+
+
 def test_inpainting_model_starts_as_the_base_model_and_trains(tiny_folder, tmp_path):
     """`minisd train inpaint`: conv_in widened to 9 channels with zero weights (so it predicts what the
     base U-Net predicts, whatever the mask), then a few steps, saved as a pipeline the loader reads."""
