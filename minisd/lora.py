@@ -315,13 +315,19 @@ def build(roots: dict[str, nn.Module], weights: dict[str, tuple[Tensor, Tensor, 
 
 # ─── writing ───────────────────────────────────────────────────────────────────────────────────────
 
-def lora_state_dict(loras: dict[str, LoRA], format: str = "peft") -> tuple[dict[str, Tensor], dict[str, str]]:
-    """(tensors, safetensors metadata) in diffusers/PEFT or kohya layout, readable by diffusers and A1111."""
+def lora_state_dict(loras: dict[str, LoRA], format: str = "peft",
+                    dtype: torch.dtype | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, safetensors metadata) in diffusers/PEFT or kohya layout, readable by diffusers and A1111;
+    `dtype` (e.g. torch.float16, as most LoRA files are) casts the weights, None keeps theirs."""
     sd: dict[str, Tensor] = {}
+
+    def weight(layer: nn.Module) -> Tensor:
+        return layer.weight.detach().cpu().to(dtype or layer.weight.dtype).contiguous()
+
     if format == "peft":
         for path, lora in loras.items():
-            sd[f"{path}.lora_A.weight"] = lora.down.weight.detach().cpu().contiguous()
-            sd[f"{path}.lora_B.weight"] = lora.up.weight.detach().cpu().contiguous()
+            sd[f"{path}.lora_A.weight"] = weight(lora.down)
+            sd[f"{path}.lora_B.weight"] = weight(lora.up)
         meta = {}
         for root in sorted({p.partition(".")[0] for p in loras}):
             # module names as PEFT matches them (by suffix): without transformers' `text_model.` level,
@@ -339,8 +345,8 @@ def lora_state_dict(loras: dict[str, LoRA], format: str = "peft") -> tuple[dict[
         for path, lora in loras.items():
             root, _, rest = path.partition(".")
             name = prefixes[root] + rest.replace(".", "_")
-            sd[f"{name}.lora_down.weight"] = lora.down.weight.detach().cpu().contiguous()
-            sd[f"{name}.lora_up.weight"] = lora.up.weight.detach().cpu().contiguous()
+            sd[f"{name}.lora_down.weight"] = weight(lora.down)
+            sd[f"{name}.lora_up.weight"] = weight(lora.up)
             sd[f"{name}.alpha"] = torch.tensor(lora.alpha)
         first = next(iter(loras.values()))
         return sd, {"ss_network_module": "networks.lora", "ss_network_dim": str(first.rank),
@@ -349,13 +355,13 @@ def lora_state_dict(loras: dict[str, LoRA], format: str = "peft") -> tuple[dict[
 
 
 def save_lora(loras: dict[str, LoRA], path: str | os.PathLike, format: str = "peft",
-              metadata: dict[str, str] | None = None) -> Path:
+              metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write LoRAs as .safetensors; a folder path gets diffusers' file name pytorch_lora_weights.safetensors."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path.mkdir(parents=True, exist_ok=True)
         path = path / "pytorch_lora_weights.safetensors"
-    sd, meta = lora_state_dict(loras, format)
+    sd, meta = lora_state_dict(loras, format, dtype)
     write_safetensors(sd, path, {**meta, **(metadata or {})})
     return path
 

@@ -159,6 +159,7 @@ def test_lora_training_can_include_the_text_encoder(tiny_folder, tmp_path):
     peft, kohya = load_file(out / "pytorch_lora_weights.safetensors"), load_file(out / "lora_kohya.safetensors")
     te_up = [v for k, v in peft.items() if k.startswith("text_encoder.") and k.endswith("lora_B.weight")]
     assert te_up and all(v.abs().max() > 0 for v in te_up)  # B starts at zero: these were trained
+    assert {v.dtype for v in peft.values()} == {torch.float16}  # shipped in fp16, as the base model
     assert any(k.startswith("lora_te_") for k in kohya) and any(k.startswith("lora_unet_") for k in kohya)
     pipe = StableDiffusion.from_pretrained(tiny_folder, device="cpu")
     ids = pipe.tokenizer(["a red star"])
