@@ -1,0 +1,28 @@
+"""Star LoRA trials: star-shape accuracy split by size, and what the misses are read as.
+
+    python experiments/lora_by_size.py MODEL LORA [SCALE] [CFG]
+
+The 60 star prompts of `minisd eval --lora` (every colour × size × position, seeds 0-59, 25 DDIM steps).
+Printed: counts of (asked size, shape the analyser read), then the star-shape share. Used for the
+trials in experiments/star_lora_trials.md.
+"""
+
+import sys
+from collections import Counter
+
+from minisd import StableDiffusion
+from minisd.eval import analyse, concept_prompts, generate_for, parse
+
+pipe = StableDiffusion.from_pretrained(sys.argv[1])
+pipe.progress = False
+pipe.load_lora(sys.argv[2], scale=float(sys.argv[3]) if len(sys.argv) > 3 else 1.0)
+prompts = concept_prompts("star")
+images = generate_for(pipe, prompts, float(sys.argv[4]) if len(sys.argv) > 4 else 7.5)
+read = Counter()
+for prompt, image in zip(prompts, images):
+    want = parse(prompt)[0][0]
+    a = analyse(image)
+    obj = a.find(want.colour) or (a.objects[0] if a.objects else None)
+    read[(want.size, obj.shape if obj else None)] += 1
+print(sorted(read.items(), key=str))
+print("star shape", round(sum(v for (_, shape), v in read.items() if shape == "star") / len(prompts), 3))
