@@ -349,10 +349,16 @@ def two_object_breakdown(pipe, guidance_scale: float = 7.5, steps: int = 25, see
 
 
 def evaluate(pipe, prompts: list[str] | None = None, guidance_scale: float = 7.5, steps: int = 25,
-             sampler: str = "ddim", seed: int = 0) -> dict[str, dict[str, float]]:
-    """Prompt adherence of `pipe` on the fixed prompt list (default) — per-factor accuracy."""
+             sampler: str = "ddim", seed: int = 0, draws: int = 1) -> dict[str, dict[str, float]]:
+    """Prompt adherence of `pipe` on the fixed prompt list (default) — per-factor accuracy.
+
+    `draws` > 1 scores every prompt under that many noise draws (seeds `seed`, `seed` + 1000, ...):
+    one draw's 180 one-object prompts measure a factor near 95% to about ±1.6 points (one standard
+    error), as much as the differences one often wants to read off it."""
     prompts = prompts or eval_prompts()
-    return score(prompts, generate_for(pipe, prompts, guidance_scale, steps, sampler, seed))
+    images = [im for d in range(draws) for im in generate_for(pipe, prompts, guidance_scale, steps, sampler,
+                                                              seed + 1000 * d)]
+    return score(prompts * draws, images)
 
 
 def evaluate_lora(pipe, lora, concept: str = "star", scale: float = 1.0, steps: int = 25) -> dict:
@@ -516,6 +522,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--sampler", default="ddim")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--draws", type=int, default=1, help="score each prompt under this many noise draws (seeds "
+                    "seed, seed+1000, ...): less noise, proportionally slower")
     ap.add_argument("--device", default=None)
     ap.add_argument("--limit", type=int, default=None, help="only every n-th prompt (quick look)")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -565,8 +573,8 @@ def main(argv: list[str] | None = None) -> dict:
         results = {}
         for scale in args.cfg:
             t0 = time.time()
-            results[f"CFG {scale:g}"] = evaluate(pipe, prompts, scale, args.steps, args.sampler, args.seed)
-            print(f"CFG {scale:g}: {len(prompts)} prompts in {time.time() - t0:.0f}s", flush=True)
+            results[f"CFG {scale:g}"] = evaluate(pipe, prompts, scale, args.steps, args.sampler, args.seed, args.draws)
+            print(f"CFG {scale:g}: {len(prompts)} prompts × {args.draws} draw(s) in {time.time() - t0:.0f}s", flush=True)
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:

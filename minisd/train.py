@@ -61,6 +61,8 @@ class TrainConfig:
     vae_edge_weight: float = 10.0     # extra weight of pixels on object outlines (0: plain L1 + MSE)
     vae_decoder_steps: int = 600      # then the decoder alone, the encoder (and so every latent) final, as SD's
     vae_decoder_lr: float = 2e-4      #   ft-EMA/ft-MSE decoders were made: sharper small shapes, same latents
+    vae_contrast_steps: int = 150     # then the decoder on over-contrasted latents too, what strong guidance hands it:
+    vae_contrast: float = 1.4         #   half of each batch with its spatial contrast raised k ~ U(1, this) times
     # CLIP
     clip_steps: int = 400
     clip_batch: int = 256
@@ -215,6 +217,18 @@ def reconstruction_loss(x_hat: torch.Tensor, x: torch.Tensor, edge_weight: float
     return (w * err).mean() / w.mean()
 
 
+def over_contrast(z: torch.Tensor, k_max: float, g: torch.Generator, share: float = 0.5) -> torch.Tensor:
+    """A `share` of the latents with their spatial contrast raised: z' = m + k·(z − m), k ~ U(1, k_max), m the
+    mean of each channel over the picture. Guidance (CFG 7.5) overshoots like this: a decoder that has only
+    seen the encoder's latents draws small shapes round and splits their colours; the target stays the clean
+    picture, so this decoder learns to draw an over-contrasted latent as the shape it stands for."""
+    n = len(z)
+    k = (1 + (k_max - 1) * torch.rand(n, 1, 1, 1, generator=g)).to(z)
+    chosen = (torch.rand(n, 1, 1, 1, generator=g) < share).to(z.device)
+    m = z.mean((2, 3), keepdim=True)
+    return torch.where(chosen, m + k * (z - m), z)
+
+
 def train_vae(cfg: TrainConfig, mcfg: ModelConfig, images, log: Log) -> AutoencoderKL:
     work = Path(cfg.work)
     device = torch.device(cfg.device)
@@ -229,15 +243,20 @@ def train_vae(cfg: TrainConfig, mcfg: ModelConfig, images, log: Log) -> Autoenco
                              for i in range(max(len(images) // 4, 1))])
         log(f"vae: {n_clutter} of every {cfg.vae_batch} pictures from {len(extra)} clutter pictures")
     last_save = time.time()
-    total = cfg.vae_steps + cfg.vae_decoder_steps
+    contrast_from = cfg.vae_steps + cfg.vae_decoder_steps
+    total = contrast_from + cfg.vae_contrast_steps
     bar = tqdm(range(start, total), desc="vae", initial=start, total=total)
     for step in bar:
-        decoder_only = step >= cfg.vae_steps  # phase 2: the encoder is frozen (Adam skips gradient-less weights)
+        decoder_only = step >= cfg.vae_steps  # phases 2 and 3: the encoder is frozen (Adam skips gradient-less weights)
+        contrast = step >= contrast_from
         vae.encoder.requires_grad_(not decoder_only), vae.quant_conv.requires_grad_(not decoder_only)
         if step == cfg.vae_steps:
             log(f"vae step {step}: the decoder alone from here, at lr {cfg.vae_decoder_lr:.1e}; the latents are final")
+        if step == contrast_from and cfg.vae_contrast_steps:
+            log(f"vae step {step}: half the decoder's latents over-contrasted from here (up to {cfg.vae_contrast:g}x)")
+        phase_start = contrast_from if contrast else cfg.vae_steps
         for group in opt.param_groups:
-            group["lr"] = (cfg.vae_decoder_lr * min(1.0, (step - cfg.vae_steps + 1) / 50) if decoder_only
+            group["lr"] = (cfg.vae_decoder_lr * min(1.0, (step - phase_start + 1) / 50) if decoder_only
                            else lr_at(step, cfg.vae_steps, cfg.vae_lr, 100))
         idx = torch.randint(0, len(images), (cfg.vae_batch - n_clutter,), generator=g)
         batch = images[idx]
@@ -248,6 +267,8 @@ def train_vae(cfg: TrainConfig, mcfg: ModelConfig, images, log: Log) -> Autoenco
             with torch.no_grad():
                 posterior = vae.encode(x)
                 z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(device)
+                if contrast:
+                    z = over_contrast(z, cfg.vae_contrast, g)
             x_hat, kl = vae.decode(z), torch.zeros(())
         else:
             x_hat, posterior = vae(x, generator=None)
@@ -260,7 +281,7 @@ def train_vae(cfg: TrainConfig, mcfg: ModelConfig, images, log: Log) -> Autoenco
         opt.step()
         if step % 50 == 0:
             bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.0f}")
-        if step % 500 == 0 or step in (cfg.vae_steps - 1, total - 1):
+        if step % 500 == 0 or step in (cfg.vae_steps - 1, contrast_from - 1, total - 1):
             log(f"vae step {step}: rec {rec.item():.4f} (L1+MSE), kl {kl.item():.0f} nats per image")
         if time.time() - last_save > cfg.checkpoint_minutes * 60:
             save_checkpoint(work / "vae.pt", model=vae.state_dict(), opt=opt.state_dict(), step=step + 1)

@@ -78,6 +78,14 @@ def test_shipped_tiny_model_follows_prompts(tiny):
     assert res["colour"] >= 0.8 and res["position"] >= 0.8 and res["shape"] >= 0.6 and res["size"] >= 0.7
 
 
+def test_evaluate_pools_noise_draws(tiny):
+    """`draws=2` scores every prompt twice, the second time from seed + 1000: the mean of two one-draw runs."""
+    prompts = ev.eval_prompts()[:180:45]  # 4 one-object prompts, 2 steps: only the bookkeeping is tested
+    pooled = ev.evaluate(tiny, prompts, steps=2, draws=2)["one"]
+    first, second = (ev.evaluate(tiny, prompts, steps=2, seed=s)["one"] for s in (0, 1000))
+    assert pooled == {k: (first[k] + second[k]) / 2 for k in first}
+
+
 def test_inpainting_repaints_inside_the_mask_and_keeps_the_rest(tiny):
     image = ev.render_prompt("a large red square on the left on a white background", seed=1)
     mask = Image.new("L", (64, 64), 0)

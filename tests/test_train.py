@@ -11,7 +11,8 @@ from minisd import StableDiffusion
 from minisd.train import batch_indices, use_bf16
 from minisd.train import main as train_main
 
-SMALL = ["--n-images", "120", "--vae-steps", "4", "--vae-batch", "8", "--vae-decoder-steps", "0", "--clip-steps", "4", "--clip-batch", "16",
+SMALL = ["--n-images", "120", "--vae-steps", "4", "--vae-batch", "8", "--vae-decoder-steps", "0", "--vae-contrast-steps", "0",
+         "--clip-steps", "4", "--clip-batch", "16",
          "--unet-steps", "6", "--unet-batch", "8", "--warmup", "2", "--sample-steps", "2", "--unet-refine-steps", "0"]
 AFTER_VAE = ["--clip-steps", "1", "--clip-batch", "8", "--unet-steps", "1", "--unet-batch", "4", "--warmup", "1",
              "--sample-steps", "1", "--unet-refine-steps", "0"]  # the stages after the VAE, as short as can be
@@ -226,7 +227,7 @@ def test_vae_clutter_mixes_random_polygons_into_vae_batches(tmp_path):
     a, b = shapes.clutter(5), shapes.clutter(5)
     assert a.size == (64, 64) and a.tobytes() == b.tobytes() and a.tobytes() != shapes.clutter(6).tobytes()
     work = tmp_path / "work"
-    train_main(["vae", "--out", str(tmp_path / "model"), "--work", str(work), *SMALL[:8], "--vae-clutter", "0.25",
+    train_main(["vae", "--out", str(tmp_path / "model"), "--work", str(work), *SMALL[:10], "--vae-clutter", "0.25",
                 *AFTER_VAE])
     assert "vae: 2 of every 8 pictures from 30 clutter pictures" in (work / "log.txt").read_text()
     spiky = [shapes.clutter(i, spiky=1.0) for i in range(3)]  # every polygon pointed instead
@@ -258,12 +259,29 @@ def test_vae_decoder_phase_trains_the_decoder_alone(tmp_path):
     trained on them) stay valid — SD's ft-MSE decoder was made the same way."""
     from minisd.train import load_checkpoint
 
-    work, args = tmp_path / "work", ["--out", str(tmp_path / "model"), *SMALL[:8], "--vae-clutter", "0"]
+    work, args = tmp_path / "work", ["--out", str(tmp_path / "model"), *SMALL[:10], "--vae-clutter", "0"]
     train_main(["vae", "--work", str(work), *args, *AFTER_VAE])
     joint = load_checkpoint(work / "vae.pt")["model"]
-    train_main(["vae", "--work", str(work), *args, "--vae-decoder-steps", "3", *AFTER_VAE])
+    train_main(["vae", "--work", str(work), *args, "--vae-decoder-steps", "3", "--vae-contrast-steps", "2", *AFTER_VAE])
     ck = load_checkpoint(work / "vae.pt")
-    assert ck["step"] == 4 + 3 and "vae step 4: the decoder alone from here" in (work / "log.txt").read_text()
+    log = (work / "log.txt").read_text()
+    assert ck["step"] == 4 + 3 + 2 and "vae step 4: the decoder alone from here" in log
+    assert "vae step 7: half the decoder's latents over-contrasted" in log
     moved = {k for k, v in ck["model"].items() if not torch.equal(v, joint[k])}
     assert moved and all(k.startswith(("decoder.", "post_quant_conv.")) for k in moved)
     assert any(k.startswith("decoder.") for k in moved)
+
+
+def test_over_contrast_scales_each_pictures_contrast_and_keeps_its_mean():
+    from minisd.train import over_contrast
+
+    z = torch.randn(64, 4, 16, 16)
+    same = over_contrast(z, 1.3, torch.Generator().manual_seed(0), share=0.0)
+    assert torch.equal(same, z)
+    out = over_contrast(z, 1.3, torch.Generator().manual_seed(0), share=1.0)
+    m = z.mean((2, 3), keepdim=True)
+    torch.testing.assert_close(out.mean((2, 3), keepdim=True), m, atol=1e-5, rtol=0)
+    k = ((out - m).flatten(1).norm(dim=1) / (z - m).flatten(1).norm(dim=1))
+    assert k.min() >= 1 and k.max() <= 1.3 and k.std() > 0.05  # one k per picture, spread over [1, 1.3]
+    half = over_contrast(z, 1.3, torch.Generator().manual_seed(0))
+    assert 16 < sum(not torch.equal(a, b) for a, b in zip(half, z)) < 48  # about half of them
