@@ -15,7 +15,7 @@ from collections import Counter
 import torch
 
 from minisd import StableDiffusion
-from minisd.eval import analyse, eval_prompts, parse, score
+from minisd.eval import analyse, eval_prompts, generate_for, parse, score
 from minisd.generate import decode_latents, to_pil
 
 torch.set_grad_enabled(False)
@@ -23,13 +23,7 @@ pipe = StableDiffusion.from_pretrained(sys.argv[1] if len(sys.argv) > 1 else "ti
 pipe.progress = False
 prompts = [p for p in eval_prompts() if " and " not in p]
 for cfg in (7.5, 1.0):
-    latents = []
-    for start in range(0, len(prompts), 40):  # the noise of `minisd eval`: prompt i from seed i
-        chunk = prompts[start:start + 40]
-        noise = torch.stack([torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(start + i))
-                             for i in range(len(chunk))])
-        latents.append(pipe(chunk, num_inference_steps=25, guidance_scale=cfg, latents=noise, output_type="latent"))
-    z = torch.cat(latents)
+    z = torch.stack(generate_for(pipe, prompts, cfg, output_type="latent"))  # the noise of `minisd eval`
     images = to_pil(decode_latents(pipe, z))
     misses = Counter()
     for prompt, image in zip(prompts, images):

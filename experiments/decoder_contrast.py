@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from minisd import StableDiffusion
-from minisd.eval import eval_prompts, score
+from minisd.eval import eval_prompts, generate_for, score
 from minisd.generate import decode_latents, to_pil
 from minisd.train import Log, TrainConfig, make_data, reconstruction_loss, to_float
 from minisd import shapes
@@ -37,16 +37,8 @@ pipe.progress = False
 
 latents_file = cache / "latents.pt"
 if not latents_file.is_file():
-    z = {}
-    with torch.no_grad():
-        for cfg in (7.5, 1.0):
-            out = []
-            for start in range(0, len(prompts), 40):  # the noise of `minisd eval`: prompt i from seed i
-                chunk = prompts[start:start + 40]
-                noise = torch.stack([torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(start + i))
-                                     for i in range(len(chunk))])
-                out.append(pipe(chunk, num_inference_steps=25, guidance_scale=cfg, latents=noise, output_type="latent"))
-            z[cfg] = torch.cat(out)
+    with torch.no_grad():  # the noise of `minisd eval`: prompt i from seed i
+        z = {cfg: torch.stack(generate_for(pipe, prompts, cfg, output_type="latent")) for cfg in (7.5, 1.0)}
     torch.save(z, latents_file)
 z = torch.load(latents_file)
 

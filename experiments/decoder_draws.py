@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from minisd import StableDiffusion
-from minisd.eval import eval_prompts, score
+from minisd.eval import eval_prompts, generate_for, score
 from minisd.generate import decode_latents, to_pil
 
 torch.set_grad_enabled(False)
@@ -23,15 +23,8 @@ pipe = StableDiffusion.from_pretrained("tiny")
 pipe.progress = False
 cache = Path(f"/tmp/dc/latents_{seed}.pt")
 if not cache.is_file():
-    z = {}
-    for cfg in (7.5, 1.0):
-        out = []
-        for start in range(0, len(prompts), 40):  # as `minisd eval --seed SEED`: prompt i from seed SEED + i
-            chunk = prompts[start:start + 40]
-            noise = torch.stack([torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(seed + start + i))
-                                 for i in range(len(chunk))])
-            out.append(pipe(chunk, num_inference_steps=25, guidance_scale=cfg, latents=noise, output_type="latent"))
-        z[cfg] = torch.cat(out)
+    # as `minisd eval --seed SEED`: prompt i from seed SEED + i
+    z = {cfg: torch.stack(generate_for(pipe, prompts, cfg, seed=seed, output_type="latent")) for cfg in (7.5, 1.0)}
     cache.parent.mkdir(exist_ok=True)
     torch.save(z, cache)
 z = torch.load(cache)

@@ -307,8 +307,9 @@ def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
 # ─── evaluating a model ────────────────────────────────────────────────────────────────────────────
 
 def generate_for(pipe, prompts: list[str], guidance_scale: float = 7.5, steps: int = 25, sampler: str = "ddim",
-                 seed: int = 0, batch: int = 40) -> list[Image.Image]:
-    """One picture per prompt; prompt i starts from the noise of seed `seed + i`, whatever the batch size."""
+                 seed: int = 0, batch: int = 40, output_type: str = "pil") -> list:
+    """One picture per prompt; prompt i starts from the noise of seed `seed + i`, whatever the batch size.
+    output_type "latent": the final latents instead, one (4, h, w) tensor per prompt."""
     import torch
 
     c = pipe.unet.config
@@ -318,8 +319,8 @@ def generate_for(pipe, prompts: list[str], guidance_scale: float = 7.5, steps: i
         noise = torch.stack([torch.randn(c.in_channels if c.in_channels == 4 else 4, c.sample_size, c.sample_size,
                                          generator=torch.Generator().manual_seed(seed + start + i))
                              for i in range(len(chunk))])
-        images += pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                       latents=noise)
+        images += list(pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+                            latents=noise, output_type=output_type))
     return images
 
 
