@@ -6,7 +6,8 @@
 The recipe, in the order SD itself was built:
   1. data   — scenes rendered by `minisd.shapes` (the base shapes only: `star` is held out)
   2. vae    — a KL-autoencoder, f = 4: 64×64×3 pixels <-> 16×16×4 latents; L1 + MSE, weighted up on
-              object outlines, + a tiny KL; a quarter of its pictures are generic polygons (never a star)
+              object outlines, + a tiny KL; a quarter of its pictures are generic polygons (never a star);
+              then the decoder alone (the latents final), last on over-contrasted latents, as CFG makes them
   3. scale  — the latent scaling factor 1/std(z₀) measured on the data (SD's 0.18215 was found this way)
   4. clip   — a tiny CLIP trained contrastively on (caption, picture) pairs; its text tower is then frozen
   5. unet   — ε-prediction on cached latents: z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε, loss ‖ε − ε_θ(z_t, t, c)‖²
