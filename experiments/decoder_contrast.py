@@ -12,6 +12,10 @@ target stays the clean picture. Then it decodes the *same* final latents of `min
 prompts (CFG 7.5 and 1, seeds 0-239, DDIM 25 steps; sampled once with the shipped U-Net and cached
 in /tmp/dc) with the shipped and with the new decoder, and scores both. The U-Net does not change,
 so only the decoding is being compared.
+
+The logged trials (decoder_contrast.log) started from session 8's decoder, the one shipped then; the
+shipped decoder has had the phase since. To repeat them, put that VAE file back first:
+`git show 4e8e38e:data/tiny/vae/diffusion_pytorch_model.safetensors > data/tiny/vae/diffusion_pytorch_model.safetensors`.
 """
 
 import json
@@ -19,13 +23,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from minisd import StableDiffusion
 from minisd.eval import eval_prompts, generate_for, score
 from minisd.generate import decode_latents, to_pil
-from minisd.train import Log, TrainConfig, make_data, reconstruction_loss, to_float
 from minisd import shapes
+from minisd.train import Log, TrainConfig, make_data, over_contrast, reconstruction_loss, to_float
 
 kmax, share, steps = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 lr = float(sys.argv[4]) if len(sys.argv) > 4 else 2e-4
@@ -64,7 +69,7 @@ if steps == 0:
 
 cfg = TrainConfig()
 images, _ = make_data(cfg, Log(cache))
-extra = torch.stack([torch.from_numpy(__import__("numpy").array(shapes.clutter(900_000_000 + i, cfg.vae_spiky)))
+extra = torch.stack([torch.from_numpy(np.array(shapes.clutter(900_000_000 + i, cfg.vae_spiky)))
                      .permute(2, 0, 1) for i in range(len(images) // 4)])
 vae = pipe.vae.float().train()
 vae.encoder.requires_grad_(False), vae.quant_conv.requires_grad_(False)
@@ -80,10 +85,7 @@ for step in range(steps):
     with torch.no_grad():
         post = vae.encode(x)
         zz = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
-        k = 1 + (kmax - 1) * torch.rand(len(zz), 1, 1, 1, generator=g)
-        k = torch.where(torch.rand(len(zz), 1, 1, 1, generator=g) < share, k, torch.ones_like(k))
-        m = zz.mean((2, 3), keepdim=True)
-        zz = m + k * (zz - m)
+        zz = over_contrast(zz, kmax, g, share)  # the recipe's augmentation (the same random draws as the logged runs)
     loss = reconstruction_loss(vae.decode(zz), x, cfg.vae_edge_weight)
     opt.zero_grad(set_to_none=True)
     loss.backward()
