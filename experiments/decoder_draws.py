@@ -4,6 +4,10 @@ SEED + i (default 1000; cached in /tmp/dc), decoded by each decoder. The U-Net i
 (unchanged by the decoder phase), so the latents are the same whichever decoder is shipped.
 
     SEED=1000 python experiments/decoder_draws.py NAME [NAME ...]
+
+In the log, `old` is session 8's decoder and `ship1` the shipped one, saved the same way as the
+trials' (`torch.save(StableDiffusion.from_pretrained(FOLDER).vae.state_dict(), "/tmp/dc/vae_NAME.pt")`,
+FOLDER a copy of data/tiny holding that VAE file).
 """
 
 import os
