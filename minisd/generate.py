@@ -42,9 +42,17 @@ def load_image(image: ImageInput, name: str = "image") -> Image.Image | Tensor:
     return image
 
 
-def image_to_tensor(image: ImageInput, height: int | None = None, width: int | None = None) -> Tensor:
+def image_to_tensor(image: ImageInput | list[ImageInput], height: int | None = None,
+                    width: int | None = None) -> Tensor:
     """A picture as (1, 3, H, W) in [-1, 1]; H, W rounded down to multiples of 8 (or resized to the
-    requested size). Tensors are taken as (B, 3, H, W) in [0, 1]."""
+    requested size). Tensors are taken as (B, 3, H, W) in [0, 1]. A list of pictures gives (n, 3, H, W),
+    each resized to the first one's size, as diffusers' image processor does."""
+    if isinstance(image, (list, tuple)):
+        if not image:
+            raise ValueError("image is an empty list")
+        first = image_to_tensor(image[0], height, width)
+        h, w = first.shape[-2:]
+        return torch.cat([first] + [image_to_tensor(im, h, w) for im in image[1:]])
     image = load_image(image)
     if isinstance(image, Tensor):
         x = image[None] if image.ndim == 3 else image
@@ -55,23 +63,43 @@ def image_to_tensor(image: ImageInput, height: int | None = None, width: int | N
     h, w = (height or H), (width or W)
     h, w = h - h % 8, w - w % 8
     if (h, w) != (H, W):
-        pil = Image.fromarray((x[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8))
-        x = torch.from_numpy(np.asarray(pil.resize((w, h), Image.LANCZOS), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+        x = torch.cat([_resize(xi, h, w) for xi in x])
     return x * 2 - 1
 
 
-def mask_to_tensor(mask: ImageInput, height: int, width: int) -> Tensor:
-    """A mask as (1, 1, H, W) of 0/1 (white = 1 = repaint), binarised at 0.5; it must match the image size."""
+def _resize(x: Tensor, h: int, w: int) -> Tensor:
+    """(3, H, W) in [0, 1] -> (1, 3, h, w), Lanczos through PIL (what diffusers' image processor uses)."""
+    pil = Image.fromarray((x.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8))
+    return torch.from_numpy(np.asarray(pil.resize((w, h), Image.LANCZOS), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
+def mask_to_tensor(mask: ImageInput | list[ImageInput], height: int, width: int) -> Tensor:
+    """A mask as (1, 1, H, W) of 0/1 (white = 1 = repaint), binarised at 0.5; it must match the image size.
+    A list of masks, or a tensor (n, 1, H, W), gives (n, 1, H, W)."""
+    if isinstance(mask, (list, tuple)):
+        if not mask:
+            raise ValueError("mask_image is an empty list")
+        return torch.cat([mask_to_tensor(m, height, width) for m in mask])
     mask = load_image(mask, "mask_image")
     if isinstance(mask, Tensor):
         m = mask.float()
-        m = m.reshape(1, 1, *m.shape[-2:]) if m.ndim in (2, 3, 4) and m.shape[-3:-2] in ((), (1,)) else m[..., :1, :, :]
+        m = (m[None, None] if m.ndim == 2 else m[None] if m.ndim == 3 else m)[:, :1]  # (n, 1, H, W): first channel
     else:
         m = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)[None, None]
     if tuple(m.shape[-2:]) != (height, width):
         raise ValueError(f"mask_image is {m.shape[-1]}x{m.shape[-2]} but the image is {width}x{height}; "
                          f"give a mask of the same size")
     return (m >= 0.5).float()
+
+
+def per_picture(x: Tensor, B: int, name: str) -> Tensor:
+    """Rows for the B pictures made (prompts × num_images_per_prompt) from the n given: n = B, or n divides B
+    and the n repeat in turn (1 2 1 2 ..., as diffusers tiles them)."""
+    n = x.shape[0]
+    if B % n:
+        raise ValueError(f"{n} {name}s cannot be shared out over {B} pictures (prompts × num_images_per_prompt): "
+                         f"give one, or as many as the pictures, or a number that divides it")
+    return x.repeat(B // n, *([1] * (x.ndim - 1)))
 
 
 def to_pil(images: Tensor) -> list[Image.Image]:
@@ -179,20 +207,22 @@ def generate(pipe: StableDiffusion, prompt: str | list[str], *, negative_prompt:
             noise = randn(shape, generator, device, dtype)
         z = noise * schedule.init_sigma
     elif mask_image is None:  # img2img: the image's latents, noised to the first step
-        z0 = encode_image(pipe, x_image, generator).repeat(B, 1, 1, 1)
+        z0 = per_picture(encode_image(pipe, x_image, generator), B, "image")
         noise = randn(shape, generator, device, dtype)
         z = samplers.add_noise(sampler, z0, noise, schedule, 0)
     else:  # inpainting
         mask = mask_to_tensor(mask_image, height, width)
+        if len(mask) != len(x_image) and 1 not in (len(mask), len(x_image)):
+            raise ValueError(f"{len(x_image)} images and {len(mask)} masks: give as many masks as images, or one of either")
         masked = x_image * (mask < 0.5)
         z0 = None
         if not nine_channels or strength < 1.0:
-            z0 = encode_image(pipe, x_image, generator).repeat(B, 1, 1, 1)
+            z0 = per_picture(encode_image(pipe, x_image, generator), B, "image")
         noise = latents.to(device, dtype) if latents is not None else randn(shape, generator, device, dtype)
         z = noise * schedule.init_sigma if strength >= 1.0 else samplers.add_noise(sampler, z0, noise, schedule, 0)
-        mask_latent = F.interpolate(mask, size=(height // f, width // f)).to(device, dtype).repeat(B, 1, 1, 1)
+        mask_latent = per_picture(F.interpolate(mask, size=(height // f, width // f)).to(device, dtype), B, "mask_image")
         if nine_channels:  # the inpainting U-Net sees the mask and the masked image's latents
-            masked_latents = encode_image(pipe, masked, generator).repeat(B, 1, 1, 1)
+            masked_latents = per_picture(encode_image(pipe, masked, generator), B, "masked image")
             extra = torch.cat([mask_latent, masked_latents], dim=1)
         else:  # a standard U-Net: paste the (noised) known latents back outside the mask after each step
             if pipe.unet.config.in_channels != 4:
@@ -234,8 +264,8 @@ def generate(pipe: StableDiffusion, prompt: str | list[str], *, negative_prompt:
         return z
     images = decode_latents(pipe, z)
     if keep_unmasked:  # the VAE's round trip changes every pixel a little: paste the original back outside the mask
-        m = mask.to(images.device, images.dtype)
-        images = m * images + (1 - m) * (x_image.to(images.device, images.dtype) / 2 + 0.5)
+        m = per_picture(mask, B, "mask_image").to(images.device, images.dtype)
+        images = m * images + (1 - m) * (per_picture(x_image, B, "image").to(images.device, images.dtype) / 2 + 0.5)
     return images if output_type == "pt" else to_pil(images)
 
 

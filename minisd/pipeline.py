@@ -188,13 +188,15 @@ class StableDiffusion:
 
     def img2img(self, prompt: str | list[str], image, strength: float = 0.75, **kwargs):
         """Image to image (SDEdit, Meng et al. 2022): noise the image's latents to the level of step
-        (1 − strength)·steps and denoise from there. strength 0 returns the image, 1 ignores it."""
+        (1 − strength)·steps and denoise from there. strength 0 returns the image, 1 ignores it.
+        `image`: one picture for every prompt, or a list (or (n, 3, H, W) tensor) of one per prompt."""
         return generate(self, prompt, image=image, strength=strength, **self._split(kwargs))
 
     def inpaint(self, prompt: str | list[str], image, mask_image, strength: float = 1.0, keep_unmasked: bool = False,
                 **kwargs):
         """Repaint where mask_image is white. A 9-channel inpainting U-Net sees the mask and the masked
         image; a standard U-Net gets the known latents pasted back outside the mask after every step.
+        `image` and `mask_image` may each be one for every prompt or a list of one per prompt.
 
         The latents outside the mask come back unchanged, but decoding them is not exact (and a VAE
         decoder is not strictly local), so the pixels there change a little. keep_unmasked=True pastes

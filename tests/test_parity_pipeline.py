@@ -120,6 +120,32 @@ def test_img2img_matches_diffusers(name, ours, ref_pipe, tiny_folder):
     report(f"img2img {name} strength 0.6 images (posterior sample and noise from one generator)", mine, ref, 1e-3)
 
 
+@pytest.mark.parametrize("per_prompt", [1, 2])
+def test_img2img_with_one_picture_per_prompt_matches_diffusers(per_prompt, ours, ref_pipe, tiny_folder):
+    """A list of pictures, one per prompt (and each repeated for num_images_per_prompt, in diffusers' order)."""
+    pipe = diffusers.StableDiffusionImg2ImgPipeline(**ref_pipe.components)
+    pipe.scheduler = diffusers_scheduler("ddim", tiny_folder)
+    pipe.set_progress_bar_config(disable=True)
+    common = dict(strength=0.6, num_inference_steps=10, output_type="pt", num_images_per_prompt=per_prompt)
+    pictures = [picture(0), picture(1).transpose(Image.FLIP_LEFT_RIGHT)]
+    ref = pipe(PROMPTS, image=pictures, generator=torch.Generator().manual_seed(5), **common).images
+    mine = ours.img2img(PROMPTS, pictures, generator=torch.Generator().manual_seed(5), **common)
+    assert mine.shape == (2 * per_prompt, 3, 64, 64)
+    report(f"img2img, two pictures for two prompts × {per_prompt}", mine, ref, 1e-3)
+
+
+def test_inpaint_with_one_picture_and_mask_per_prompt_matches_diffusers(ours, ref_pipe, tiny_folder):
+    pipe = diffusers.StableDiffusionInpaintPipeline(**ref_pipe.components)
+    pipe.scheduler = diffusers_scheduler("ddim", tiny_folder)
+    pipe.set_progress_bar_config(disable=True)
+    pictures = [picture(0), picture(1).transpose(Image.FLIP_TOP_BOTTOM)]
+    masks = [mask_picture(), mask_picture().transpose(Image.FLIP_LEFT_RIGHT)]
+    common = dict(strength=0.7, num_inference_steps=8, output_type="pt")
+    ref = pipe(PROMPTS, image=pictures, mask_image=masks, generator=torch.Generator().manual_seed(9), **common).images
+    mine = ours.inpaint(PROMPTS, pictures, masks, generator=torch.Generator().manual_seed(9), **common)
+    report("inpaint (4-channel U-Net, blending), two pictures and masks for two prompts", mine, ref, 1e-3)
+
+
 @pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m"])
 @pytest.mark.parametrize("strength", [1.0, 0.7])
 def test_inpaint_standard_unet_matches_diffusers(name, strength, ours, ref_pipe, tiny_folder):

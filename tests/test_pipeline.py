@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from minisd.generate import decode_latents
+from minisd.generate import decode_latents, image_to_tensor
 
 
 @pytest.fixture
@@ -91,6 +92,29 @@ def test_bad_img2img_and_inpaint_arguments(pipe, tmp_path):
         pipe.img2img("a red circle", tmp_path / "missing.png")
     with pytest.raises(ValueError, match="mask_image is 32x32 but the image is 64x64"):
         pipe.inpaint("a red circle", img, Image.new("L", (32, 32)))
+    with pytest.raises(ValueError, match="2 images cannot be shared out over 3 pictures"):
+        pipe.img2img(["a red circle"] * 3, [img, img], num_inference_steps=2)
+    with pytest.raises(ValueError, match="2 images and 3 masks"):
+        pipe.inpaint(["a red circle"] * 2, [img, img], [Image.new("L", (64, 64))] * 3, num_inference_steps=2)
+    with pytest.raises(ValueError, match="image is an empty list"):
+        pipe.img2img("a red circle", [], num_inference_steps=2)
+
+
+def test_a_list_of_pictures_gives_one_picture_per_prompt(pipe):
+    """img2img with [a, b] for two prompts starts each prompt from its own picture: at strength 0.2 each
+    result's latents stay nearest their own picture's. Masks the same way for inpainting."""
+    dark, light = Image.new("RGB", (64, 64), (20, 20, 20)), Image.new("RGB", (64, 64), (235, 235, 235))
+    with torch.no_grad():
+        own = torch.cat([pipe.vae.encode(image_to_tensor(im)).mean for im in (dark, light)]) * pipe.vae.scaling_factor
+    z = pipe.img2img(["a red circle"] * 2, [dark, light], strength=0.2, num_inference_steps=10, output_type="latent", seed=0)
+    distance = torch.cdist(z.flatten(1), own.flatten(1))  # (result, picture)
+    assert distance[0, 0] < distance[0, 1] and distance[1, 1] < distance[1, 0], distance
+    left, right = np.zeros((64, 64), np.uint8), np.zeros((64, 64), np.uint8)
+    left[:, :32], right[:, 32:] = 255, 255
+    out = pipe.inpaint(["a red circle"] * 2, dark, [Image.fromarray(left), Image.fromarray(right)],
+                       keep_unmasked=True, num_inference_steps=2, output_type="pt", seed=0)
+    assert torch.allclose(out[0, :, :, 32:], torch.full_like(out[0, :, :, 32:], 20 / 255), atol=1e-6)
+    assert torch.allclose(out[1, :, :, :32], torch.full_like(out[1, :, :, :32], 20 / 255), atol=1e-6)
 
 
 def test_long_prompt_warns(pipe):
