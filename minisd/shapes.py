@@ -190,11 +190,12 @@ def control_map(scene: Scene, kind: str = "edges") -> Image.Image:
     return edges.convert("RGB")
 
 
-def clutter(seed: int, spiky: float = 0.0) -> Image.Image:
+def clutter(seed: int, spiky: float = 0.0, radius: tuple[float, float] = (5, 17)) -> Image.Image:
     """A picture of 1–3 random polygons (3–10 vertices at random radii: convex and concave, pointed and
     blunt) in the world's colours, on one of its backgrounds — no caption, no world shape. With
     `spiky`, that share of the polygons has thin points on alternating radii (3, 4, 6, 7 or 8 of
-    them, never the star's 5): the fine tips a small star needs, at every size.
+    them, never the star's 5): the fine tips a small star needs, at every size. `radius`: the range of
+    the polygons' outer radii in px (a small star's is 7, a large one's 14).
 
     Image data for the VAE only: a VAE is a general image codec (SD's was trained on OpenImages, not
     on its captions), and one that has seen nothing but circles, squares and triangles cannot
@@ -205,7 +206,7 @@ def clutter(seed: int, spiky: float = 0.0) -> Image.Image:
     img = Image.new("RGB", (S, S), BACKGROUNDS[str(rng.choice(list(BACKGROUNDS)))])
     draw = ImageDraw.Draw(img)
     for _ in range(int(rng.integers(1, 4))):
-        r = rng.uniform(5, 17) * SUPERSAMPLE
+        r = rng.uniform(*radius) * SUPERSAMPLE
         cx, cy = rng.uniform(r, S - r, 2)
         n = int(rng.integers(3, 11))
         if spiky and rng.random() < spiky:  # points on alternating radii: thin tips at every size
