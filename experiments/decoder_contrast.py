@@ -20,17 +20,15 @@ shipped decoder has had the phase since. To repeat them, put that VAE file back 
 
 import json
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from minisd import StableDiffusion
 from minisd.eval import eval_prompts, generate_for, score
 from minisd.generate import decode_latents, to_pil
-from minisd import shapes
-from minisd.train import Log, TrainConfig, make_data, over_contrast, reconstruction_loss, to_float
+
+from decoder_finetune import clutter_pictures, finetune_decoder, recipe_pictures
 
 kmax, share, steps = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 lr = float(sys.argv[4]) if len(sys.argv) > 4 else 2e-4
@@ -67,32 +65,10 @@ if not (cache / "baseline.json").is_file():
 if steps == 0:
     sys.exit()
 
-cfg = TrainConfig()
-images, _ = make_data(cfg, Log(cache))
-extra = torch.stack([torch.from_numpy(np.array(shapes.clutter(900_000_000 + i, cfg.vae_spiky)))
-                     .permute(2, 0, 1) for i in range(len(images) // 4)])
-vae = pipe.vae.float().train()
-vae.encoder.requires_grad_(False), vae.quant_conv.requires_grad_(False)
-opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-g = torch.Generator().manual_seed(11)
-n_clutter = round(cfg.vae_batch * cfg.vae_clutter)
-t0 = time.time()
-for step in range(steps):
-    for group in opt.param_groups:
-        group["lr"] = lr * min(1.0, (step + 1) / 50)
-    idx = torch.randint(0, len(images), (cfg.vae_batch - n_clutter,), generator=g)
-    x = to_float(torch.cat([images[idx], extra[torch.randint(0, len(extra), (n_clutter,), generator=g)]]), "cpu")
-    with torch.no_grad():
-        post = vae.encode(x)
-        zz = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
-        zz = over_contrast(zz, kmax, g, share)  # the recipe's augmentation (the same random draws as the logged runs)
-    loss = reconstruction_loss(vae.decode(zz), x, cfg.vae_edge_weight)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-    opt.step()
-    if step % 100 == 0 or step == steps - 1:
-        print(f"step {step}: rec {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+cfg, images = recipe_pictures(cache)
+extra = clutter_pictures(len(images) // 4, 900_000_000, cfg.vae_spiky)
+vae = finetune_decoder(pipe.vae, images, extra, steps=steps, lr=lr, batch=cfg.vae_batch, n_clutter=round(cfg.vae_batch * cfg.vae_clutter),
+                       kmax=kmax, share=share, edge_weight=cfg.vae_edge_weight, seed=11, log_every=100)
 name = f"k{kmax:g}_p{share:g}_s{steps}_lr{lr:g}"
 torch.save(vae.state_dict(), cache / f"vae_{name}.pt")
 report(name)

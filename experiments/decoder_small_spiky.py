@@ -16,17 +16,16 @@ the VAE's ceilings (`evaluate_vae`), the star LoRA's 60 prompts under three nois
 
 import json
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from minisd import StableDiffusion, shapes
+from minisd import StableDiffusion
 from minisd.eval import analyse, concept_prompts, eval_prompts, evaluate_vae, generate_for, parse, score
 from minisd.generate import decode_latents, to_pil
-from minisd.train import Log, TrainConfig, make_data, over_contrast, reconstruction_loss, to_float
+
+from decoder_finetune import clutter_pictures, finetune_decoder, recipe_pictures
 
 steps, share, spiky, rmax = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 kmax = float(sys.argv[5]) if len(sys.argv) > 5 else 1.4
@@ -73,32 +72,10 @@ if not (cache / "baseline.json").is_file():
 if steps == 0:
     sys.exit()
 
-cfg = TrainConfig()
-images, _ = make_data(cfg, Log(cache))
-n_extra = len(images) // 4
-extra = torch.stack([torch.from_numpy(np.array(shapes.clutter(910_000_000 + i, spiky, (4, rmax))))
-                     .permute(2, 0, 1) for i in range(n_extra)])
-vae = pipe.vae.float().train()
-vae.encoder.requires_grad_(False), vae.quant_conv.requires_grad_(False)
-opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-g = torch.Generator().manual_seed(12)
-n_clutter = round(cfg.vae_batch * share)
-t0 = time.time()
-for step in range(steps):
-    for group in opt.param_groups:
-        group["lr"] = lr * min(1.0, (step + 1) / 50)
-    idx = torch.randint(0, len(images), (cfg.vae_batch - n_clutter,), generator=g)
-    x = to_float(torch.cat([images[idx], extra[torch.randint(0, len(extra), (n_clutter,), generator=g)]]), "cpu")
-    with torch.no_grad():
-        post = vae.encode(x)
-        zz = over_contrast(post.mean + post.std * torch.randn(post.mean.shape, generator=g), kmax, g)
-    loss = reconstruction_loss(vae.decode(zz), x, cfg.vae_edge_weight)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-    opt.step()
-    if step % 50 == 0 or step == steps - 1:
-        print(f"step {step}: rec {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+cfg, images = recipe_pictures(cache)
+extra = clutter_pictures(len(images) // 4, 910_000_000, spiky, (4, rmax))
+vae = finetune_decoder(pipe.vae, images, extra, steps=steps, lr=lr, batch=cfg.vae_batch, n_clutter=round(cfg.vae_batch * share),
+                       kmax=kmax, share=0.5, edge_weight=cfg.vae_edge_weight, seed=12, log_every=50)
 name = f"s{steps}_share{share:g}_spiky{spiky:g}_r{rmax:g}_k{kmax:g}_lr{lr:g}"
 torch.save(vae.state_dict(), cache / f"vae_{name}.pt")
 report(name)
