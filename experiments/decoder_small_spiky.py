@@ -16,16 +16,16 @@ the VAE's ceilings (`evaluate_vae`), the star LoRA's 60 prompts under three nois
 
 import json
 import sys
-from collections import Counter
 from pathlib import Path
 
 import torch
 
 from minisd import StableDiffusion
-from minisd.eval import analyse, concept_prompts, eval_prompts, evaluate_vae, generate_for, parse, score
+from minisd.eval import concept_prompts, eval_prompts, evaluate_vae, generate_for, score
 from minisd.generate import decode_latents, to_pil
 
 from decoder_finetune import clutter_pictures, finetune_decoder, recipe_pictures
+from lora_by_size import shapes_by_size, star_share
 
 steps, share, spiky, rmax = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 kmax = float(sys.argv[5]) if len(sys.argv) > 5 else 1.4
@@ -52,16 +52,11 @@ def report(label: str) -> dict:
     pipe.vae.eval()
     with torch.no_grad():
         ceiling = evaluate_vae(pipe)
-        read = Counter()
-        for prompt, image in zip(stars, to_pil(decode_latents(pipe, z["star"]))):
-            want = parse(prompt)[0][0]
-            a = analyse(image)
-            obj = a.find(want.colour) or (a.objects[0] if a.objects else None)
-            read[(want.size, obj.shape if obj else None)] += 1
+        read = shapes_by_size(stars, to_pil(decode_latents(pipe, z["star"])))
         one = score(base, to_pil(decode_latents(pipe, z["base"])))
     row = {"vae ceiling": {s: {k: round(v, 3) for k, v in r.items()} for s, r in ceiling.items()},
            "LoRA stars, 3 draws": {f"{a} {b}": v for (a, b), v in sorted(read.items(), key=str)},
-           "LoRA star shape": round(sum(v for (_, s), v in read.items() if s == "star") / len(stars), 3),
+           "LoRA star shape": round(star_share(read), 3),
            "base CFG 7.5": {k: round(v, 3) for k, v in one["one"].items()} | {"two: both": round(one["two"]["both"], 3)}}
     print(label, json.dumps(row), flush=True)
     return row

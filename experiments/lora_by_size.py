@@ -13,22 +13,35 @@ import os
 import sys
 from collections import Counter
 
-from minisd import StableDiffusion
-from minisd.eval import analyse, concept_prompts, generate_for, parse
+from minisd.eval import analyse, parse
 
-pipe = StableDiffusion.from_pretrained(sys.argv[1])
-pipe.progress = False
-pipe.load_lora(sys.argv[2], scale=float(sys.argv[3]) if len(sys.argv) > 3 else 1.0)
-prompts = concept_prompts("star")
-seeds = [int(s) for s in os.environ.get("SEEDS", "0").split(",")]
-images = [im for s in seeds for im in generate_for(pipe, prompts, float(sys.argv[4]) if len(sys.argv) > 4 else 7.5,
-                                                   seed=s)]
-prompts = prompts * len(seeds)
-read = Counter()
-for prompt, image in zip(prompts, images):
-    want = parse(prompt)[0][0]
-    a = analyse(image)
-    obj = a.find(want.colour) or (a.objects[0] if a.objects else None)
-    read[(want.size, obj.shape if obj else None)] += 1
-print(sorted(read.items(), key=str))
-print("star shape", round(sum(v for (_, shape), v in read.items() if shape == "star") / len(prompts), 3))
+
+def shapes_by_size(prompts: list[str], images) -> Counter:
+    """(asked size, shape the analyser read for the asked colour's object, or the largest; None: nothing) -> count."""
+    read = Counter()
+    for prompt, image in zip(prompts, images):
+        want = parse(prompt)[0][0]
+        a = analyse(image)
+        obj = a.find(want.colour) or (a.objects[0] if a.objects else None)
+        read[(want.size, obj.shape if obj else None)] += 1
+    return read
+
+
+def star_share(read: Counter) -> float:
+    return sum(v for (_, shape), v in read.items() if shape == "star") / sum(read.values())
+
+
+if __name__ == "__main__":
+    from minisd import StableDiffusion
+    from minisd.eval import concept_prompts, generate_for
+
+    pipe = StableDiffusion.from_pretrained(sys.argv[1])
+    pipe.progress = False
+    pipe.load_lora(sys.argv[2], scale=float(sys.argv[3]) if len(sys.argv) > 3 else 1.0)
+    prompts = concept_prompts("star")
+    seeds = [int(s) for s in os.environ.get("SEEDS", "0").split(",")]
+    images = [im for s in seeds for im in generate_for(pipe, prompts, float(sys.argv[4]) if len(sys.argv) > 4 else 7.5,
+                                                       seed=s)]
+    read = shapes_by_size(prompts * len(seeds), images)
+    print(sorted(read.items(), key=str))
+    print("star shape", round(star_share(read), 3))

@@ -12,16 +12,17 @@ weights and, with EMA_DECAY > 0, for their moving average; saves both U-Nets und
 import copy
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from minisd import StableDiffusion, shapes
-from minisd.eval import analyse, concept_prompts, generate_for, parse
+from minisd.eval import concept_prompts, generate_for
 from minisd.finetune import AdapterConfig, encode_all, lora_scenes
 from minisd.train import Log, diffusion_loss, ema_update, lr_at, use_bf16
+
+from lora_by_size import shapes_by_size, star_share
 
 work = Path(sys.argv[1])
 steps = int(sys.argv[2]) if len(sys.argv) > 2 else 800
@@ -71,14 +72,8 @@ def count(model, name):
     pipe.unet = model.eval()
     torch.save(model.state_dict(), work / f"unet_{name}.pt")
     prompts = concept_prompts("star")
-    read = Counter()
-    for prompt, image in zip(prompts, generate_for(pipe, prompts, 7.5)):
-        want = parse(prompt)[0][0]
-        a = analyse(image)
-        obj = a.find(want.colour) or (a.objects[0] if a.objects else None)
-        read[(want.size, obj.shape if obj else None)] += 1
-    stars = sum(v for (_, shape), v in read.items() if shape == "star") / len(prompts)
-    log(f"{name}: {sorted(read.items(), key=str)}; star shape {stars:.3f}")
+    read = shapes_by_size(prompts, generate_for(pipe, prompts, 7.5))
+    log(f"{name}: {sorted(read.items(), key=str)}; star shape {star_share(read):.3f}")
 
 
 count(unet, "last")
