@@ -19,7 +19,7 @@ itself is right (≥ 99%) on rendered pictures before its numbers are trusted.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -39,6 +39,7 @@ class Detected:
     fill: float       # area / bounding-box area
     solidity: float   # area / convex-hull area
     bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 (inclusive)
+    mask: np.ndarray | None = field(default=None, repr=False, compare=False)  # its pixels, (H, W) bool
 
 
 @dataclass
@@ -96,23 +97,30 @@ def nearest(point: tuple[float, float], anchors: dict) -> str:
     return min(anchors, key=lambda k: (anchors[k][0] - point[0]) ** 2 + (anchors[k][1] - point[1]) ** 2)
 
 
-def analyse(image: Image.Image | np.ndarray) -> Analysis:
+def explain(image: Image.Image | np.ndarray) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """Steps 1-2: the background's name, and for each pixel the index (into COLOURS) of the palette
+    colour that explains it best, that colour's α and the residual of the fit (each (H, W))."""
     px = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
     border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
     bg_name = min(BACKGROUNDS, key=lambda b: np.linalg.norm(np.median(border, axis=0) - BACKGROUNDS[b]))
     bg = np.array(BACKGROUNDS[bg_name], dtype=np.float32)
     d = px - bg  # (H, W, 3)
-    names = list(COLOURS)
     residuals, alphas = [], []
-    for name in names:
+    for name in COLOURS:
         c = np.array(COLOURS[name], dtype=np.float32) - bg
         alpha = np.clip((d @ c) / (c @ c), 0, 1.2)
         residuals.append(np.linalg.norm(d - alpha[..., None] * c, axis=-1))
         alphas.append(alpha)
     residuals, alphas = np.stack(residuals), np.stack(alphas)  # (6, H, W)
     best = residuals.argmin(axis=0)
-    alpha = np.take_along_axis(alphas, best[None], 0)[0]
-    foreground = (alpha > 0.5) & (np.take_along_axis(residuals, best[None], 0)[0] < 80)
+    return (bg_name, best, np.take_along_axis(alphas, best[None], 0)[0],
+            np.take_along_axis(residuals, best[None], 0)[0])
+
+
+def analyse(image: Image.Image | np.ndarray) -> Analysis:
+    bg_name, best, alpha, residual = explain(image)
+    foreground = (alpha > 0.5) & (residual < 80)
+    names = list(COLOURS)
     objects = []
     for k, name in enumerate(names):
         mask = foreground & (best == k)
@@ -133,7 +141,7 @@ def analyse(image: Image.Image | np.ndarray) -> Analysis:
         centre = ((x0 + x1 + 1) / 2, (y0 + y1 + 1) / 2)
         objects.append(Detected(name, classify_shape(fill, solidity), nearest(centre, POSITIONS),
                                 "large" if max(w, h) > (SIZES["small"] + SIZES["large"]) / 2 else "small",
-                                area, fill, solidity, (int(x0), int(y0), int(x1), int(y1))))
+                                area, fill, solidity, (int(x0), int(y0), int(x1), int(y1)), comp))
     objects.sort(key=lambda o: -o.area)
     return Analysis(bg_name, objects)
 
