@@ -29,6 +29,10 @@ def test_star_renders_and_is_recognised():
     scene = shapes.Scene("gray", [shapes.ShapeObject("purple", "star", "large", "center", (32, 32))])
     found = ev.analyse(shapes.render(scene)).find("purple")
     assert found.shape == "star" and found.position == "center" and found.size == "large"
+    x0, y0, x1, y1 = found.bbox  # the object carries its own pixels: as many as its area, inside its box
+    assert found.mask.sum() == found.area == found.mask[y0:y1 + 1, x0:x1 + 1].sum()
+    bg, best, alpha, _ = ev.explain(shapes.render(scene))
+    assert bg == "gray" and (best[found.mask] == list(shapes.COLOURS).index("purple")).all() and (alpha[found.mask] > 0.5).all()
 
 
 def test_control_maps():
