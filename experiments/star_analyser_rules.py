@@ -156,6 +156,10 @@ if __name__ == "__main__":
               f"| {share(r['star, LoRA']):.1f} ({share(r['star, LoRA'], 'small'):.1f}) "
               f"| {share(r['base shapes, LoRA']):.1f} |", flush=True)
         print("   LoRA small stars read as", dict(Counter(x[2] for x in r["star, LoRA"] if x[1] == "small")), flush=True)
+        by_colour = {c: [x for x, p in zip(r["decoded ground truth"], gt[0]) if x[:2] == ("star", "small") and f" {c} " in p]
+                     for c in COLOURS}
+        print("   decoded small stars read right, by colour:",
+              {c: f"{100 * sum(x[2] == 'star' for x in v) / len(v):.0f}%" for c, v in by_colour.items()}, flush=True)
 
     lora = sets["star, LoRA"][1]
     split = [im for im, a, b in zip(lora, small["outline, pointed"], small["outline, all four"])
