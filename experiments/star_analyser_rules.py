@@ -31,8 +31,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from minisd import StableDiffusion
-from minisd.eval import COLOURS, analyse, concept_prompts, eval_prompts, explain, generate_for, parse, render_prompt
-from minisd.shapes import SHAPES, SUPERSAMPLE, shape_polygon, to_tensor
+from minisd.eval import analyse, concept_prompts, eval_prompts, explain, generate_for, parse, render_prompt
+from minisd.shapes import COLOURS, SHAPES, SUPERSAMPLE, shape_polygon, to_tensor
 
 OUT = "runs/experiments/star_analyser_rules"
 
