@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from .shapes import BACKGROUNDS, BASE_SHAPES, COLOURS, PHRASES, POSITIONS, SHAPES, SIZES, Scene, ShapeObject, render
+from .shapes import (BACKGROUNDS, BASE_SHAPES, COLOURS, PHRASES, POSITIONS, SHAPES, SIZES, Scene, ShapeObject,
+                     convex_hull, render)
 
 MIN_AREA = 20  # px; a small triangle covers ~98, a small star ~60
 
@@ -67,20 +68,10 @@ def _components(mask: np.ndarray) -> np.ndarray:
 
 
 def _hull_area(points: np.ndarray) -> float:
-    """Area of the convex hull of 2-D points (Andrew's monotone chain, then the shoelace formula)."""
-    pts = sorted(set(map(tuple, points)))
-    if len(pts) < 3:
+    """Area of the convex hull of 2-D points (the shoelace formula)."""
+    hull = convex_hull(points)
+    if len(hull) < 3:
         return 0.0
-
-    def half(seq):
-        out = []
-        for p in seq:
-            while len(out) >= 2 and (out[-1][0] - out[-2][0]) * (p[1] - out[-2][1]) - \
-                    (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0]) <= 0:
-                out.pop()
-            out.append(p)
-        return out
-    hull = half(pts)[:-1] + half(pts[::-1])[:-1]
     x, y = np.array(hull, dtype=float).T
     return 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
 

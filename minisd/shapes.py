@@ -103,6 +103,39 @@ def render(scene: Scene) -> Image.Image:
     return img.resize((SIZE, SIZE), Image.BOX)
 
 
+def convex_hull(points) -> list[tuple[float, float]]:
+    """Vertices of the convex hull of 2-D points, counter-clockwise (Andrew's monotone chain)."""
+    pts = sorted(set(map(tuple, points)))
+    if len(pts) < 3:
+        return pts
+
+    def half(seq):
+        out = []
+        for p in seq:
+            while len(out) >= 2 and (out[-1][0] - out[-2][0]) * (p[1] - out[-2][1]) - \
+                    (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0]) <= 0:
+                out.pop()
+            out.append(p)
+        return out
+    return half(pts)[:-1] + half(pts[::-1])[:-1]
+
+
+def notches(scene: Scene, side: int = SIZE) -> np.ndarray:
+    """(side, side): the share of each cell that lies inside an object's convex hull but outside the
+    object — a star's five notches; nothing for the convex base shapes. Drawn at 4× like `render`.
+    The star LoRA's loss weights these cells (finetune.py): they are what a small star loses first."""
+    S = SIZE * SUPERSAMPLE
+    img = Image.new("L", (S, S), 0)
+    draw = ImageDraw.Draw(img)
+    for obj in scene.objects:
+        cx, cy = (c * SUPERSAMPLE for c in obj.center)
+        poly = shape_polygon(obj.shape, cx, cy, SIZES[obj.size] * SUPERSAMPLE)
+        if poly is not None:
+            draw.polygon(convex_hull(poly), fill=255)
+            draw.polygon(poly, fill=0)
+    return np.asarray(img.resize((side, side), Image.BOX), dtype=np.float32) / 255
+
+
 def _overlap(a: ShapeObject, b: ShapeObject, margin: float = 2.0) -> bool:
     ha, hb = SIZES[a.size] / 2, SIZES[b.size] / 2
     return (abs(a.center[0] - b.center[0]) < ha + hb + margin) and (abs(a.center[1] - b.center[1]) < ha + hb + margin)

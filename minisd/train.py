@@ -352,16 +352,20 @@ def binding_accuracy(clip: CLIP, tok: Tokenizer, images, scenes, device, n: int 
 
 
 def diffusion_loss(unet: UNet, z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, context: torch.Tensor,
-                   alpha_bar: torch.Tensor, min_snr_gamma: float | None = 5.0, control=None) -> torch.Tensor:
+                   alpha_bar: torch.Tensor, min_snr_gamma: float | None = 5.0, control=None,
+                   weight: torch.Tensor | None = None) -> torch.Tensor:
     """The training objective: noise z₀ to z_t in one jump, predict ε, weighted squared error.
 
         z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε                      (the forward process, schedules.py eq. 2)
         L   = mean_b  w(t_b) · ‖ε_b − ε_θ(z_t, t_b, c_b)‖² / D
         w(t) = min(SNR(t), γ) / SNR(t)                  (Min-SNR-γ, Hang et al. 2023; None: w = 1, DDPM's)
+
+    `weight` (B, 1, h, w), optional: a weight per latent cell inside the norm (the star LoRA's notches).
     """
     a = alpha_bar[t].view(-1, 1, 1, 1)
     z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
-    per_sample = (unet(z_t, t, context, control=control) - eps).pow(2).mean(dim=(1, 2, 3))
+    err = (unet(z_t, t, context, control=control) - eps).pow(2)
+    per_sample = (err if weight is None else weight * err).mean(dim=(1, 2, 3))
     if min_snr_gamma is None:
         return per_sample.mean()
     s = snr(alpha_bar)[t]

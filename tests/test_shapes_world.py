@@ -36,6 +36,27 @@ def test_star_renders_and_is_recognised():
     assert (best[found.mask] == list(shapes.COLOURS).index("purple")).all()
 
 
+def test_notches_are_a_stars_hull_minus_the_star():
+    """`shapes.notches` (the star LoRA's loss weight): nothing for the convex base shapes; for a star, the
+    pentagon of its tips less the pentagram, as exact geometry says, inside the star's box."""
+    for shape in shapes.BASE_SHAPES:
+        scene = shapes.Scene("white", [shapes.ShapeObject("red", shape, "large", "center", (32, 32))])
+        assert shapes.notches(scene).sum() == 0
+    R = shapes.SIZES["small"] / 2  # outer radius; inner 0.382 R
+    hull = 2.5 * R**2 * np.sin(np.radians(72))                 # the regular pentagon through the tips
+    star = 5 * R * (0.382 * R) * np.sin(np.radians(36))        # ten triangles centre-tip-notch
+    scene = shapes.Scene("white", [shapes.ShapeObject("red", "star", "small", "left", (16, 32))])
+    shapes.render(scene)
+    full, latent = shapes.notches(scene), shapes.notches(scene, side=16)
+    print(f"notch area {full.sum():.1f} px (geometry {hull - star:.1f}); {latent.sum():.2f} latent cells")
+    # PIL fills a polygon with its outline: the star gains ~1/8 px along its 47-px perimeter at 4× supersampling
+    assert abs(full.sum() - (hull - star)) < 0.07 * (hull - star)
+    assert abs(latent.sum() * 16 - full.sum()) < 0.01 * full.sum()  # the same area in 8-bit latent cells
+    x0, y0, x1, y1 = scene.objects[0].bbox
+    assert full[y0:y1, x0:x1].sum() == pytest.approx(full.sum())
+    assert 0 < full.max() <= 1 and full[32, 16] == 0  # the centre is star, not notch
+
+
 def test_control_maps():
     scene = shapes.make_scene(3)
     for kind in ("edges", "mask"):

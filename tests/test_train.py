@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -49,6 +50,49 @@ def test_two_object_share_and_bf16_setting():
     assert use_bf16("no", cpu) is False and use_bf16("yes", cpu) is True
     with pytest.raises(ValueError, match="'maybe'"):
         use_bf16("maybe", cpu)
+
+
+def test_diffusion_loss_weight_per_latent_cell(tiny_pipe):
+    """`weight` (the star LoRA's notch weighting) scales each cell's squared error: ones change nothing,
+    and a weight on one cell adds exactly that cell's error."""
+    from minisd.train import diffusion_loss
+
+    torch.manual_seed(0)
+    unet = tiny_pipe.unet
+    z0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim)
+    t, alpha_bar = torch.tensor([100, 700]), tiny_pipe.scheduler.alphas_cumprod()
+    with torch.no_grad():
+        plain = diffusion_loss(unet, z0, t, eps, context, alpha_bar, None)
+        ones = diffusion_loss(unet, z0, t, eps, context, alpha_bar, None, weight=torch.ones(2, 1, 8, 8))
+        w = torch.ones(2, 1, 8, 8)
+        w[:, :, 3, 4] = 11
+        weighted = diffusion_loss(unet, z0, t, eps, context, alpha_bar, None, weight=w)
+        a = alpha_bar[t].view(-1, 1, 1, 1)
+        err = (unet(a.sqrt() * z0 + (1 - a).sqrt() * eps, t, context) - eps).pow(2)
+    assert torch.allclose(plain, ones)
+    assert torch.allclose(weighted, plain + 10 * err[:, :, 3, 4].sum(1).mean() / (4 * 8 * 8))
+
+
+def test_lora_loss_weights_look_at_notches_and_outlines():
+    """The star LoRA's loss weights: a star's notches and every object's outline weigh more, and each
+    picture's weights average 1 (star pictures do not outweigh the ordinary ones); 0, 0 is the plain loss."""
+    from minisd import shapes
+    from minisd.finetune import loss_weights
+
+    scenes = [shapes.Scene("white", [shapes.ShapeObject("blue", shape, "small", "left", (16, 32))])
+              for shape in ("star", "triangle")]
+    images = torch.stack([shapes.to_tensor(shapes.render(s)) for s in scenes])
+    quiet = lambda *_: None  # noqa: E731
+    assert torch.equal(loss_weights(scenes, images, 16, 0, 0, quiet), torch.ones(2, 1, 16, 16))
+    w = loss_weights(scenes, images, 16, 300, 100, quiet)
+    assert torch.allclose(w.mean(dim=(1, 2, 3)), torch.ones(2))
+    notched = loss_weights(scenes, images, 16, 300, 0, quiet)
+    assert torch.equal(notched[1], torch.ones(1, 16, 16))  # a triangle has no notches
+    star_cells = torch.from_numpy(shapes.notches(scenes[0], 16)) > 0
+    assert notched[0, 0][star_cells].min() > 1 > notched[0, 0][~star_cells].max()  # the weight moves onto them
+    y, x = divmod(int(w[1].argmax()), 16)  # the triangle's heaviest cell: on its outline (box x 9-23, y 25-39 px)
+    assert 9 <= 4 * x + 2 <= 23 and 25 <= 4 * y + 2 <= 39 and w[1, 0, y, x] > 1 > w[1, 0, 0, 15]  # not the corner
 
 
 def test_bf16_autocast_gradients_match_fp32(tiny_pipe):
@@ -128,7 +172,10 @@ def test_adapter_training_runs_saves_and_loads(tiny_folder, tmp_path):
     common = ["--model", str(tiny_folder), "--n-images", "24", "--steps", "3", "--batch", "4"]
     lora_dir = finetune_main(["lora", "--out", str(tmp_path / "lora"), "--work", str(tmp_path / "lw"), *common,
                               "--bf16", "yes"])
-    assert "lora: bfloat16 autocast" in (tmp_path / "lw" / "log.txt").read_text()
+    log = (tmp_path / "lw" / "log.txt").read_text()
+    assert "lora: bfloat16 autocast" in log
+    assert re.search(r"loss weights: 1 \+ 300 · notch \+ 100 · outline, averaging 1 a picture; "
+                     r"[1-9]\d* of 24 pictures with notches", log)  # AdapterConfig's defaults; stars among them
     cn_dir = finetune_main(["controlnet", "--out", str(tmp_path / "cn"), "--work", str(tmp_path / "cw"), *common])
     pipe = StableDiffusion.from_pretrained(tiny_folder, device="cpu")
     pipe.progress = False
