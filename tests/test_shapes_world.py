@@ -104,6 +104,25 @@ def test_shipped_tiny_model_follows_prompts(tiny):
     assert res["colour"] >= 0.8 and res["position"] >= 0.8 and res["shape"] >= 0.6 and res["size"] >= 0.7
 
 
+def test_shipped_star_lora_teaches_star(tiny):
+    """The shipped LoRA (data/tiny_star_lora) on half of `minisd eval --lora`'s prompts: stars from next to
+    none to most, the base shapes still right. The full table is in docs/adapters.md (2% -> 75% stars, base
+    shapes 97% -> 95%); thresholds sit below it."""
+    from minisd.pipeline import DATA
+
+    stars = ev.concept_prompts("star")[::2]                           # 30: every colour, both sizes
+    base = [p for p in ev.eval_prompts() if " and " not in p][::6]    # 30 of evaluate_lora's 60
+    before = ev.score(stars, ev.generate_for(tiny, stars))["one"]["shape"]
+    tiny.load_lora(DATA / "tiny_star_lora", name="star")
+    try:
+        after = ev.score(stars, ev.generate_for(tiny, stars))["one"]["shape"]
+        kept = ev.score(base, ev.generate_for(tiny, base))["one"]["shape"]
+    finally:
+        tiny.unload_lora("star")
+    print(f"star shape without the LoRA {before:.0%}, with it {after:.0%}; base shapes with it {kept:.0%}")
+    assert before <= 0.1 and after >= 0.6 and kept >= 0.85
+
+
 def test_evaluate_pools_noise_draws(tiny):
     """`draws=2` scores every prompt twice, the second time from seed + 1000: the mean of two one-draw runs."""
     prompts = ev.eval_prompts()[:180:45]  # 4 one-object prompts, 2 steps: only the bookkeeping is tested
