@@ -213,6 +213,7 @@ def train_adapter(cfg: AdapterConfig) -> Path:
         controls = torch.stack([shapes.to_tensor(shapes.control_map(s, cfg.control)) * 0.5 + 0.5 for s in scenes])
     log(f"data: {len(scenes)} scenes rendered and encoded in {time.time() - t0:.0f}s")
 
+    weights = None  # the LoRA's loss weight per latent cell (loss_weights); None: the plain loss
     if cfg.kind == "lora":
         roots = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
         loras = lora_lib.inject(roots, "train", cfg.rank, cfg.alpha, cfg.targets.split(","))
@@ -283,7 +284,7 @@ def train_adapter(cfg: AdapterConfig) -> Path:
             f = pipe.vae.config.downsampling
             mask_latent = torch.nn.functional.interpolate(mask, size=(shapes.SIZE // f, shapes.SIZE // f)).to(device)
             unet = _Inpainting(module, torch.cat([mask_latent, masked * pipe.vae.scaling_factor], dim=1))
-        weight = weights[idx].to(device) if cfg.kind == "lora" and (cfg.notch_weight or cfg.outline_weight) else None
+        weight = None if weights is None else weights[idx].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # the weights stay fp32
             loss = diffusion_loss(unet, z0, t, eps, context, alpha_bar, cfg.min_snr_gamma, weight=weight)
         opt.zero_grad(set_to_none=True)
