@@ -11,7 +11,7 @@ import time
 import torch
 
 from minisd import AutoencoderKL, TextEncoder, UNet
-from minisd.weights import fix_text_encoder_keys
+from minisd.formats.weights import fix_text_encoder_keys
 
 
 def reference_modules(cfg, device, dtype, seed: int = 0):

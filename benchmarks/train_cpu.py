@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import environment, paired_medians  # noqa: E402
 
 from minisd import StableDiffusion, UNet  # noqa: E402
-from minisd.train import diffusion_loss  # noqa: E402
+from minisd.shapes.train import diffusion_loss  # noqa: E402
 
 
 def attention_kernels(repeats: int) -> list[str]:

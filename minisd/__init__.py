@@ -5,18 +5,18 @@
     image = pipe("a red circle on the left", seed=0)[0]     # a list of PIL images
 """
 
-from .attention import attention, capture_attention
+from .nn.attention import attention, capture_attention
 from .canny import canny
-from .configs import SD15, TINY, ModelConfig
-from .controlnet import ControlNet, ControlNetConfig
-from .lora import LoRA
+from .models.configs import SD15, TINY, ModelConfig
+from .adapters.controlnet import ControlNet, ControlNetConfig
+from .adapters.lora import LoRA
 from .pipeline import StableDiffusion, save_single_file
-from .schedules import SchedulerConfig
-from .text_encoder import TextEncoder, TextEncoderConfig
-from .tokenizer import Tokenizer
-from .unet import UNet, UNetConfig
-from .vae import AutoencoderKL, VAEConfig
-from .weights import WeightsError
+from .diffusion.schedules import SchedulerConfig
+from .models.text_encoder import TextEncoder, TextEncoderConfig
+from .models.tokenizer import Tokenizer
+from .models.unet import UNet, UNetConfig
+from .models.vae import AutoencoderKL, VAEConfig
+from .formats.weights import WeightsError
 
 __version__ = "0.1.0"
 

@@ -58,7 +58,7 @@ def save_png(images, path: Path, parameters: str) -> list[Path]:
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
-    from .samplers import SAMPLERS
+    from .diffusion.samplers import SAMPLERS
 
     p.add_argument("prompt", help='what to draw, e.g. "a large red circle on the left"')
     p.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt (what to steer away from)")
@@ -89,7 +89,7 @@ def run_generation(args: argparse.Namespace, mode: str) -> None:
     import torch
 
     from .pipeline import StableDiffusion
-    from .samplers import get_sampler
+    from .diffusion.samplers import get_sampler
 
     get_sampler(args.sampler)  # unknown sampler: fail before loading anything
     if args.steps < 1:
@@ -164,12 +164,12 @@ def bench(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "train":  # the training script has its own options
-        from .train import main as train_main
+        from .shapes.train import main as train_main
 
         train_main(argv[1:])
         return 0
     if argv and argv[0] == "eval":
-        from .eval import main as eval_main
+        from .shapes.analyser import main as eval_main
 
         eval_main(argv[1:])
         return 0

@@ -82,7 +82,7 @@ def quantize_int8(model: nn.Module, mode: str = "weight-only", min_features: int
 # ─── attention ─────────────────────────────────────────────────────────────────────────────────────
 
 def _attentions(model: nn.Module):
-    from .attention import Attention
+    from .nn.attention import Attention
 
     return [m for m in model.modules() if isinstance(m, Attention)]
 

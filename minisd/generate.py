@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from . import samplers
-from .guidance import guided_eps
+from .diffusion import samplers
+from .diffusion.guidance import guided_eps
 
 if TYPE_CHECKING:
     from .pipeline import StableDiffusion
@@ -236,7 +236,7 @@ def generate(pipe: StableDiffusion, prompt: str | list[str], *, negative_prompt:
 
     control_fn = None
     if control:
-        from .controlnet import control_function
+        from .adapters.controlnet import control_function
 
         control_fn = control_function(pipe.controlnets, control, schedule.timesteps, B, uncond is not None,
                                       height, width, device, dtype)

@@ -15,15 +15,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import fast, weights
-from . import lora as lora_lib
-from .configs import ModelConfig
+from . import fast
+from .formats import weights
+from .adapters import lora as lora_lib
+from .models.configs import ModelConfig
 from .generate import generate
-from .schedules import SchedulerConfig
-from .text_encoder import TextEncoder
-from .tokenizer import Tokenizer
-from .unet import UNet
-from .vae import AutoencoderKL
+from .diffusion.schedules import SchedulerConfig
+from .models.text_encoder import TextEncoder
+from .models.tokenizer import Tokenizer
+from .models.unet import UNet
+from .models.vae import AutoencoderKL
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 TINY_PATH = DATA / "tiny"
@@ -179,7 +180,7 @@ class StableDiffusion:
         guidance_scale 1 turns classifier-free guidance off (one U-Net pass per step); a negative
         prompt replaces the empty prompt of the unconditional branch. `latents`: the initial noise
         (B, 4, h, w) before scaling by the sampler's initial σ. `callback(step, t, latents)` runs after
-        every step. Samplers: see `minisd.samplers.SAMPLERS`."""
+        every step. Samplers: see `minisd.diffusion.samplers.SAMPLERS`."""
         return generate(self, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                         guidance_scale=guidance_scale, height=height, width=width, sampler=sampler, karras=karras,
                         eta=eta, seed=seed, generator=generator, latents=latents,
@@ -206,13 +207,13 @@ class StableDiffusion:
                         keep_unmasked=keep_unmasked, **self._split(kwargs))
 
     def _split(self, kwargs: dict) -> dict:
-        from .controlnet import CONTROL_ARGUMENTS
+        from .adapters.controlnet import CONTROL_ARGUMENTS
 
         control = {k: kwargs.pop(k) for k in list(kwargs) if k in CONTROL_ARGUMENTS}
         return {**kwargs, **self._control(control)}
 
     def _control(self, control_kwargs: dict) -> dict:
-        from .controlnet import CONTROL_ARGUMENTS
+        from .adapters.controlnet import CONTROL_ARGUMENTS
 
         unknown = sorted(set(control_kwargs) - set(CONTROL_ARGUMENTS))
         if unknown:
@@ -274,7 +275,7 @@ class StableDiffusion:
         .pth/.safetensors, a Hub id, or a `ControlNet` object. Every later generation call then takes
         control_image=…, controlnet_scale, control_start/control_end and guess_mode; with several
         ControlNets, control_image (and controlnet_scale) are lists, one entry per ControlNet."""
-        from .controlnet import ControlNet, load_controlnet
+        from .adapters.controlnet import ControlNet, load_controlnet
 
         cn = source if isinstance(source, ControlNet) else load_controlnet(source, self.unet)
         if cn.config.unet.block_out_channels != self.unet.config.block_out_channels:

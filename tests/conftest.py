@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from minisd import ModelConfig, SchedulerConfig, StableDiffusion, TextEncoderConfig, UNetConfig, VAEConfig
-from minisd.tokenizer import build_word_tokenizer
+from minisd.models.tokenizer import build_word_tokenizer
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore", category=FutureWarning)

@@ -10,8 +10,8 @@ from conftest import report
 from PIL import Image
 
 from minisd import StableDiffusion, WeightsError, canny
-from minisd.controlnet import ControlNet, load_controlnet, original_prefix_table, save_controlnet
-from minisd.weights import _rename
+from minisd.adapters.controlnet import ControlNet, load_controlnet, original_prefix_table, save_controlnet
+from minisd.formats.weights import _rename
 
 diffusers = pytest.importorskip("diffusers")
 

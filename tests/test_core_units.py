@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from minisd import SD15, TINY, ModelConfig, UNetConfig, attention, capture_attention
-from minisd.attention import attention_probs
-from minisd.samplers import make_schedule
-from minisd.schedules import SchedulerConfig, alphas_cumprod, cosine_betas, q_sample, q_step, snr
+from minisd import SD15, TINY, ModelConfig, UNetConfig, capture_attention
+from minisd import attention
+from minisd.nn.attention import attention_probs
+from minisd.diffusion.samplers import make_schedule
+from minisd.diffusion.schedules import SchedulerConfig, alphas_cumprod, cosine_betas, q_sample, q_step, snr
 
 
 @pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
@@ -105,8 +106,8 @@ def test_configs_round_trip_and_presets():
 def test_ddpm_clip_sample_keeps_x0_in_the_data_range():
     """Pixel-space DDPMs clip x̂₀ to [-1, 1] (diffusers' clip_sample): with a network that predicts
     ε = 0, x̂₀ = z/√ᾱ explodes at high noise; clipped, the last step lands in range."""
-    from minisd import samplers
-    from minisd.schedules import SchedulerConfig
+    from minisd.diffusion import samplers
+    from minisd.diffusion.schedules import SchedulerConfig
 
     cfg = SchedulerConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, timestep_spacing="leading",
                           steps_offset=0)

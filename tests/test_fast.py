@@ -111,7 +111,7 @@ def test_model_cpu_offload_moves_one_component_at_a_time(tiny, reference):
 
 
 def test_timesteps_on_the_device_give_the_same_steps(tiny):
-    from minisd.guidance import guided_eps
+    from minisd.diffusion.guidance import guided_eps
 
     cond, uncond = tiny.encode_prompt(PROMPTS)
     ts = torch.tensor([981.0, 961.0])

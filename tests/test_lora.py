@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from minisd import StableDiffusion, WeightsError
-from minisd import lora as L
+from minisd.adapters import lora as L
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")  # diffusers loads LoRAs through PEFT
@@ -27,7 +27,7 @@ def random_kohya(pipe: StableDiffusion, rank=4, alpha=2.0, seed=0, text_encoder=
     roots = [("lora_unet_", pipe.unet, UNET_TARGETS)] + ([("lora_te_", pipe.text_encoder, TE_TARGETS)] if text_encoder else [])
     names = {}
     if ldm_names:
-        from minisd.weights import _rename, unet_prefix_table
+        from minisd.formats.weights import _rename, unet_prefix_table
 
         paths = [n for n, m in pipe.unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
         ldm = _rename({p + ".weight": None for p in paths}, unet_prefix_table(pipe.unet.config), "", reverse=True)

@@ -10,7 +10,7 @@ import torch
 from conftest import TEST, report
 
 from minisd import SD15, AutoencoderKL, TextEncoder, UNet
-from minisd.weights import fix_text_encoder_keys
+from minisd.formats.weights import fix_text_encoder_keys
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")

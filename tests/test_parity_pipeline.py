@@ -12,7 +12,7 @@ from conftest import TEST, report
 from PIL import Image
 
 from minisd import StableDiffusion
-from minisd.samplers import SAMPLERS
+from minisd.diffusion.samplers import SAMPLERS
 
 diffusers = pytest.importorskip("diffusers")
 

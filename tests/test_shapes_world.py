@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from minisd import StableDiffusion, shapes
-from minisd import eval as ev
+from minisd.shapes import analyser as ev
 from minisd.cli import main as cli
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from minisd import StableDiffusion
-from minisd.train import batch_indices, use_bf16
-from minisd.train import main as train_main
+from minisd.shapes.train import batch_indices, use_bf16
+from minisd.shapes.train import main as train_main
 
 SMALL = ["--n-images", "120", "--vae-steps", "4", "--vae-batch", "8", "--vae-decoder-steps", "0", "--vae-contrast-steps", "0",
          "--clip-steps", "4", "--clip-batch", "16",
@@ -55,7 +55,7 @@ def test_two_object_share_and_bf16_setting():
 def test_diffusion_loss_weight_per_latent_cell(tiny_pipe):
     """`weight` (the star LoRA's notch weighting) scales each cell's squared error: ones change nothing,
     and a weight on one cell adds exactly that cell's error."""
-    from minisd.train import diffusion_loss
+    from minisd.shapes.train import diffusion_loss
 
     torch.manual_seed(0)
     unet = tiny_pipe.unet
@@ -78,7 +78,7 @@ def test_lora_loss_weights_look_at_notches_and_outlines():
     """The star LoRA's loss weights: a star's notches and every object's outline weigh more, and each
     picture's weights average 1 (star pictures do not outweigh the ordinary ones); 0, 0 is the plain loss."""
     from minisd import shapes
-    from minisd.finetune import loss_weights
+    from minisd.shapes.finetune import loss_weights
 
     scenes = [shapes.Scene("white", [shapes.ShapeObject("blue", shape, "small", "left", (16, 32))])
               for shape in ("star", "triangle")]
@@ -97,7 +97,7 @@ def test_lora_loss_weights_look_at_notches_and_outlines():
 
 def test_bf16_autocast_gradients_match_fp32(tiny_pipe):
     """`--bf16`: the U-Net's forward under bfloat16 autocast gives nearly fp32's loss and gradients."""
-    from minisd.train import diffusion_loss
+    from minisd.shapes.train import diffusion_loss
 
     torch.manual_seed(0)
     unet = tiny_pipe.unet
@@ -153,7 +153,7 @@ def test_clip_hard_negatives_swap_exactly_one_attribute():
     import numpy as np
 
     from minisd import shapes
-    from minisd.train import captions_with_negatives
+    from minisd.shapes.train import captions_with_negatives
 
     scenes = [shapes.make_scene(i) for i in range(200)]
     captions, negatives = captions_with_negatives(scenes, list(range(200)), np.random.default_rng(0))
@@ -166,8 +166,8 @@ def test_clip_hard_negatives_swap_exactly_one_attribute():
 
 def test_adapter_training_runs_saves_and_loads(tiny_folder, tmp_path):
     """`minisd train lora|controlnet`: a few steps on the small SD-1.5-layout model, files the loaders read."""
-    from minisd.finetune import AdapterConfig
-    from minisd.finetune import main as finetune_main
+    from minisd.shapes.finetune import AdapterConfig
+    from minisd.shapes.finetune import main as finetune_main
 
     common = ["--model", str(tiny_folder), "--n-images", "24", "--steps", "3", "--batch", "4"]
     lora_dir = finetune_main(["lora", "--out", str(tmp_path / "lora"), "--work", str(tmp_path / "lw"), *common,
@@ -199,7 +199,7 @@ def test_lora_training_can_include_the_text_encoder(tiny_folder, tmp_path):
     """--te-targets: LoRAs on the text encoder too (kohya's lora_te_), trained, saved in both layouts, loaded."""
     from safetensors.torch import load_file
 
-    from minisd.finetune import main as finetune_main
+    from minisd.shapes.finetune import main as finetune_main
 
     out = finetune_main(["lora", "--model", str(tiny_folder), "--n-images", "24", "--steps", "3", "--batch", "4",
                          "--out", str(tmp_path / "lora"), "--work", str(tmp_path / "lw"), "--targets", "to_k,to_v",
@@ -220,8 +220,8 @@ def test_lora_training_can_include_the_text_encoder(tiny_folder, tmp_path):
 def test_inpainting_model_starts_as_the_base_model_and_trains(tiny_folder, tmp_path):
     """`minisd train inpaint`: conv_in widened to 9 channels with zero weights (so it predicts what the
     base U-Net predicts, whatever the mask), then a few steps, saved as a pipeline the loader reads."""
-    from minisd.finetune import inpainting_unet, random_masks
-    from minisd.finetune import main as finetune_main
+    from minisd.shapes.finetune import inpainting_unet, random_masks
+    from minisd.shapes.finetune import main as finetune_main
 
     base = StableDiffusion.from_pretrained(tiny_folder, device="cpu")
     unet9 = inpainting_unet(base.unet)
@@ -284,7 +284,7 @@ def test_vae_clutter_mixes_random_polygons_into_vae_batches(tmp_path):
 
 def test_edge_weighted_reconstruction_loss():
     from minisd import shapes
-    from minisd.train import edge_map, reconstruction_loss
+    from minisd.shapes.train import edge_map, reconstruction_loss
 
     x = shapes.to_tensor(shapes.render(shapes.make_scene(3)))[None]
     edges = edge_map(x)
@@ -304,7 +304,7 @@ def test_edge_weighted_reconstruction_loss():
 def test_vae_decoder_phase_trains_the_decoder_alone(tmp_path):
     """`--vae-decoder-steps`: after the joint steps only the decoder moves, so the latents (and a U-Net
     trained on them) stay valid — SD's ft-MSE decoder was made the same way."""
-    from minisd.train import load_checkpoint
+    from minisd.shapes.train import load_checkpoint
 
     work, args = tmp_path / "work", ["--out", str(tmp_path / "model"), *SMALL[:10], "--vae-clutter", "0"]
     train_main(["vae", "--work", str(work), *args, *AFTER_VAE])
@@ -320,7 +320,7 @@ def test_vae_decoder_phase_trains_the_decoder_alone(tmp_path):
 
 
 def test_over_contrast_scales_each_pictures_contrast_and_keeps_its_mean():
-    from minisd.train import over_contrast
+    from minisd.shapes.train import over_contrast
 
     z = torch.randn(64, 4, 16, 16)
     same = over_contrast(z, 1.3, torch.Generator().manual_seed(0), share=0.0)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import minisd
 from minisd import StableDiffusion, WeightsError, save_single_file
-from minisd.weights import convert_single_file, read_state_dict
+from minisd.formats.weights import convert_single_file, read_state_dict
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "sd15_single_file_keys.json"
 
@@ -167,7 +167,7 @@ def test_lightning_ckpt_with_ema_and_schedule_buffers(tiny_pipe, tmp_path):
     single = tmp_path / "model.safetensors"
     save_single_file(tiny_pipe, single)
     sd = load_file(single)
-    from minisd.schedules import SchedulerConfig
+    from minisd.diffusion.schedules import SchedulerConfig
 
     sd["betas"] = SchedulerConfig().betas()
     sd["alphas_cumprod"] = SchedulerConfig().alphas_cumprod()
@@ -320,7 +320,7 @@ def test_long_prompt_warns_and_truncates():
 
 def test_every_shapes_world_word_is_one_token(tmp_path):
     from minisd import shapes
-    from minisd.tokenizer import build_word_tokenizer
+    from minisd.models.tokenizer import build_word_tokenizer
 
     tok = build_word_tokenizer(shapes.VOCABULARY, tmp_path)
     for word in shapes.VOCABULARY:

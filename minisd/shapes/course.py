@@ -1,6 +1,6 @@
 """Helpers the notebooks share: which model to use, and a fixed seed.
 
-    from minisd import course
+    from minisd.shapes import course
     pipe = course.model()          # the shipped tiny model, or the real one named by $MINISD_MODEL
 
 `MINISD_MODEL` unset -> the shapes-world model ("tiny", CPU, seconds). Set it to a diffusers folder,
@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from .pipeline import StableDiffusion
+from ..pipeline import StableDiffusion
 
 
 def model_name() -> str:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .text_encoder import TextEncoder, TextEncoderConfig
+from ..models.text_encoder import TextEncoder, TextEncoderConfig
 
 
 class ImageTower(nn.Module):

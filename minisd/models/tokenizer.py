@@ -21,7 +21,7 @@ from pathlib import Path
 from torch import Tensor
 
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .schedules import SchedulerConfig
-from .unet import UNet
+from ..diffusion.schedules import SchedulerConfig
+from ..models.unet import UNet
 
 ControlFn = Callable[[Tensor, Tensor, Tensor], tuple[list[Tensor], Tensor] | None]
 

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import weights
-from .layers import TimestepEmbedding, timestep_embedding
-from .unet import DownBlock, MidBlock, UNet, UNetConfig
+from ..formats import weights
+from ..nn.layers import TimestepEmbedding, timestep_embedding
+from ..models.unet import DownBlock, MidBlock, UNet, UNetConfig
 
 
 @dataclass(frozen=True)

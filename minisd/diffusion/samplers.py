@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .schedules import SchedulerConfig
+from ..diffusion.schedules import SchedulerConfig
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]              # (z_t, t) -> ε̂
 DenoiseFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x, σ, t) -> x̂₀

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import attention
+from ..nn.attention import attention
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from .schedules import SchedulerConfig
-from .text_encoder import TextEncoderConfig
-from .unet import UNetConfig
-from .vae import VAEConfig
+from ..diffusion.schedules import SchedulerConfig
+from ..models.text_encoder import TextEncoderConfig
+from ..models.unet import UNetConfig
+from ..models.vae import VAEConfig
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from .shapes import (BACKGROUNDS, BASE_SHAPES, COLOURS, PHRASES, POSITIONS, SHAPES, SIZES, Scene, ShapeObject,
+from .world import (BACKGROUNDS, BASE_SHAPES, COLOURS, PHRASES, POSITIONS, SHAPES, SIZES, Scene, ShapeObject,
                      convex_hull, render)
 
 MIN_AREA = 20  # px; a small triangle covers ~98, a small star ~60
@@ -199,7 +199,7 @@ def concept_prompts(shape: str = "star") -> list[str]:
 
 def layout_scenes(n: int = 60, seed: int = 7_000_000) -> list[Scene]:
     """Held-out layouts for ControlNet: scenes from seeds no training run uses."""
-    from .shapes import make_scene
+    from .world import make_scene
 
     return [make_scene(seed + i) for i in range(n)]
 
@@ -218,7 +218,7 @@ def foreground(image) -> np.ndarray:
 
 def layout_iou(image, scene: Scene) -> float:
     """Intersection over union of the picture's foreground and the scene's object mask."""
-    from .shapes import control_map
+    from .world import control_map
 
     want = np.asarray(control_map(scene, "mask").convert("L")) > 127
     got = foreground(image)
@@ -385,7 +385,7 @@ def evaluate_controlnet(pipe, controlnet, kind: str = "edges", n: int = 60, scal
     cover the layout's objects (mean IoU; placed = IoU ≥ 0.5), without and with the ControlNet."""
     import torch
 
-    from .shapes import control_map
+    from .world import control_map
 
     scenes = layout_scenes(n)
     prompts = [layout_prompt(s) for s in scenes]
@@ -420,7 +420,7 @@ def inpaint_tasks(n: int = 60, seed: int = 9_000_000) -> list[InpaintTask]:
     """Held-out two-object scenes (seeds no training run uses), alternately replacing the first and second object."""
     import copy
 
-    from .shapes import make_scene
+    from .world import make_scene
 
     rng = np.random.default_rng(seed)
     tasks, i = [], 0
@@ -472,7 +472,7 @@ def evaluate_vae(pipe, shape_names=("circle", "square", "triangle", "star")) -> 
     shape accuracy by size, and the mean |error| of the round trip in [0, 1]."""
     import torch
 
-    from .shapes import to_tensor
+    from .world import to_tensor
 
     out = {}
     for shape in shape_names:
@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> dict:
     import json
     import time
 
-    from .pipeline import StableDiffusion
+    from ..pipeline import StableDiffusion
 
     ap = argparse.ArgumentParser(prog="minisd eval", description="Prompt adherence on the shapes world: "
                                  "per-factor accuracy over the fixed prompt list (240 prompts).")

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .weights import WeightsError, _few, _rename, read_metadata, read_state_dict, unet_prefix_table, write_safetensors
+from ..formats.weights import WeightsError, _few, _rename, read_metadata, read_state_dict, unet_prefix_table, write_safetensors
 
 # Where LoRA training puts adapters by default: every attention projection of the U-Net.
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")

@@ -1,7 +1,7 @@
 """Training the shapes-world Stable Diffusion, from nothing, in one flat script (nanoGPT-style).
 
-    python -m minisd.train all --out data/tiny          # the recipe of the shipped model
-    python -m minisd.train unet --resume                # continue one stage
+    python -m minisd.shapes.train all --out data/tiny          # the recipe of the shipped model
+    python -m minisd.shapes.train unet --resume                # continue one stage
 
 The recipe, in the order SD itself was built:
   1. data   — scenes rendered by `minisd.shapes` (the base shapes only: `star` is held out)
@@ -34,15 +34,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import shapes
+from . import world
 from .clip import CLIP
-from .configs import TINY, ModelConfig
-from .pipeline import StableDiffusion
-from .schedules import snr
-from .text_encoder import TextEncoder
-from .tokenizer import Tokenizer, build_word_tokenizer
-from .unet import UNet
-from .vae import AutoencoderKL
+from ..models.configs import TINY, ModelConfig
+from ..pipeline import StableDiffusion
+from ..diffusion.schedules import snr
+from ..models.text_encoder import TextEncoder
+from ..models.tokenizer import Tokenizer, build_word_tokenizer
+from ..models.unet import UNet
+from ..models.vae import AutoencoderKL
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class TrainConfig:
     vae_batch: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6           # SD used 1e-6 too: latents stay informative, the KL only keeps them tame
-    vae_clutter: float = 0.25         # share of each VAE batch drawn from shapes.clutter (random polygons)
+    vae_clutter: float = 0.25         # share of each VAE batch drawn from world.clutter (random polygons)
     vae_spiky: float = 0.5            # share of clutter polygons drawn with thin points (3, 4, 6, 7 or 8; never 5)
     vae_edge_weight: float = 10.0     # extra weight of pixels on object outlines (0: plain L1 + MSE)
     vae_decoder_steps: int = 600      # then the decoder alone, the encoder (and so every latent) final, as SD's
@@ -152,8 +152,8 @@ def make_data(cfg: TrainConfig, log: Log):
     """Render the training scenes once: images as uint8 (N, 3, 64, 64), and the scenes themselves,
     whose captions are re-drawn every time they are used (which attributes get named varies)."""
     t0 = time.time()
-    scenes = [shapes.make_scene(cfg.seed * 10_000_000 + i) for i in range(cfg.n_images)]
-    images = torch.stack([torch.from_numpy(np.array(shapes.render(s))).permute(2, 0, 1) for s in scenes])
+    scenes = [world.make_scene(cfg.seed * 10_000_000 + i) for i in range(cfg.n_images)]
+    images = torch.stack([torch.from_numpy(np.array(world.render(s))).permute(2, 0, 1) for s in scenes])
     log(f"data: {len(scenes)} scenes rendered in {time.time() - t0:.0f}s")
     return images, scenes
 
@@ -168,7 +168,7 @@ def captions_for(scenes, idx, rng: np.random.Generator, dropout: float = 0.0) ->
         if dropout and rng.random() < dropout:
             out.append("")
         else:
-            out.append(shapes.make_caption(copy.copy(scenes[i]), rng))
+            out.append(world.make_caption(copy.copy(scenes[i]), rng))
     return out
 
 
@@ -179,7 +179,7 @@ def captions_with_negatives(scenes, idx, rng: np.random.Generator) -> tuple[list
     for i in idx:
         scene = scenes[i]
         seed = int(rng.integers(2**31))
-        captions.append(shapes.make_caption(copy.copy(scene), np.random.default_rng(seed)))
+        captions.append(world.make_caption(copy.copy(scene), np.random.default_rng(seed)))
         if len(scene.objects) != 2:
             continue
         a, b = scene.objects
@@ -190,7 +190,7 @@ def captions_with_negatives(scenes, idx, rng: np.random.Generator) -> tuple[list
         setattr(b2, field, getattr(a, field))
         wrong = copy.copy(scene)
         wrong.objects = [a2, b2]
-        negatives.append(shapes.make_caption(wrong, np.random.default_rng(seed)))
+        negatives.append(world.make_caption(wrong, np.random.default_rng(seed)))
     return captions, negatives
 
 
@@ -240,7 +240,7 @@ def train_vae(cfg: TrainConfig, mcfg: ModelConfig, images, log: Log) -> Autoenco
     g = torch.Generator().manual_seed(cfg.seed + 1)
     n_clutter = round(cfg.vae_batch * cfg.vae_clutter)
     if n_clutter:  # generic shapes for the VAE alone (never a star, never seen by CLIP or the U-Net)
-        extra = torch.stack([torch.from_numpy(np.array(shapes.clutter(900_000_000 + i, cfg.vae_spiky))).permute(2, 0, 1)
+        extra = torch.stack([torch.from_numpy(np.array(world.clutter(900_000_000 + i, cfg.vae_spiky))).permute(2, 0, 1)
                              for i in range(max(len(images) // 4, 1))])
         log(f"vae: {n_clutter} of every {cfg.vae_batch} pictures from {len(extra)} clutter pictures")
     last_save = time.time()
@@ -534,7 +534,7 @@ def main(argv: list[str] | None = None) -> None:
         return out
 
     device = torch.device(cfg.device)
-    tok = build_word_tokenizer(shapes.VOCABULARY, work / "tokenizer")
+    tok = build_word_tokenizer(world.VOCABULARY, work / "tokenizer")
     mcfg = model_config(tok)
     images, scenes = timed("data", make_data, cfg, log)
 

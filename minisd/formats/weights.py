@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .schedules import SchedulerConfig
-from .text_encoder import TextEncoderConfig
-from .unet import UNetConfig
-from .vae import VAEConfig
+from ..diffusion.schedules import SchedulerConfig
+from ..models.text_encoder import TextEncoderConfig
+from ..models.unet import UNetConfig
+from ..models.vae import VAEConfig
 
 StateDict = dict[str, Tensor]
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
@@ -371,12 +371,12 @@ class Components:
 
 def convert_single_file(sd: StateDict, source: str, metadata: dict[str, str] | None = None) -> Components:
     """An LDM single-file state dict -> minisd components (configs read off the shapes)."""
-    from .configs import SD15
+    from ..models.configs import SD15
 
     detect_model_type(sd, source)
     base = SD15
     if metadata and "minisd_config" in metadata:  # written by minisd.save_single_file
-        from .configs import ModelConfig
+        from ..models.configs import ModelConfig
 
         base = ModelConfig.from_json(metadata["minisd_config"])
     unet_keys = [k for k in sd if k.startswith(UNET_PREFIX)]

@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import lora as lora_lib
-from . import shapes
-from .controlnet import ControlNet, save_controlnet
-from .pipeline import StableDiffusion
+from ..adapters import lora as lora_lib
+from . import world
+from ..adapters.controlnet import ControlNet, save_controlnet
+from ..pipeline import StableDiffusion
 from .train import Log, diffusion_loss, edge_map, lr_at, resume, save_checkpoint, use_bf16
 
 
@@ -79,7 +79,7 @@ class AdapterConfig:
     # Where the loss looks. A plain loss averages over every latent number; a small star's five notches are about
     # 4 of the 256 cells and weigh nothing, so the base model's habit of filling them in costs the LoRA nothing to
     # keep. Each cell's squared error is weighted 1 + notch_weight · its share of notch (inside an object's convex
-    # hull, outside the object: shapes.notches, none for the convex base shapes) + outline_weight · its share of
+    # hull, outside the object: world.notches, none for the convex base shapes) + outline_weight · its share of
     # outline (train.edge_map, every object: the ordinary half's shapes are guarded as hard as the stars'
     # notches), and each picture's weights are scaled to average 1, so star pictures do not outweigh the
     # ordinary half. 0, 0: the plain loss. Small stars drawn: 21 of 90 plain, 50-58 so (star shape 62 -> 76-81%,
@@ -87,7 +87,7 @@ class AdapterConfig:
     notch_weight: float = 300.0
     outline_weight: float = 100.0
     # ControlNet
-    control: str = "edges"            # "edges" or "mask" (shapes.control_map)
+    control: str = "edges"            # "edges" or "mask" (world.control_map)
     checkpoint_minutes: float = 5.0
 
     def paths(self) -> tuple[Path, Path]:
@@ -96,25 +96,25 @@ class AdapterConfig:
         return Path(self.out or f"data/{name}"), Path(self.work or f"runs/{self.kind}")
 
 
-def lora_scenes(cfg: AdapterConfig) -> list[shapes.Scene]:
+def lora_scenes(cfg: AdapterConfig) -> list[world.Scene]:
     """Half the scenes made of the concept only, half ordinary (base shapes): learn one, forget none."""
     rng_seed = 50_000_000 + cfg.seed * 1_000_000  # far from the base training seeds
-    return [shapes.make_scene(rng_seed + i, shapes=(cfg.concept,) if i % 2 == 0 else shapes.BASE_SHAPES)
+    return [world.make_scene(rng_seed + i, shapes=(cfg.concept,) if i % 2 == 0 else world.BASE_SHAPES)
             for i in range(cfg.n_images)]
 
 
-def controlnet_scenes(cfg: AdapterConfig) -> list[shapes.Scene]:
-    return [shapes.make_scene(60_000_000 + cfg.seed * 1_000_000 + i) for i in range(cfg.n_images)]
+def controlnet_scenes(cfg: AdapterConfig) -> list[world.Scene]:
+    return [world.make_scene(60_000_000 + cfg.seed * 1_000_000 + i) for i in range(cfg.n_images)]
 
 
-def inpaint_scenes(cfg: AdapterConfig) -> list[shapes.Scene]:
-    return [shapes.make_scene(80_000_000 + cfg.seed * 1_000_000 + i) for i in range(cfg.n_images)]
+def inpaint_scenes(cfg: AdapterConfig) -> list[world.Scene]:
+    return [world.make_scene(80_000_000 + cfg.seed * 1_000_000 + i) for i in range(cfg.n_images)]
 
 
-def random_masks(scenes: list[shapes.Scene], idx: list[int], rng: np.random.Generator) -> torch.Tensor:
+def random_masks(scenes: list[world.Scene], idx: list[int], rng: np.random.Generator) -> torch.Tensor:
     """(B, 1, 64, 64) of 0/1, white = repaint: a quarter everything (the model must still draw from
     text alone), half one object's box grown by a few pixels (repaint an object), a quarter a random box."""
-    masks = torch.zeros(len(idx), 1, shapes.SIZE, shapes.SIZE)
+    masks = torch.zeros(len(idx), 1, world.SIZE, world.SIZE)
     for b, i in enumerate(idx):
         r = rng.random()
         if r < 0.25:
@@ -126,7 +126,7 @@ def random_masks(scenes: list[shapes.Scene], idx: list[int], rng: np.random.Gene
             x0, y0, x1, y1 = x0 - grow, y0 - grow, x1 + grow, y1 + grow
         else:
             w, h = rng.integers(12, 48, size=2)
-            x0, y0 = int(rng.integers(0, shapes.SIZE - w)), int(rng.integers(0, shapes.SIZE - h))
+            x0, y0 = int(rng.integers(0, world.SIZE - w)), int(rng.integers(0, world.SIZE - h))
             x1, y1 = x0 + int(w), y0 + int(h)
         masks[b, :, max(y0, 0):y1, max(x0, 0):x1] = 1
     return masks
@@ -137,7 +137,7 @@ def inpainting_unet(unet):
     the mask and masked picture and predicts exactly what the base model does."""
     from dataclasses import replace as dc_replace
 
-    from .unet import UNet
+    from ..models.unet import UNet
 
     new = UNet(dc_replace(unet.config, in_channels=9)).to(unet.conv_in.weight.device)
     state = unet.state_dict()
@@ -158,11 +158,11 @@ class _Inpainting(torch.nn.Module):
         return self.unet(torch.cat([z_t, self.extra], dim=1), t, context)
 
 
-def loss_weights(scenes: list[shapes.Scene], images: torch.Tensor, side: int, notch: float, outline: float,
+def loss_weights(scenes: list[world.Scene], images: torch.Tensor, side: int, notch: float, outline: float,
                  log=print) -> torch.Tensor:
     """(N, 1, side, side): each latent cell's weight in the LoRA's loss (AdapterConfig.notch_weight): 1 + notch ·
     its share of notch + outline · its share of outline, scaled to average 1 over each picture."""
-    notches = torch.from_numpy(np.stack([shapes.notches(s, side) for s in scenes]))[:, None]
+    notches = torch.from_numpy(np.stack([world.notches(s, side) for s in scenes]))[:, None]
     outlines = F.avg_pool2d(edge_map(images), images.shape[-1] // side)
     w = 1 + notch * notches + outline * outlines
     notched = int((notches.flatten(1) > 0).any(1).sum())
@@ -206,11 +206,11 @@ def train_adapter(cfg: AdapterConfig) -> Path:
 
     t0 = time.time()
     scenes = {"lora": lora_scenes, "controlnet": controlnet_scenes, "inpaint": inpaint_scenes}[cfg.kind](cfg)
-    images = torch.stack([shapes.to_tensor(shapes.render(s)) for s in scenes])
+    images = torch.stack([world.to_tensor(world.render(s)) for s in scenes])
     means, stds = encode_all(pipe, images)
     controls = None
     if cfg.kind == "controlnet":
-        controls = torch.stack([shapes.to_tensor(shapes.control_map(s, cfg.control)) * 0.5 + 0.5 for s in scenes])
+        controls = torch.stack([world.to_tensor(world.control_map(s, cfg.control)) * 0.5 + 0.5 for s in scenes])
     log(f"data: {len(scenes)} scenes rendered and encoded in {time.time() - t0:.0f}s")
 
     weights = None  # the LoRA's loss weight per latent cell (loss_weights); None: the plain loss
@@ -266,7 +266,7 @@ def train_adapter(cfg: AdapterConfig) -> Path:
         idx = torch.randint(0, len(scenes), (cfg.batch,), generator=g)
         z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)).to(device) * pipe.vae.scaling_factor
         # ControlNet: captions never say where things are, and half are empty — only the map knows
-        captions = ["" if rng.random() < dropout else shapes.make_caption(copy.copy(scenes[i]), rng,
+        captions = ["" if rng.random() < dropout else world.make_caption(copy.copy(scenes[i]), rng,
                                                                           positions=cfg.kind != "controlnet")
                     for i in idx.tolist()]
         with torch.set_grad_enabled(cfg.kind == "lora" and bool(cfg.te_targets)):  # frozen unless it has LoRAs
@@ -282,7 +282,7 @@ def train_adapter(cfg: AdapterConfig) -> Path:
             with torch.no_grad():
                 masked = pipe.vae.encode((images[idx] * (mask < 0.5)).to(device)).sample(g)
             f = pipe.vae.config.downsampling
-            mask_latent = torch.nn.functional.interpolate(mask, size=(shapes.SIZE // f, shapes.SIZE // f)).to(device)
+            mask_latent = torch.nn.functional.interpolate(mask, size=(world.SIZE // f, world.SIZE // f)).to(device)
             unet = _Inpainting(module, torch.cat([mask_latent, masked * pipe.vae.scaling_factor], dim=1))
         weight = None if weights is None else weights[idx].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # the weights stay fp32

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import Attention
-from .layers import Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, timestep_embedding
+from ..nn.attention import Attention
+from ..nn.layers import Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, timestep_embedding
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import Attention
-from .layers import Downsample2D, ResnetBlock2D, Upsample2D
+from ..nn.attention import Attention
+from ..nn.layers import Downsample2D, ResnetBlock2D, Upsample2D
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Weight files: safe reading, strict loading, diffusers folders and the original single-file layout."""

@@ -1,0 +1,1 @@
+"""Building blocks shared by every model: attention, ResNet blocks, up/down-sampling, timestep embeddings."""

@@ -1,0 +1,20 @@
+"""The shapes world: the miniature Stable Diffusion that minisd trains and ships.
+
+    world.py      the data: scenes of coloured shapes, their captions, renders, control maps
+    analyser.py   prompt adherence read from pictures (`minisd eval`), without the model under test
+    clip.py       the tiny CLIP that trains the text encoder
+    train.py      `minisd train` for the base model (VAE, CLIP, U-Net)
+    finetune.py   `minisd train lora|controlnet|inpaint`
+    course.py     what the notebooks share: the model to use, seeds
+
+It builds on the library (minisd.models, minisd.pipeline, ...); nothing in the library imports it.
+`from minisd import shapes` gives the world's vocabulary and rendering (the names of world.py).
+"""
+
+from .world import (BACKGROUNDS, BASE_SHAPES, COLOURS, JITTER, PHRASES, POSITIONS, SHAPES, SIZE, SIZES,
+                    SUPERSAMPLE, VOCABULARY, Scene, ShapeObject, clutter, control_map, convex_hull, dataset,
+                    make_caption, make_scene, notches, random_object, render, shape_polygon, to_tensor)
+
+__all__ = ["BACKGROUNDS", "BASE_SHAPES", "COLOURS", "JITTER", "PHRASES", "POSITIONS", "SHAPES", "SIZE", "SIZES",
+           "SUPERSAMPLE", "VOCABULARY", "Scene", "ShapeObject", "clutter", "control_map", "convex_hull", "dataset",
+           "make_caption", "make_scene", "notches", "random_object", "render", "shape_polygon", "to_tensor"]
