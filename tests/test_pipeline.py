@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from minisd.generate import decode_latents, image_to_tensor
+from minisd.generate import decode_latents
+from minisd.images import image_to_tensor
 
 
 @pytest.fixture
