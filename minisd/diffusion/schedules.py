@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..checks import check_bool, check_float, check_int
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -37,7 +39,15 @@ class SchedulerConfig:
     set_alpha_to_one: bool | None = False  # DDIM/PNDM: ᾱ "before" t=0 is 1 (True) or ᾱ_0 (False); None: DDIM's default
 
     def __post_init__(self):
-        if self.beta_schedule not in BETA_SCHEDULES:
+        """Sane ranges before any table is built: N = 10⁹ would allocate gigabytes of betas."""
+        name = "SchedulerConfig"
+        check_int(name, "num_train_timesteps", self.num_train_timesteps, 1, 100_000)
+        check_float(name, "beta_start", self.beta_start, 0.0, 0.999, lo_open=True)
+        check_float(name, "beta_end", self.beta_end, 0.0, 0.999, lo_open=True)
+        check_int(name, "steps_offset", self.steps_offset, 0, self.num_train_timesteps - 1)
+        if self.set_alpha_to_one is not None:
+            check_bool(name, "set_alpha_to_one", self.set_alpha_to_one)
+        if not isinstance(self.beta_schedule, str) or self.beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"unknown beta_schedule {self.beta_schedule!r}; known: {sorted(BETA_SCHEDULES)}")
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unknown prediction_type {self.prediction_type!r}")

@@ -28,6 +28,7 @@ from ..diffusion.schedules import SchedulerConfig
 from ..models.text_encoder import TextEncoderConfig
 from ..models.unet import UNetConfig
 from ..models.vae import VAEConfig
+from .files import atomic_write, atomic_write_text
 
 StateDict = dict[str, Tensor]
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
@@ -113,10 +114,45 @@ def _unsafe_globals(path: Path) -> list[str]:
 
 
 def write_safetensors(state_dict: StateDict, path: str | os.PathLike, metadata: dict[str, str] | None = None):
+    """Write atomically: after a crash or a full disk, `path` holds the old file or the new one, never a part."""
     from safetensors.torch import save_file
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(path), metadata=metadata)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def write_json(obj, path: str | os.PathLike) -> None:
+    """A config file, indented as diffusers writes them, atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2))
+
+
+def read_json(path: Path, what: str = "config") -> dict:
+    """A JSON object from `path`, or one WeightsError line naming the file and what is wrong with it."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise WeightsError(f"{path}: {what} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path}: {what} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: {what} must be a JSON object {{...}}, got {type(obj).__name__}")
+    return obj
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """name -> (dtype, shape) from a safetensors header alone (the first 8 + n bytes), so a file's
+    dtypes and shapes can be checked before gigabytes of tensors are read."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= n <= 100_000_000:
+            raise WeightsError(f"{path} is not a readable safetensors file (truncated or corrupt?): header size {n}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        return {k: (v["dtype"], list(v["shape"])) for k, v in header.items() if k != "__metadata__"}
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise WeightsError(f"{path} is not a readable safetensors file (truncated or corrupt?): bad header") from e
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -155,11 +191,24 @@ def load_strict(module: nn.Module, state_dict: StateDict, source: str, dtype: to
         if shapes:
             parts.append(f"  {len(shapes)} shape mismatches: {'; '.join(shapes[:5])}")
         raise WeightsError("\n".join(parts))
+    check_values(state_dict, expected, source)
     dtype = dtype or next(iter(state_dict.values())).dtype
     state_dict = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
                   for k, v in state_dict.items()}
     module.load_state_dict(state_dict, strict=True, assign=True)
     return module.to(device)
+
+
+def check_values(state_dict: StateDict, expected: StateDict, source: str) -> None:
+    """Every floating-point parameter comes as floats (an integer tensor would be cast silently) and
+    every value is finite (one NaN in a weight turns every picture into NaN, i.e. black)."""
+    for k, v in state_dict.items():
+        if expected[k].is_floating_point() and not v.is_floating_point():
+            raise WeightsError(f"{source}: tensor {k} has dtype {v.dtype}; expected a floating-point dtype")
+    for k, v in state_dict.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            n = int((~torch.isfinite(v)).sum())
+            raise WeightsError(f"{source}: tensor {k} has {n} non-finite values (NaN or inf) of {v.numel()}")
 
 
 # ─── diffusers-layout key spellings ────────────────────────────────────────────────────────────────
@@ -314,7 +363,11 @@ def detect_model_type(sd: StateDict, source: str) -> str:
     for prefix, what in ((VAE_PREFIX, "VAE"), (CLIP_PREFIX, "text encoder")):
         if not any(k.startswith(prefix) for k in sd):
             raise WeightsError(f"{source} has no {what} ({prefix}* keys); minisd needs a full checkpoint")
-    return "sd1-inpainting" if sd[f"{UNET_PREFIX}input_blocks.0.0.weight"].shape[1] == 9 else "sd1"
+    conv_in = sd[f"{UNET_PREFIX}input_blocks.0.0.weight"]
+    if conv_in.ndim != 4:
+        raise WeightsError(f"{source}: {UNET_PREFIX}input_blocks.0.0.weight has shape {tuple(conv_in.shape)}; "
+                           f"expected a 4-d conv weight")
+    return "sd1-inpainting" if conv_in.shape[1] == 9 else "sd1"
 
 
 def _infer_unet_config(sd: StateDict, base: UNetConfig) -> UNetConfig:
@@ -378,7 +431,10 @@ def convert_single_file(sd: StateDict, source: str, metadata: dict[str, str] | N
     if metadata and "minisd_config" in metadata:  # written by minisd.save_single_file
         from ..models.configs import ModelConfig
 
-        base = ModelConfig.from_json(metadata["minisd_config"])
+        try:
+            base = ModelConfig.from_json(metadata["minisd_config"])
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise WeightsError(f"{source}: bad minisd_config metadata ({type(e).__name__}: {e})") from e
     unet_keys = [k for k in sd if k.startswith(UNET_PREFIX)]
     ema = {k: "model_ema." + k[len("model."):].replace(".", "") for k in unet_keys}
     use_ema = sum(k.startswith("model_ema.") for k in sd) > 100 and all(e in sd for e in ema.values())
@@ -395,13 +451,19 @@ def convert_single_file(sd: StateDict, source: str, metadata: dict[str, str] | N
     if unplaced:
         raise WeightsError(f"{source}: {len(unplaced)} keys belong to no component: {_few(unplaced)}")
     text_sd = fix_text_encoder_keys(text_sd)
-    unet_cfg = _infer_unet_config(unet_sd, base.unet)
-    vae_cfg = _infer_vae_config(vae_sd, base.vae)
+    try:  # the shapes of a damaged file can be missing, of the wrong rank, or absurd
+        unet_cfg = _infer_unet_config(unet_sd, base.unet)
+        vae_cfg = _infer_vae_config(vae_sd, base.vae)
+        text_cfg = _infer_text_config(text_sd, base.text_encoder)
+    except (KeyError, IndexError, StopIteration, ZeroDivisionError) as e:
+        raise WeightsError(f"{source}: cannot read the model's shape off its tensors "
+                           f"({type(e).__name__}: {e}); not a complete SD 1.x checkpoint?") from e
+    except ValueError as e:
+        raise WeightsError(f"{source}: {e}") from e
     return Components(
         unet=(unet_cfg, _rename(unet_sd, unet_prefix_table(unet_cfg), source)),
         vae=(vae_cfg, _conv_attention_to_linear(_rename(vae_sd, vae_prefix_table(vae_cfg), source))),
-        text_encoder=(_infer_text_config(text_sd, base.text_encoder), text_sd),
-        scheduler=base.scheduler)
+        text_encoder=(text_cfg, text_sd), scheduler=base.scheduler)
 
 
 def to_single_file(unet: tuple[UNetConfig, StateDict], vae: tuple[VAEConfig, StateDict],
@@ -435,14 +497,45 @@ def find_weights(folder: Path, stems: tuple[str, ...], variant: str | None) -> l
                 return [folder / full]
             index = folder / f"{full}.index.json"
             if index.is_file():
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                return [folder / s for s in shards]
+                return read_shard_index(index)
     present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     raise WeightsError(f"{folder}: no weights file {' / '.join(names)}"
                        + (f" for variant {variant!r}" if variant else "") + f"; the folder holds {present}")
 
 
-def read_component(folder: Path, name: str, variant: str | None) -> tuple[dict, StateDict, str]:
+def read_shard_index(index: Path) -> list[Path]:
+    """The shard files of a `*.index.json`: its `weight_map` (tensor name -> file name), each file
+    inside the index's folder (no absolute paths, no `..`, no symlink out of it) and present."""
+    weight_map = read_json(index, "shard index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise WeightsError(f"{index}: shard index needs a non-empty \"weight_map\" object (tensor name -> file name)")
+    folder = index.parent
+    shards = []
+    for name in sorted(set(weight_map.values()), key=str):
+        if not isinstance(name, str) or not name:
+            raise WeightsError(f"{index}: weight_map value {name!r} is not a file name")
+        shard = folder / name
+        if Path(name).is_absolute() or ".." in Path(name).parts or not _inside(shard, folder):
+            raise WeightsError(f"{index}: shard {name!r} is outside the folder {folder}")
+        if not shard.is_file():
+            raise WeightsError(f"{index}: shard {name!r} is missing from {folder}")
+        shards.append(shard)
+    return shards
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path`, symlinks followed, lies inside `folder`. In a Hugging Face cache snapshot
+    (`.../snapshots/<revision>/...`) every file is a symlink to the repo's `blobs/`: those count too."""
+    target, root = path.resolve(), folder.resolve()
+    if target.is_relative_to(root):
+        return True
+    snapshot = next((a for a in folder.absolute().parents if a.parent.name == "snapshots"), None)
+    return snapshot is not None and target.is_relative_to((snapshot.parent.parent / "blobs").resolve())
+
+
+def read_component(folder: Path, name: str, variant: str | None, parse, *args) -> tuple[object, StateDict, str]:
+    """One network of a diffusers folder: `parse(config dict, *args)`, checked before any weight is read,
+    then its state dict and the file it came from."""
     sub = folder / name
     if not sub.is_dir():
         raise WeightsError(f"{folder} has no {name}/ folder; a Stable Diffusion diffusers folder needs "
@@ -450,35 +543,73 @@ def read_component(folder: Path, name: str, variant: str | None) -> tuple[dict, 
     config_path = sub / "config.json"
     if not config_path.is_file():
         raise WeightsError(f"{sub} has no config.json")
+    config = _parse_config(config_path, parse, read_json(config_path), *args)
     files = find_weights(sub, WEIGHT_STEMS[name], variant)
+    if all(f.suffix == ".safetensors" for f in files):  # cheap: headers only, before any data is read
+        header = {k: v for f in files for k, v in read_safetensors_header(f).items()}
+        _check_header(header, config, config_path, files[0])
     sd: StateDict = {}
     for f in files:
         sd.update(read_state_dict(f))
-    return json.loads(config_path.read_text()), sd, str(files[0])
+    return config, sd, str(files[0])
+
+
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+def _check_header(header: dict[str, tuple[str, list[int]]], cfg, config_path: Path, source: Path) -> None:
+    """From the safetensors headers, before any data is read: refuse integer tensors, and a config.json
+    whose levels or layers contradict the file (one line instead of hundreds of missing keys).
+    Tensor shapes are compared by `load_strict`, which lists every mismatch."""
+    for k, (dtype, _) in header.items():
+        if dtype not in _FLOAT_DTYPES and not k.endswith("position_ids"):  # position_ids: int ids, dropped
+            raise WeightsError(f"{source}: tensor {k} has dtype {dtype}; expected a floating-point dtype")
+    keys = [k.removeprefix("text_model.") for k in header]
+
+    def count(pattern: str) -> int:
+        return len({m.group(1) for k in keys for m in [re.match(pattern, k)] if m})
+
+    if isinstance(cfg, TextEncoderConfig):
+        facts = [("num_hidden_layers", cfg.num_hidden_layers, "layers", count(r"encoder\.layers\.(\d+)\."))]
+    else:
+        part = "encoder." if isinstance(cfg, VAEConfig) else ""
+        facts = [("block_out_channels", len(cfg.block_out_channels), "levels", count(rf"{part}down_blocks\.(\d+)\.")),
+                 ("layers_per_block", cfg.layers_per_block, "resnets per level",
+                  count(rf"{part}down_blocks\.0\.resnets\.(\d+)\."))]
+    for field, want, what, have in facts:
+        if have and have != want:
+            raise WeightsError(f"{config_path} says {field} = {getattr(cfg, field)} but {source} has "
+                               f"{have} {what} (expected {want})")
 
 
 def read_diffusers_folder(folder: Path, variant: str | None = None) -> Components:
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         raise WeightsError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
-    index = json.loads(index_path.read_text())
-    if "StableDiffusionXL" in index.get("_class_name", "") or "text_encoder_2" in index:
+    index = read_json(index_path, "model_index.json")
+    if "StableDiffusionXL" in str(index.get("_class_name", "")) or "text_encoder_2" in index:
         raise WeightsError(f"{folder} is an SDXL pipeline; minisd supports Stable Diffusion 1.x and 2.x")
     sched_path = folder / "scheduler" / "scheduler_config.json"
-    scheduler = SchedulerConfig.from_diffusers(json.loads(sched_path.read_text()) if sched_path.is_file() else {})
-    ucfg, usd, usrc = read_component(folder, "unet", variant)
-    vcfg, vsd, vsrc = read_component(folder, "vae", variant)
-    tcfg, tsd, tsrc = read_component(folder, "text_encoder", variant)
-    try:
-        unet_cfg = UNetConfig.from_diffusers(ucfg, scheduler.prediction_type)
-        vae_cfg, text_cfg = VAEConfig.from_diffusers(vcfg), TextEncoderConfig.from_transformers(tcfg)
-    except ValueError as e:
-        raise WeightsError(f"{folder}: {e}") from e
+    scheduler = _parse_config(sched_path, SchedulerConfig.from_diffusers,
+                              read_json(sched_path) if sched_path.is_file() else {})
+    unet_cfg, usd, usrc = read_component(folder, "unet", variant, UNetConfig.from_diffusers, scheduler.prediction_type)
+    vae_cfg, vsd, vsrc = read_component(folder, "vae", variant, VAEConfig.from_diffusers)
+    text_cfg, tsd, tsrc = read_component(folder, "text_encoder", variant, TextEncoderConfig.from_transformers)
     tok = folder / "tokenizer"
     return Components(unet=(unet_cfg, usd), vae=(vae_cfg, fix_vae_keys(vsd)),
                       text_encoder=(text_cfg, fix_text_encoder_keys(tsd)), scheduler=scheduler,
                       tokenizer_folder=tok if tok.is_dir() else None,
                       sources={"unet": usrc, "vae": vsrc, "text_encoder": tsrc})
+
+
+def _parse_config(path: Path, parse, *args):
+    """A config class from its JSON dict; any bad field is one WeightsError line naming the file."""
+    try:
+        return parse(*args)
+    except ValueError as e:
+        raise WeightsError(f"{path}: {e}") from e
+    except (TypeError, KeyError, AttributeError) as e:  # a field of the wrong JSON type
+        raise WeightsError(f"{path}: a field has the wrong type ({type(e).__name__}: {e})") from e
 
 
 def write_diffusers_folder(folder: Path, unet: tuple[UNetConfig, StateDict], vae: tuple[VAEConfig, StateDict],
@@ -492,16 +623,13 @@ def write_diffusers_folder(folder: Path, unet: tuple[UNetConfig, StateDict], vae
              "scheduler": ["diffusers", scheduler_class], "text_encoder": ["transformers", "CLIPTextModel"],
              "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"]}
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     for name, config, sd, fname in (("unet", unet[0].to_diffusers(), unet[1], "diffusion_pytorch_model"),
                                     ("vae", vae[0].to_diffusers(), vae[1], "diffusion_pytorch_model"),
                                     ("text_encoder", text[0].to_transformers(), text[1], "model")):
-        (folder / name).mkdir(exist_ok=True)
-        (folder / name / "config.json").write_text(json.dumps(config, indent=2))
         write_safetensors(sd, folder / name / f"{fname}.safetensors", metadata={"format": "pt"})
-    (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(scheduler.to_diffusers(scheduler_class), indent=2))
+        write_json(config, folder / name / "config.json")
+    write_json(scheduler.to_diffusers(scheduler_class), folder / "scheduler" / "scheduler_config.json")
+    write_json(index, folder / "model_index.json")  # last: a folder without it is visibly unfinished
 
 
 # ─── the Hub ────────────────────────────────────────────────────────────────────────────────────────

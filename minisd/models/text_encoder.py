@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.attention import attention
+from ..checks import check_float, check_int
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,18 @@ class TextEncoderConfig:
     projection_dim: int = 768              # width of the contrastive projection (CLIP training only)
 
     def __post_init__(self):
-        if self.hidden_act not in ACTIVATIONS:
+        """Sane ranges before any module is built (a config file is input like any other)."""
+        name = "TextEncoderConfig"
+        check_int(name, "vocab_size", self.vocab_size, 1, 1_000_000)
+        check_int(name, "hidden_size", self.hidden_size, 1, 8192)
+        check_int(name, "intermediate_size", self.intermediate_size, 1, 65536)
+        check_int(name, "num_hidden_layers", self.num_hidden_layers, 1, 64)
+        check_int(name, "num_attention_heads", self.num_attention_heads, 1, 256)
+        check_int(name, "max_position_embeddings", self.max_position_embeddings, 1, 4096)
+        check_float(name, "layer_norm_eps", self.layer_norm_eps, 0.0, 1.0, lo_open=True)
+        check_int(name, "eos_token_id", self.eos_token_id, 0, self.vocab_size - 1)
+        check_int(name, "projection_dim", self.projection_dim, 1, 8192)
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} not in {sorted(ACTIVATIONS)}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} must divide by heads {self.num_attention_heads}")

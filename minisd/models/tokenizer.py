@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -35,14 +36,16 @@ class Tokenizer:
         has_bpe_files = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
         if not has_bpe_files and not (folder / "tokenizer.json").is_file():
             raise FileNotFoundError(f"tokenizer folder {folder} has neither vocab.json + merges.txt nor tokenizer.json")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or not 2 <= max_length <= 4096:
+            raise ValueError(f"max_length = {max_length!r}; expected an integer in 2..4096")
         self.folder = folder
         self.max_length = max_length
         if has_bpe_files:  # the classic layout of SD repos
+            _check_vocab(folder / "vocab.json")
             pad = EOS
             special = folder / "special_tokens_map.json"
             if special.is_file():  # SD 2.x tokenizers pad with "!"
-                value = json.loads(special.read_text()).get("pad_token", EOS)
-                pad = value["content"] if isinstance(value, dict) else value
+                pad = _pad_token(special)
             self.hf = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
                                     model_max_length=max_length, bos_token=BOS, eos_token=EOS, unk_token=EOS,
                                     pad_token=pad)
@@ -78,13 +81,60 @@ class Tokenizer:
         return self.hf.convert_ids_to_tokens(ids)
 
     def save(self, folder: str | os.PathLike) -> None:
-        """Write a diffusers `tokenizer/` folder (vocab.json and merges.txt where we have them, configs)."""
+        """Write a diffusers `tokenizer/` folder (vocab.json and merges.txt where we have them, configs).
+        Each file is replaced atomically: an error leaves the old files intact."""
         import shutil
 
-        self.hf.save_pretrained(str(folder))
-        for name in ("vocab.json", "merges.txt"):
-            if (self.folder / name).is_file() and not (Path(folder) / name).exists():
-                shutil.copy(self.folder / name, Path(folder) / name)
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".tokenizer.") as tmp:
+            self.hf.save_pretrained(tmp)
+            for name in ("vocab.json", "merges.txt"):
+                if (self.folder / name).is_file() and not (Path(tmp) / name).exists():
+                    shutil.copy(self.folder / name, Path(tmp) / name)
+            _move_into(Path(tmp), folder)
+
+
+def _pad_token(special: Path) -> str:
+    try:
+        value = json.loads(special.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{special} is not valid JSON ({e})") from e
+    value = value.get("pad_token", EOS) if isinstance(value, dict) else None
+    value = value.get("content") if isinstance(value, dict) else value
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{special}: pad_token must be a token string, got {value!r}")
+    return value
+
+
+def _check_vocab(path: Path) -> None:
+    """vocab.json must be a JSON object of token -> id; transformers' own error would be a traceback."""
+    try:
+        vocab = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a valid JSON vocabulary ({e})") from e
+    if not isinstance(vocab, dict) or not vocab or \
+            not all(isinstance(i, int) and not isinstance(i, bool) for i in vocab.values()):
+        raise ValueError(f"{path} must be a non-empty JSON object of token -> integer id")
+
+
+def _move_into(tmp: Path, folder: Path) -> None:
+    """Sync each file written under `tmp` and rename it into `folder` (same file system: one atomic step each)."""
+    for f in sorted(tmp.iterdir()):
+        if f.is_file():
+            with open(f, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.chmod(f, 0o644)
+            os.replace(f, folder / f.name)
+
+
+def _write_files(folder: Path, files: dict[str, str]) -> None:
+    """Write text files into `folder` atomically (a temporary folder beside them, then renames)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".write.") as tmp:
+        for name, text in files.items():
+            (Path(tmp) / name).write_text(text, encoding="utf-8")
+        _move_into(Path(tmp), folder)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -114,11 +164,9 @@ def _derive_clip_vocab() -> Path:
     merges = lines[1: 49152 - 256 - 2 + 1]
     chars = list(_bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges] + [BOS, EOS]
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f"vocab.json.{os.getpid()}"
-    tmp.write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (cache / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tmp.replace(cache / "vocab.json")  # last, so a half-written cache is never taken as complete
+    _write_files(cache, {"merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n"})
+    # vocab.json last, so a half-written cache is never taken as complete
+    _write_files(cache, {"vocab.json": json.dumps({token: i for i, token in enumerate(vocab)})})
     return cache
 
 
@@ -157,9 +205,7 @@ def build_word_tokenizer(words: list[str], folder: str | os.PathLike) -> Tokeniz
                 vocab.append(pieces[0] + pieces[1])
             pieces = _bpe(pieces, ranks)
     vocab += [BOS, EOS]
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     merges = [f"{a} {b}" for (a, b), _ in sorted(ranks.items(), key=lambda kv: kv[1])]
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    _write_files(Path(folder), {"vocab.json": json.dumps({t: i for i, t in enumerate(vocab)}),
+                                "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n"})
     return Tokenizer(folder)

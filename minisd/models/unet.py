@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..nn.attention import Attention
 from ..nn.layers import Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, timestep_embedding
+from ..checks import as_tuple, check_bool, check_choice, check_float, check_int, check_levels
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,28 @@ class UNetConfig:
     prediction_type: str = "epsilon"       # what the model predicts: "epsilon" or "v_prediction" (SD 2.x 768)
 
     def __post_init__(self):
+        """Sane ranges before any module is built (a config file is input like any other)."""
+        name = "UNetConfig"
+        for field in ("in_channels", "out_channels"):
+            check_int(name, field, getattr(self, field), 1, 64)
+        check_levels(name, "block_out_channels", self.block_out_channels, 1, 8)
+        for c in self.block_out_channels:
+            check_int(name, "block_out_channels", c, 1, 8192)
         n = len(self.block_out_channels)
-        if len(self.cross_attention) != n or len(self.num_heads) != n:
-            raise ValueError(f"cross_attention {self.cross_attention} and num_heads {self.num_heads} need "
-                             f"one entry per level of block_out_channels {self.block_out_channels}")
+        check_levels(name, "cross_attention", self.cross_attention, n, n)
+        check_levels(name, "num_heads", self.num_heads, n, n)
+        for cross, h in zip(self.cross_attention, self.num_heads):
+            check_bool(name, "cross_attention", cross)
+            check_int(name, "num_heads", h, 1, 8192)
+        check_int(name, "layers_per_block", self.layers_per_block, 1, 8)
+        check_int(name, "cross_attention_dim", self.cross_attention_dim, 1, 8192)
+        check_int(name, "norm_num_groups", self.norm_num_groups, 1, 8192)
+        check_float(name, "norm_eps", self.norm_eps, 0.0, 1.0, lo_open=True)
+        for field in ("use_linear_projection", "upcast_attention", "flip_sin_to_cos"):
+            check_bool(name, field, getattr(self, field))
+        check_float(name, "freq_shift", self.freq_shift, -1000.0, 1000.0)
+        check_int(name, "sample_size", self.sample_size, 1, 1024)
+        check_choice(name, "prediction_type", self.prediction_type, ("epsilon", "v_prediction", "sample"))
         for c, h in zip(self.block_out_channels, self.num_heads):
             if c % h or c % self.norm_num_groups:
                 raise ValueError(f"channels {c} must divide by heads {h} and groups {self.norm_num_groups}")
@@ -73,16 +92,18 @@ class UNetConfig:
             if value != default and not (key == "only_cross_attention" and value == [False] * len(value)):
                 hint = " (an SDXL U-Net; minisd supports SD 1.x and 2.x)" if key == "addition_embed_type" else ""
                 raise ValueError(f"unsupported U-Net config {key}={value!r}{hint}")
-        down = list(cfg.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]))
-        up = list(cfg.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3))
+        down = cfg.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
+        up = cfg.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
+        down = list(as_tuple("UNetConfig", "down_block_types", down))
+        up = list(as_tuple("UNetConfig", "up_block_types", up))
         known = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
-        if any(t not in known for t in down):
+        if any(not isinstance(t, str) or t not in known for t in down):
             raise ValueError(f"unsupported down_block_types {down}; minisd knows {list(known)}")
         cross = tuple(known[t] for t in down)
         mirror = ["CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(cross)]
         if up != mirror:
             raise ValueError(f"up_block_types {up} must mirror down_block_types {down} (expected {mirror})")
-        channels = tuple(cfg.get("block_out_channels", (320, 640, 1280, 1280)))
+        channels = as_tuple("UNetConfig", "block_out_channels", cfg.get("block_out_channels", (320, 640, 1280, 1280)))
         # diffusers' historical misnomer: `attention_head_dim` holds the number of heads (diffusers#2011)
         heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
         heads = tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * len(channels)

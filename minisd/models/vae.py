@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..nn.attention import Attention
 from ..nn.layers import Downsample2D, ResnetBlock2D, Upsample2D
+from ..checks import as_tuple, check_bool, check_float, check_int, check_levels
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,19 @@ class VAEConfig:
     force_upcast: bool = True               # from diffusers' config; an fp16 decode that overflows is redone in fp32
 
     def __post_init__(self):
+        """Sane ranges before any module is built (a config file is input like any other)."""
+        name = "VAEConfig"
+        for field in ("in_channels", "out_channels", "latent_channels"):
+            check_int(name, field, getattr(self, field), 1, 64)
+        check_levels(name, "block_out_channels", self.block_out_channels, 1, 8)
+        for c in self.block_out_channels:
+            check_int(name, "block_out_channels", c, 1, 8192)
+        check_int(name, "layers_per_block", self.layers_per_block, 1, 8)
+        check_int(name, "norm_num_groups", self.norm_num_groups, 1, 8192)
+        # 0 would decode every latent to the same (black) picture; SD uses 0.13025–0.18215, the tiny model ~1
+        check_float(name, "scaling_factor", self.scaling_factor, 0.0, 100.0, lo_open=True)
+        check_int(name, "sample_size", self.sample_size, 8, 8192)
+        check_bool(name, "force_upcast", self.force_upcast)
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError(f"block_out_channels {self.block_out_channels} must divide by {self.norm_num_groups}")
 
@@ -52,11 +66,11 @@ class VAEConfig:
             if cfg.get(key, default) != default:
                 raise ValueError(f"unsupported VAE config {key}={cfg[key]!r} (not an SD 1.x/2.x KL-VAE)")
         for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-            if any(t != want for t in cfg.get(key, [want])):
+            if any(t != want for t in as_tuple("VAEConfig", key, cfg.get(key, [want]))):
                 raise ValueError(f"unsupported VAE {key} {cfg[key]}")
         return cls(in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3),
                    latent_channels=cfg.get("latent_channels", 4),
-                   block_out_channels=tuple(cfg.get("block_out_channels", (64,))),
+                   block_out_channels=as_tuple("VAEConfig", "block_out_channels", cfg.get("block_out_channels", (64,))),
                    layers_per_block=cfg.get("layers_per_block", 1), norm_num_groups=cfg.get("norm_num_groups", 32),
                    scaling_factor=cfg.get("scaling_factor", 0.18215), sample_size=cfg.get("sample_size", 32),
                    force_upcast=cfg.get("force_upcast", True))
