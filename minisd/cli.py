@@ -2,155 +2,512 @@
 
     minisd generate "a red circle on the left"                 # the shipped tiny model, CPU, seconds
     minisd generate "a blue square" -n 4 --sampler euler_a --seed 3 --out squares.png
+    minisd generate --from squares-2.png                       # the same picture again, from its metadata
+    minisd generate --from squares-2.png --steps 50 --out more.webp   # flags given override what it recorded
+    minisd generate "a green triangle" --out - > tri.png       # the PNG to standard output
     minisd img2img "a green circle" --image in.png --strength 0.6
     minisd inpaint "a yellow triangle" --image in.png --mask mask.png
     minisd train all                                           # reproduce data/tiny from nothing
     minisd eval --model tiny                                   # prompt adherence table
     minisd bench                                               # seconds per image on this machine
 
-Saved PNGs carry the settings in a `parameters` text chunk, in the format other SD tools read.
+Pictures (.png, .jpg, .webp) carry their settings in AUTOMATIC1111's "parameters" format (PNG: a text
+chunk; JPEG and WebP: the EXIF UserComment), which other Stable Diffusion tools read. Image i of
+`-n N --seed S` is made from seed S+i alone and records it; without --seed (or with -1) a seed is
+drawn and recorded. An error is one line on stderr and exit status 2 (--debug: the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import math
+import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
 
-SAMPLER_LABELS = {"ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "euler": "Euler", "euler_a": "Euler a",
-                  "heun": "Heun", "lms": "LMS", "dpmpp_2m": "DPM++ 2M"}
+import torch
+from PIL import Image, PngImagePlugin
+
+from . import __version__
+from .canny import canny
+from .diffusion.samplers import SAMPLERS, get_sampler
+from .formats.files import atomic_write
+from .pipeline import StableDiffusion
+from .shapes import analyser, train
+from .viz import image_grid
+
+MAX_SIZE = 4096        # px; SD 1.x at 2048 already needs tiling, beyond 4096 is a typo
+MAX_SEED = 2**63 - 1   # torch.Generator.manual_seed takes a signed 64-bit seed
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+SAVE_OPTIONS = {"PNG": {}, "JPEG": {"quality": 95}, "WEBP": {"lossless": True}}
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286  # the Exif sub-IFD and its UserComment tag (EXIF 2.3, table 7)
+UNICODE_PREFIX = b"UNICODE\0"            # UserComment's character code: UTF-16 big-endian follows (as piexif writes)
+SAMPLER_LABELS = {name: s.label for name, s in SAMPLERS.items()}  # "euler_a" -> "Euler a", as A1111 writes it
+
+# Settings that a flag, a picture's metadata or this default fills, in that order (`--from`).
+DEFAULTS = {"prompt": None, "negative": None, "steps": 25, "cfg": 7.5, "seed": None, "sampler": "ddim",
+            "karras": False, "eta": 0.0, "width": None, "height": None, "num_images": 1, "clip_skip": 0,
+            "model": "tiny", "controlnet_scale": 1.0, "canny": False}
+MODE_DEFAULTS = {"generate": {}, "img2img": {"strength": 0.75}, "inpaint": {"strength": 1.0, "keep_unmasked": False}}
 
 
-def parameters_text(prompt: str, negative: str | None, steps: int, sampler: str, karras: bool, cfg: float,
-                    seed: int, width: int, height: int, model: str, extra: dict | None = None) -> str:
-    """The A1111-style 'parameters' block: prompt, negative prompt, then one line of settings."""
-    label = SAMPLER_LABELS.get(sampler, sampler) + (" Karras" if karras else "")
-    settings = {"Steps": steps, "Sampler": label, "CFG scale": cfg, "Seed": seed, "Size": f"{width}x{height}",
-                "Model": model, **(extra or {})}
+# ─── careless input: argparse types that refuse it with one line ──────────────────────────────────
+
+class UsageError(ValueError):
+    """A command line that cannot be run; `main` prints it as one line."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing the usage and exiting, so every error reads the same."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def int_in(lo: int, hi: int | None = None):
+    def parse(text: str) -> int:
+        value = whole_number(text)
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"expected a whole number {_range(lo, hi)}, got {value}")
+        return value
+    return parse
+
+
+def float_in(lo: float, hi: float | None = None):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"expected a number {_range(lo, hi)}, got {text}")
+        return value
+    return parse
+
+
+def _range(lo, hi) -> str:
+    return f"from {lo} to {hi}" if hi is not None else f"of at least {lo}"
+
+
+def image_size(text: str) -> int:
+    value = whole_number(text)
+    if value % 8 or not 8 <= value <= MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"width and height must be multiples of 8 from 8 to {MAX_SIZE}, got {value}")
+    return value
+
+
+def sampler_name(text: str) -> str:
+    try:
+        return get_sampler(text).name
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def device_name(text: str) -> str:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; expected cpu, cuda, cuda:N or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"minisd runs on cpu, cuda or mps, not {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU is available here (try --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: Apple's MPS is not available here (try --device cpu)")
+    return text
+
+
+STEPS, SEED = int_in(1), int_in(-1, MAX_SEED)
+CFG, UNIT, SCALE = float_in(0.0), float_in(0.0, 1.0), float_in(0.0)
+
+
+# ─── the parameters text (AUTOMATIC1111's "infotext") ───────────────────────────────────────────
+
+def number(value: float) -> str:
+    """7.0 -> "7", 0.3 -> "0.3": A1111's look, and repr's exact round trip for the rest."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def quote(value) -> str:
+    """A1111's infotext quoting: values holding , : or a newline go in JSON double quotes."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def parameters_text(args: argparse.Namespace, seed: int, width: int, height: int, model: str,
+                    loras: dict[str, tuple[float, str | None]], batch_size: int = 1) -> str:
+    """Prompt (with a `<lora:name:scale>` tag per LoRA), "Negative prompt: ..." and one line of
+    settings in A1111's words, each one that changes the picture (A1111's Clip skip = clip_skip + 1)."""
+    prompt = " ".join([args.prompt, *(f"<lora:{name}:{number(scale)}>" for name, (scale, _) in loras.items())])
+    settings = {"Steps": args.steps, "Sampler": SAMPLER_LABELS[args.sampler],
+                "Schedule type": "Karras" if args.karras else None, "CFG scale": number(args.cfg), "Seed": seed,
+                "Size": f"{width}x{height}", "Model": model,
+                "Denoising strength": number(args.strength) if hasattr(args, "strength") else None,
+                "Keep unmasked": "True" if getattr(args, "keep_unmasked", False) else None,
+                "Clip skip": args.clip_skip + 1 if args.clip_skip else None,
+                "Eta DDIM": number(args.eta) if args.eta else None}
+    if args.controlnet is not None:  # the sd-webui-controlnet extension's field
+        settings["ControlNet 0"] = (f"Module: {'canny' if args.canny else 'none'}, Model: {Path(args.controlnet).stem}, "
+                                    f"Weight: {number(args.controlnet_scale)}")
+    hashes = {name: h for name, (_, h) in loras.items() if h is not None}
+    if hashes:
+        settings["Lora hashes"] = ", ".join(f"{name.replace(':', '').replace(',', '')}: {h}" for name, h in hashes.items())
+    settings["Batch size"] = batch_size if batch_size > 1 else None
+    settings["Version"] = f"minisd {__version__}"
     lines = [prompt]
-    if negative:
-        lines.append(f"Negative prompt: {negative}")
-    lines.append(", ".join(f"{k}: {v}" for k, v in settings.items()))
+    if args.negative:
+        lines.append(f"Negative prompt: {args.negative}")
+    lines.append(", ".join(f"{k}: {quote(v)}" for k, v in settings.items() if v is not None))
     return "\n".join(lines)
 
 
-def save_png(images, path: Path, parameters: str) -> list[Path]:
-    """One image: `path`. Several: a grid at `path` and each image beside it (path-1.png, ...)."""
-    from PIL import PngImagePlugin
-
-    from .viz import image_grid
-
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    if len(images) > 1:
-        for i, img in enumerate(images):
-            p = path.with_name(f"{path.stem}-{i + 1}{path.suffix}")
-            img.save(p, pnginfo=info)
-            written.append(p)
-        image_grid(images).save(path, pnginfo=info)
-    else:
-        images[0].save(path, pnginfo=info)
-    return [path] + written
+SETTING = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # A1111's infotext field pattern
+LORA_TAG = re.compile(r"\s*<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
 
 
-def add_generation_args(p: argparse.ArgumentParser) -> None:
-    from .diffusion.samplers import SAMPLERS
-
-    p.add_argument("prompt", help='what to draw, e.g. "a large red circle on the left"')
-    p.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt (what to steer away from)")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
-    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale; 1 turns it off (default 7.5)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
-    p.add_argument("--sampler", default="ddim", help=f"one of: {', '.join(SAMPLERS)} (default ddim)")
-    p.add_argument("--karras", action="store_true", help="Karras sigma spacing (euler, euler_a, heun, lms, dpmpp_2m)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity, 0..1 (default 0)")
-    p.add_argument("--size", type=int, default=None, help="image width and height in px (default: the model's, 64 for tiny)")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("-n", "--num-images", type=int, default=1, help="images to make (a grid is saved for n > 1)")
-    p.add_argument("--clip-skip", type=int, default=0, help="stop the text encoder this many layers early")
-    p.add_argument("--model", default="tiny", help="tiny (default), a diffusers folder, a .safetensors/.ckpt file or a Hub id")
-    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                   help="a LoRA file or folder (kohya, diffusers/PEFT), optionally with a scale; repeatable")
-    p.add_argument("--controlnet", default=None, metavar="PATH", help="a ControlNet (diffusers folder or lllyasviel file)")
-    p.add_argument("--control-image", default=None, metavar="PNG", help="the ControlNet's map (edges, mask, ...)")
-    p.add_argument("--canny", action="store_true", help="take Canny edges of --control-image first")
-    p.add_argument("--controlnet-scale", type=float, default=1.0, help="strength of the ControlNet (default 1)")
-    p.add_argument("--out", default="out.png", help="output PNG (default out.png)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+def parse_parameters(text: str) -> tuple[str, str | None, dict[str, str]]:
+    """A1111's parameters text -> (prompt, negative prompt or None, {field: value}), read as A1111 does."""
+    *lines, last = text.strip().split("\n")
+    if len(SETTING.findall(last)) < 3:  # no settings line: it is all prompt
+        lines, last = [*lines, last], ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):]
+        (negative if in_negative else prompt).append(line.strip())
+    fields = {k: json.loads(v) if v.startswith('"') and v.endswith('"') and len(v) > 1 else v
+              for k, v in SETTING.findall(last)}
+    return "\n".join(prompt), "\n".join(negative) if in_negative else None, fields
 
 
-def run_generation(args: argparse.Namespace, mode: str) -> None:
-    import torch
+def read_parameters(path: str | os.PathLike) -> str:
+    """The parameters text of a PNG (text chunk) or a JPEG/WebP (EXIF UserComment)."""
+    try:
+        with Image.open(path) as image:
+            text = getattr(image, "text", {}).get("parameters")  # PNG: every text chunk, wherever it is
+            comment = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT) if text is None else None
+    except OSError as e:
+        raise ValueError(f"{path} is not a picture minisd can read ({e})") from None
+    if isinstance(comment, bytes):
+        prefix, body = comment[:8], comment[8:]
+        text = body.decode("utf-16-be" if prefix == UNICODE_PREFIX else "utf-8", errors="replace").rstrip("\0")
+    if not text:
+        raise ValueError(f"{path} carries no generation parameters (no PNG 'parameters' text or EXIF UserComment)")
+    return text
 
-    from .pipeline import StableDiffusion
-    from .diffusion.samplers import get_sampler
 
-    get_sampler(args.sampler)  # unknown sampler: fail before loading anything
-    if args.steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {args.steps}")
-    if args.num_images < 1:
-        raise ValueError(f"-n must be at least 1, got {args.num_images}")
-    for name in ("image", "mask", "control_image"):
-        path = getattr(args, name, None)
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"--{name.replace('_', '-')} file not found: {path}")
+# ─── --from: a picture's recorded settings as command-line settings ───────────────────────────────
+
+KNOWN = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model", "Denoising strength",
+         "Keep unmasked", "Clip skip", "Eta DDIM", "ControlNet 0", "Lora hashes", "Batch size", "Version",
+         "Model hash"}
+
+
+def recipe_from(path: str, mode: str) -> dict:
+    """The settings recorded in the picture at `path`, under the flags' names (refused if careless)."""
+    prompt, negative, fields = parse_parameters(read_parameters(path))
+
+    def read(field: str, parse):
+        try:
+            return parse(fields[field])
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"{path}: {field}: {e}") from None
+
+    recipe = {"prompt": LORA_TAG.sub("", prompt), "negative": negative, "loras": {}}
+    for tag in LORA_TAG.finditer(prompt):  # <lora:name:scale>, A1111's way of naming a LoRA in the prompt
+        try:
+            recipe["loras"][tag[1]] = SCALE(tag[2] or "1")
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"{path}: {tag[0].strip()}: the scale is {e}") from None
+    for field, key, parse in (("Steps", "steps", STEPS), ("CFG scale", "cfg", CFG), ("Seed", "seed", SEED),
+                              ("Model", "model", str), ("Denoising strength", "strength", UNIT),
+                              ("Eta DDIM", "eta", UNIT), ("Batch size", "num_images", int_in(1)),
+                              ("Clip skip", "clip_skip", lambda v: int_in(1)(v) - 1),
+                              ("Keep unmasked", "keep_unmasked", lambda v: v == "True")):
+        if field in fields:
+            recipe[key] = read(field, parse)
+    if "Size" in fields:
+        w, _, h = fields["Size"].partition("x")
+        recipe["width"], recipe["height"] = read("Size", lambda _: (image_size(w), image_size(h)))
+    if "Sampler" in fields:
+        recipe.update(_sampler_from(path, fields["Sampler"], fields.get("Schedule type", "Automatic")))
+    if "ControlNet 0" in fields:
+        unit = dict(part.split(": ", 1) for part in fields["ControlNet 0"].split(", ") if ": " in part)
+        recipe.update(controlnet_name=unit.get("Model"), canny=unit.get("Module") == "canny",
+                      controlnet_scale=read("ControlNet 0", lambda _: SCALE(unit.get("Weight", "1"))))
+    if "strength" in recipe and mode == "generate":
+        raise ValueError(f"{path} was made by img2img or inpaint (Denoising strength {number(recipe['strength'])}): "
+                         f"re-run it with `minisd img2img --from {path} --image IMAGE` (or inpaint)")
+    unknown = sorted(set(fields) - KNOWN)
+    if unknown:
+        print(f"minisd: note: {path} records settings minisd does not have, ignored: {', '.join(unknown)}",
+              file=sys.stderr)
+    return recipe
+
+
+def _sampler_from(path: str, label: str, schedule: str) -> dict:
+    names = {v: k for k, v in SAMPLER_LABELS.items()}
+    if label.endswith(" Karras") and label not in names:  # A1111 before 1.9 wrote "DPM++ 2M Karras"
+        label, schedule = label[: -len(" Karras")], "Karras"
+    if label not in names:
+        raise ValueError(f"{path}: sampler {label!r} is not one minisd has ({', '.join(names)})")
+    if schedule not in ("Automatic", "Karras"):
+        raise ValueError(f"{path}: schedule type {schedule!r} is not one minisd has (Automatic, Karras)")
+    return {"sampler": names[label], "karras": schedule == "Karras"}
+
+
+# ─── settings: flags, then the picture's, then defaults; every check before any work ──────────────
+
+def resolve(args: argparse.Namespace, mode: str) -> dict:
+    """Fill every setting of `args` in place; returns the recipe read from --from ({} without)."""
+    if args.source_image is not None:
+        check_picture(args.source_image, "--from")
+    recipe = recipe_from(args.source_image, mode) if args.source_image is not None else {}
+    if args.size is not None:
+        args.width, args.height = args.width or args.size, args.height or args.size
+    for key, default in {**DEFAULTS, **MODE_DEFAULTS[mode]}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, recipe.get(key, default))
+    if args.seed is None or args.seed == -1:
+        args.seed = random.randrange(2**32)  # A1111's range for a drawn seed
+    if args.prompt is None:
+        raise ValueError("give a prompt (or --from IMAGE to re-run a picture)")
+    if LORA_TAG.search(args.prompt):  # a picture's own tags were taken out of its prompt above
+        raise ValueError(f"LoRA tags in the prompt ({LORA_TAG.search(args.prompt)[0].strip()}) are not read: "
+                         f"use --lora PATH[:SCALE]")
+    recorded = recipe.get("controlnet_name")
+    if recorded and args.controlnet is None:
+        raise ValueError(f"{args.source_image} was made with the ControlNet {recorded!r}: give --controlnet PATH "
+                         f"and --control-image IMAGE")
+    if recipe.get("loras") and not args.lora:
+        tags = " ".join(f"<lora:{n}:{number(s)}>" for n, s in recipe["loras"].items())
+        raise ValueError(f"{args.source_image} was made with LoRAs ({tags}): give --lora PATH for each")
+    return recipe
+
+
+def check_settings(args: argparse.Namespace) -> None:
+    """Refuse settings that contradict each other, text that is not text and inputs that are not there."""
+    for name in ("prompt", "negative"):
+        text = getattr(args, name)
+        try:
+            (text or "").encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"the {name} is not valid UTF-8 text (undecodable byte at position {e.start}); "
+                             f"check the terminal's or the file's encoding") from None
+    kind = get_sampler(args.sampler).kind
+    if args.karras and kind != "sigma":
+        sigma = ", ".join(k for k, v in SAMPLERS.items() if v.kind == "sigma")
+        raise ValueError(f"--karras spaces noise levels: it needs one of {sigma}, not {args.sampler}")
+    if args.eta and args.sampler != "ddim":
+        raise ValueError(f"--eta is DDIM's stochasticity; {args.sampler} does not use it (give --sampler ddim)")
+    if args.seed + args.num_images - 1 > MAX_SEED:
+        raise ValueError(f"--seed {args.seed} with -n {args.num_images} runs past the largest seed, {MAX_SEED}")
     if (args.controlnet is None) != (args.control_image is None):
         raise ValueError("--controlnet and --control-image go together")
-    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    if args.canny and args.control_image is None:
+        raise ValueError("--canny takes the edges of --control-image: give --controlnet and --control-image")
+    for flag, path in (("--image", getattr(args, "image", None)), ("--mask", getattr(args, "mask", None)),
+                       ("--control-image", args.control_image)):
+        if path is not None:
+            check_picture(path, flag)
+    if args.controlnet is not None and not Path(args.controlnet).exists():
+        raise FileNotFoundError(f"--controlnet not found: {args.controlnet}")
+
+
+def check_picture(path: str, flag: str) -> None:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{flag} file not found: {path}")
+    try:
+        Image.open(path).close()
+    except OSError:
+        raise ValueError(f"{flag} {path} is not a picture (PNG, JPEG, WebP, ...)") from None
+
+
+def lora_spec(spec: str) -> tuple[str, float | None]:
+    """"PATH" or "PATH:SCALE" -> (path, scale or None)."""
+    path, scale = spec, None
+    if not Path(spec).exists() and ":" in spec:
+        path, _, text = spec.rpartition(":")
+        try:
+            scale = SCALE(text)
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"--lora {spec}: the scale after ':' is {e}") from None
+    if not Path(path).exists():
+        raise FileNotFoundError(f"--lora file or folder not found: {path}")
+    return path, scale
+
+
+def check_output(out: str, n: int, force: bool) -> None:
+    """`out` can be written, and writing it (and out-1.png, ...) loses nothing the user did not name."""
+    if out == "-":
+        if n > 1:
+            raise ValueError("--out - writes one PNG to standard output: use -n 1, or name a file")
+        return
+    path = Path(out)
+    if out.endswith(("/", os.sep)) or path.is_dir():
+        raise ValueError(f"--out {out} is a folder: name a file in it, e.g. {path / 'out.png'}")
+    if path.suffix.lower() not in FORMATS:
+        raise ValueError(f"--out {out}: expected a name ending in {', '.join(FORMATS)} (or - for standard output)")
+    folder = next(p for p in path.absolute().parents if p.exists())
+    if not folder.is_dir():
+        raise ValueError(f"--out {out}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"--out {out}: cannot write in {folder}")
+    for sibling in output_paths(path, n)[1:]:
+        if not force and (sibling.exists() or sibling.is_symlink()) and not made_by_minisd(sibling):
+            raise ValueError(f"{sibling} exists and minisd did not make it: pass --force to overwrite it, "
+                             f"or choose another --out")
+
+
+def output_paths(path: Path, n: int) -> list[Path]:
+    """One picture: [path]. Several: [path (the grid), path-1, ..., path-n]."""
+    return [path] + ([path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(n)] if n > 1 else [])
+
+
+def made_by_minisd(path: Path) -> bool:
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        return parse_parameters(read_parameters(path))[2].get("Version", "").startswith("minisd")
+    except ValueError:
+        return False
+
+
+# ─── writing pictures: atomically, with their parameters ─────────────────────────────────────────
+
+def save_picture(image: Image.Image, target, fmt: str, text: str) -> None:
+    """PNG: a "parameters" text chunk. JPEG, WebP: the EXIF UserComment, UTF-16 after "UNICODE\\0" (as A1111)."""
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", text)
+        image.save(target, "PNG", pnginfo=info)
+    else:
+        exif = Image.Exif()
+        exif.get_ifd(EXIF_IFD)[USER_COMMENT] = UNICODE_PREFIX + text.encode("utf-16-be")
+        image.save(target, fmt, exif=exif, **SAVE_OPTIONS[fmt])
+
+
+def save_pictures(images: list[Image.Image], texts: list[str], grid_text: str, out: str) -> list[Path]:
+    """Write each picture (and a grid of several) atomically; a symlink at a target is replaced, its
+    target left alone. `out` "-": the PNG to standard output. Returns the paths written."""
+    if out == "-":
+        save_picture(images[0], sys.stdout.buffer, "PNG", texts[0])
+        sys.stdout.buffer.flush()
+        return []
+    paths = output_paths(Path(out), len(images))
+    fmt = FORMATS[paths[0].suffix.lower()]
+    jobs = list(zip(images, texts, paths[-len(images):]))
+    if len(images) > 1:
+        jobs.append((image_grid(images), grid_text, paths[0]))
+    for image, text, path in jobs:
+        save_file(image, path, fmt, text)
+    return paths
+
+
+def save_file(image: Image.Image, path: Path, fmt: str, text: str) -> None:
+    """Into a temporary file beside `path`, then renamed over it: never a half-written picture."""
+    atomic_write(path, lambda tmp: save_picture(image, tmp, fmt, text))
+
+
+# ─── the generation commands ─────────────────────────────────────────────────────────────────────
+
+def run_generation(args: argparse.Namespace, mode: str) -> None:
+    recipe = resolve(args, mode)
+    check_settings(args)
+    lora_specs = [lora_spec(spec) for spec in args.lora]
+    check_output(args.out, args.num_images, args.force)
     t0 = time.time()
     pipe = StableDiffusion.from_pretrained(args.model, device=args.device)
+    check_steps(pipe, args.sampler, args.steps)
     pipe.progress = not args.quiet
-    extra = {}
-    for spec in args.lora:
-        path, _, scale = spec.rpartition(":") if not Path(spec).exists() and ":" in spec else (spec, "", "1")
-        name = pipe.load_lora(path, scale=float(scale))
-        extra[f"Lora {name}"] = float(scale)
-    control = {}
-    if args.controlnet is not None:
-        from PIL import Image
+    loras = attach_loras(pipe, lora_specs, recipe.get("loras", {}))
+    control = attach_controlnet(pipe, args)
+    seeds = [args.seed + i for i in range(args.num_images)]
+    images = [draw(pipe, args, mode, seed, control) for seed in seeds]
+    w, h = images[0].size
+    texts = [parameters_text(args, seed, w, h, pipe.name, loras) for seed in seeds]
+    grid_text = parameters_text(args, seeds[0], w, h, pipe.name, loras, batch_size=len(seeds))
+    written = save_pictures(images, texts, grid_text, args.out)
+    where = f"saved {written[0]}" if written else "wrote the PNG to standard output"
+    several = f" (grid of {len(images)}; single images beside it)" if len(images) > 1 else ""
+    seed_text = f"seed {seeds[0]}" + (f"..{seeds[-1]}" if len(seeds) > 1 else "")
+    print(f"{where}{several} — {seed_text}, {time.time() - t0:.1f}s", file=sys.stderr)
 
-        from .canny import canny
 
-        pipe.load_controlnet(args.controlnet)
-        image = Image.open(args.control_image).convert("RGB")
-        control = {"control_image": canny(image) if args.canny else image, "controlnet_scale": args.controlnet_scale}
-        extra.update({"ControlNet": Path(args.controlnet).name, "ControlNet scale": args.controlnet_scale})
-    width = args.width or args.size
-    height = args.height or args.size
+def check_steps(pipe: StableDiffusion, sampler: str, steps: int) -> None:
+    """Discrete samplers take `steps` of the model's training timesteps: more than there are repeat them."""
+    limit = pipe.scheduler.num_train_timesteps - pipe.scheduler.steps_offset
+    if get_sampler(sampler).kind == "discrete" and steps > limit:
+        raise ValueError(f"--steps {steps} is more than {sampler} can take from this model's "
+                         f"{pipe.scheduler.num_train_timesteps} training timesteps: use at most {limit}")
+
+
+def attach_loras(pipe: StableDiffusion, specs: list[tuple[str, float | None]],
+                 recorded: dict[str, float]) -> dict[str, tuple[float, str | None]]:
+    """Load each LoRA at its scale (else the picture's, else 1); returns {name: (scale, A1111 short hash)}."""
+    loras = {}
+    for path, scale in specs:
+        name = Path(path).stem
+        scale = scale if scale is not None else recorded.get(name, 1.0)
+        pipe.load_lora(path, scale=scale, name=name)
+        loras[name] = (scale, lora_hash(path))
+    return loras
+
+
+def lora_hash(path: str) -> str | None:
+    """A1111's "Lora hashes" entry: SHA-256 of a .safetensors file after its header (kohya's "addnet"
+    hash), first 12 hex digits. None for other formats."""
+    file = Path(path) / "pytorch_lora_weights.safetensors" if Path(path).is_dir() else Path(path)
+    if file.suffix != ".safetensors" or not file.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        f.seek(8 + int.from_bytes(f.read(8), "little"))
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def attach_controlnet(pipe: StableDiffusion, args: argparse.Namespace) -> dict:
+    if args.controlnet is None:
+        return {}
+    pipe.load_controlnet(args.controlnet)
+    image = Image.open(args.control_image).convert("RGB")
+    return {"control_image": canny(image) if args.canny else image, "controlnet_scale": args.controlnet_scale}
+
+
+def draw(pipe: StableDiffusion, args: argparse.Namespace, mode: str, seed: int, control: dict) -> Image.Image:
+    """One picture from its own seed: the seed it records makes it again, alone."""
     kwargs = dict(negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.cfg,
-                  sampler=args.sampler, karras=args.karras, eta=args.eta, num_images_per_prompt=args.num_images,
+                  sampler=args.sampler, karras=args.karras, eta=args.eta, height=args.height, width=args.width,
                   generator=torch.Generator().manual_seed(seed), clip_skip=args.clip_skip, **control)
     if mode == "generate":
-        images = pipe(args.prompt, height=height, width=width, **kwargs)
-    elif mode == "img2img":
-        images = pipe.img2img(args.prompt, args.image, strength=args.strength, height=height, width=width, **kwargs)
-        extra["Denoising strength"] = args.strength
-    else:
-        images = pipe.inpaint(args.prompt, args.image, args.mask, strength=args.strength, height=height, width=width,
-                              keep_unmasked=args.keep_unmasked, **kwargs)
-        extra["Denoising strength"] = args.strength
-    w, h = images[0].size
-    text = parameters_text(args.prompt, args.negative, args.steps, args.sampler, args.karras, args.cfg, seed, w, h,
-                           pipe.name, extra)
-    written = save_png(images, Path(args.out), text)
-    print(f"saved {written[0]}" + (f" (grid of {len(images)}; single images beside it)" if len(images) > 1 else "")
-          + f" — seed {seed}, {time.time() - t0:.1f}s", file=sys.stderr)
+        return pipe(args.prompt, **kwargs)[0]
+    if mode == "img2img":
+        return pipe.img2img(args.prompt, args.image, strength=args.strength, **kwargs)[0]
+    return pipe.inpaint(args.prompt, args.image, args.mask, strength=args.strength,
+                        keep_unmasked=args.keep_unmasked, **kwargs)[0]
 
 
 def bench(args: argparse.Namespace) -> None:
     """Seconds per image of the shipped tiny model at the evaluation settings on this machine."""
-    import torch
-
-    from .pipeline import StableDiffusion
-
     pipe = StableDiffusion.from_pretrained(args.model, device=args.device)
     pipe.progress = False
+    check_steps(pipe, "ddim", args.steps)
     prompts = ["a red circle on the left"] * args.batch
     pipe(prompts[:1], num_inference_steps=2)  # warm-up
     t0 = time.perf_counter()
@@ -161,51 +518,109 @@ def bench(args: argparse.Namespace) -> None:
           f"batch {args.batch}, {pipe.device}, {torch.get_num_threads()} threads)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "train":  # the training script has its own options
-        from .shapes.train import main as train_main
+# ─── the parser ──────────────────────────────────────────────────────────────────────────────────
 
-        train_main(argv[1:])
-        return 0
-    if argv and argv[0] == "eval":
-        from .shapes.analyser import main as eval_main
+def add_generation_args(p: argparse.ArgumentParser, mode: str) -> None:
+    d = {**DEFAULTS, **MODE_DEFAULTS[mode]}
+    p.add_argument("prompt", nargs="?", default=None, help='what to draw, e.g. "a large red circle on the left"')
+    p.add_argument("--from", dest="source_image", default=None, metavar="IMAGE",
+                   help="re-run a picture from the settings it records (PNG, JPEG, WebP); flags given override them")
+    p.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt (what to steer away from)")
+    p.add_argument("--steps", type=STEPS, default=None, help=f"sampling steps (default {d['steps']})")
+    p.add_argument("--cfg", type=CFG, default=None,
+                   help=f"classifier-free guidance scale; 1 turns it off (default {d['cfg']})")
+    p.add_argument("--seed", type=SEED, default=None,
+                   help="random seed; image i of -n uses seed+i (default, or -1: a random one, recorded)")
+    p.add_argument("--sampler", type=sampler_name, default=None,
+                   help=f"one of: {', '.join(SAMPLERS)} (default {d['sampler']})")
+    p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
+                   help="Karras sigma spacing (euler, euler_a, heun, lms, dpmpp_2m)")
+    p.add_argument("--eta", type=UNIT, default=None, help="DDIM stochasticity, 0..1 (default 0)")
+    p.add_argument("--size", type=image_size, default=None,
+                   help="image width and height in px (default: the model's, 64 for tiny)")
+    p.add_argument("--width", type=image_size, default=None)
+    p.add_argument("--height", type=image_size, default=None)
+    p.add_argument("-n", "--num-images", type=int_in(1), default=None,
+                   help="images to make, image i from seed+i (a grid is saved for n > 1)")
+    p.add_argument("--clip-skip", type=int_in(0), default=None,
+                   help="stop the text encoder this many layers early (A1111's Clip skip is this + 1)")
+    p.add_argument("--model", default=None,
+                   help="tiny (default), a diffusers folder, a .safetensors/.ckpt file or a Hub id")
+    p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, mps (default: the best available)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA file or folder (kohya, diffusers/PEFT), optionally with a scale; repeatable")
+    p.add_argument("--controlnet", default=None, metavar="PATH", help="a ControlNet (diffusers folder or lllyasviel file)")
+    p.add_argument("--control-image", default=None, metavar="PNG", help="the ControlNet's map (edges, mask, ...)")
+    p.add_argument("--canny", action=argparse.BooleanOptionalAction, default=None,
+                   help="take Canny edges of --control-image first")
+    p.add_argument("--controlnet-scale", type=SCALE, default=None, help="strength of the ControlNet (default 1)")
+    p.add_argument("--out", default="out.png",
+                   help="output .png, .jpg or .webp (default out.png); - writes the PNG to standard output")
+    p.add_argument("--force", action="store_true", help="overwrite out-1.png, ... even if minisd did not make them")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
-        eval_main(argv[1:])
-        return 0
-    parser = argparse.ArgumentParser(prog="minisd", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def build_parser() -> Parser:
+    parser = Parser(prog="minisd", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="text to image")
-    add_generation_args(gen)
+    add_generation_args(sub.add_parser("generate", help="text to image"), "generate")
     i2i = sub.add_parser("img2img", help="image to image")
-    add_generation_args(i2i)
+    add_generation_args(i2i, "img2img")
     i2i.add_argument("--image", required=True, help="the starting picture")
-    i2i.add_argument("--strength", type=float, default=0.75, help="0 keeps the image, 1 ignores it (default 0.75)")
+    i2i.add_argument("--strength", type=UNIT, default=None, help="0 keeps the image, 1 ignores it (default 0.75)")
     inp = sub.add_parser("inpaint", help="repaint the white part of a mask")
-    add_generation_args(inp)
+    add_generation_args(inp, "inpaint")
     inp.add_argument("--image", required=True, help="the picture")
     inp.add_argument("--mask", required=True, help="same size as the image; white = repaint")
-    inp.add_argument("--strength", type=float, default=1.0, help="how much to change the masked part (default 1)")
-    inp.add_argument("--keep-unmasked", action="store_true",
+    inp.add_argument("--strength", type=UNIT, default=None, help="how much to change the masked part (default 1)")
+    inp.add_argument("--keep-unmasked", action=argparse.BooleanOptionalAction, default=None,
                      help="paste the original pixels back outside the mask (the VAE changes them a little)")
     sub.add_parser("train", help="train the shapes-world model (minisd train --help)")
     sub.add_parser("eval", help="prompt adherence on the shapes world (minisd eval --help)")
     b = sub.add_parser("bench", help="seconds per image on this machine")
     b.add_argument("--model", default="tiny")
-    b.add_argument("--device", default=None)
-    b.add_argument("--steps", type=int, default=25)
-    b.add_argument("--batch", type=int, default=8)
-    b.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
-    try:
+    b.add_argument("--device", type=device_name, default=None)
+    b.add_argument("--steps", type=STEPS, default=25)
+    b.add_argument("--batch", type=int_in(1), default=8)
+    b.add_argument("--repeats", type=int_in(1), default=3)
+    return parser
+
+
+def run(argv: list[str]) -> None:
+    if argv and argv[0] == "train":  # the training script has its own options
+        train.main(argv[1:])
+    elif argv and argv[0] == "eval":
+        analyser.main(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
         if args.command == "bench":
             bench(args)
         else:
             run_generation(args, args.command)
-    except (ValueError, FileNotFoundError) as e:  # bad input (WeightsError too): a message, not a traceback
-        print(f"minisd {args.command}: error: {e}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`minisd ...`: 0 when done; 2, with one line on stderr, for input it cannot use (--debug: raise)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv[: argv.index("--") if "--" in argv else len(argv)]
+    if debug:
+        argv.remove("--debug")
+    try:
+        run(argv)
+    except (ValueError, OSError) as e:  # WeightsError and UnicodeError are ValueErrors, FileNotFoundError an OSError
+        if debug:
+            raise
+        print(f"minisd: error: {'; '.join(line.strip() for line in str(e).splitlines() if line.strip())}",
+              file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # pictures are written atomically: nothing half-written is left behind
+        if debug:
+            raise
+        print("minisd: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from ..diffusion.samplers import get_sampler
 from .world import (BACKGROUNDS, BASE_SHAPES, COLOURS, PHRASES, POSITIONS, SHAPES, SIZES, Scene, ShapeObject,
                      convex_hull, render)
 
@@ -539,6 +540,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--vae", action="store_true", help="the VAE's ceiling: shape accuracy of ground-truth renders "
                     "after an encode-decode round trip")
     args = ap.parse_args(argv)
+    check_eval_args(args)
     if args.inpaint:
         pipes = {"blending (standard U-Net)": StableDiffusion.from_pretrained(args.model, device=args.device),
                  "9-channel inpainting U-Net": StableDiffusion.from_pretrained(args.inpaint, device=args.device)}
@@ -580,6 +582,45 @@ def main(argv: list[str] | None = None) -> dict:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     return results
+
+
+def check_eval_args(args) -> None:
+    """Refuse careless `minisd eval` flags before anything is loaded, each with one line."""
+    import math
+    from pathlib import Path
+
+    import torch
+
+    get_sampler(args.sampler)
+    for flag, value in (("--steps", args.steps), ("--draws", args.draws), ("--limit", args.limit)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    bad = [c for c in args.cfg if not math.isfinite(c) or c < 0]
+    if bad:
+        raise ValueError(f"--cfg takes guidance scales of at least 0, got {bad[0]}")
+    if not 0 <= args.seed <= 2**63 - 1 - 1000 * args.draws:  # draw k uses seed + 1000·k
+        raise ValueError(f"--seed must be from 0 to {2**63 - 1 - 1000 * args.draws} here, got {args.seed}")
+    if args.concept not in SHAPES:
+        raise ValueError(f"--concept must be one of {', '.join(SHAPES)}, got {args.concept!r}")
+    if args.control not in ("edges", "mask"):
+        raise ValueError(f"--control must be edges or mask, got {args.control!r}")
+    modes = [flag for flag, on in (("--inpaint", args.inpaint), ("--breakdown", args.breakdown), ("--vae", args.vae),
+                                   ("--lora", args.lora), ("--controlnet", args.controlnet),
+                                   ("--ground-truth", args.ground_truth)) if on]
+    if len(modes) > 1:
+        raise ValueError(f"{' and '.join(modes)} are separate evaluations: give one at a time")
+    for flag, path in (("--lora", args.lora), ("--controlnet", args.controlnet)):
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{flag} not found: {path}")
+    if args.json is not None and (Path(args.json).is_dir() or not Path(args.json).absolute().parent.is_dir()):
+        raise ValueError(f"--json {args.json}: expected a file name in an existing folder")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"--device must be cpu, cuda, cuda:N or mps, got {args.device!r}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,7 @@
+"""`python -m minisd ...` is `minisd ...`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
