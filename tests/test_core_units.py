@@ -98,8 +98,9 @@ def test_configs_round_trip_and_presets():
     sd2 = {**sd15_json, "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True, "cross_attention_dim": 1024}
     cfg = UNetConfig.from_diffusers(sd2)
     assert cfg.num_heads == (5, 10, 20, 20) and cfg.use_linear_projection
-    with pytest.raises(ValueError, match="SDXL"):
-        UNetConfig.from_diffusers({**sd15_json, "addition_embed_type": "text_time"})
+    assert UNetConfig.from_diffusers({**sd15_json, "addition_embed_type": "text_time"}).addition_embed_type == "text_time"
+    with pytest.raises(ValueError, match="addition_embed_type='image'"):
+        UNetConfig.from_diffusers({**sd15_json, "addition_embed_type": "image"})
     assert json.loads(json.dumps(SD15.unet.to_diffusers()))["attention_head_dim"] == 8
 
 

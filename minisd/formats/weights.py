@@ -67,8 +67,9 @@ def _safe_globals() -> list:
     return stubs
 
 
-def read_state_dict(path: str | os.PathLike) -> StateDict:
-    """All tensors of one weights file, on the CPU, in the file's dtypes.
+def read_state_dict(path: str | os.PathLike, keep_all: bool = False) -> StateDict:
+    """All tensors of one weights file, on the CPU, in the file's dtypes. keep_all: a pickle's other
+    entries too (nested dicts, names: A1111 embeddings), as torch.load(weights_only=True) gives them.
 
     Raises FileNotFoundError for a missing file and WeightsError for a truncated, corrupt or unsafe one.
     """
@@ -101,7 +102,7 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise WeightsError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
-    return {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    return dict(obj) if keep_all else {k: v for k, v in obj.items() if isinstance(v, Tensor)}
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -544,7 +545,7 @@ def read_component(folder: Path, name: str, variant: str | None, parse, *args) -
     if not config_path.is_file():
         raise WeightsError(f"{sub} has no config.json")
     config = _parse_config(config_path, parse, read_json(config_path), *args)
-    files = find_weights(sub, WEIGHT_STEMS[name], variant)
+    files = find_weights(sub, WEIGHT_STEMS[name.removesuffix("_2")], variant)  # text_encoder_2: SDXL
     if all(f.suffix == ".safetensors" for f in files):  # cheap: headers only, before any data is read
         header = {k: v for f in files for k, v in read_safetensors_header(f).items()}
         _check_header(header, config, config_path, files[0])
@@ -592,7 +593,7 @@ def read_diffusers_folder(folder: Path, variant: str | None = None) -> Component
     sched_path = folder / "scheduler" / "scheduler_config.json"
     scheduler = _parse_config(sched_path, SchedulerConfig.from_diffusers,
                               read_json(sched_path) if sched_path.is_file() else {})
-    unet_cfg, usd, usrc = read_component(folder, "unet", variant, UNetConfig.from_diffusers, scheduler.prediction_type)
+    unet_cfg, usd, usrc = read_component(folder, "unet", variant, _sd_unet_config, scheduler.prediction_type)
     vae_cfg, vsd, vsrc = read_component(folder, "vae", variant, VAEConfig.from_diffusers)
     text_cfg, tsd, tsrc = read_component(folder, "text_encoder", variant, TextEncoderConfig.from_transformers)
     tok = folder / "tokenizer"
@@ -600,6 +601,18 @@ def read_diffusers_folder(folder: Path, variant: str | None = None) -> Component
                       text_encoder=(text_cfg, fix_text_encoder_keys(tsd)), scheduler=scheduler,
                       tokenizer_folder=tok if tok.is_dir() else None,
                       sources={"unet": usrc, "vae": vsrc, "text_encoder": tsrc})
+
+
+def _sd_unet_config(cfg: dict, prediction_type: str) -> UNetConfig:
+    """UNetConfig.from_diffusers without SDXL's generalisations, which an SD 1.x/2.x pipeline cannot feed
+    (no pooled text or size ids); SDXL folders are read by minisd.formats.sdxl.read_sdxl_folder."""
+    if cfg.get("addition_embed_type") is not None:
+        raise ValueError(f"unsupported U-Net config addition_embed_type={cfg['addition_embed_type']!r} (an SDXL "
+                         f"U-Net: read it with minisd.formats.sdxl.read_sdxl_folder)")
+    if cfg.get("transformer_layers_per_block", 1) != 1:
+        raise ValueError(f"transformer_layers_per_block={cfg['transformer_layers_per_block']} is not supported "
+                         f"by the SD 1.x/2.x pipeline (SDXL: minisd.formats.sdxl.read_sdxl_folder)")
+    return UNetConfig.from_diffusers(cfg, prediction_type)
 
 
 def _parse_config(path: Path, parse, *args):

@@ -7,18 +7,23 @@ Legend: B batch, T tokens (77), E width (768 for CLIP ViT-L/14), nh heads, hd = 
 A GPT-style pre-LayerNorm transformer with a causal mask (token i sees tokens ≤ i), quick-GELU
 MLPs (Radford et al. 2021). SD 1.x conditions on the whole last hidden state, not the pooled vector.
 Attribute names follow transformers' on-disk `CLIPTextModel` layout (`text_model.encoder.layers.0...`).
+
+SDXL (Podell et al. 2023, §2.1) reads two encoders, CLIP ViT-L and OpenCLIP ViT-bigG (GELU MLPs, 1280
+wide, 32 layers), each at its penultimate layer without the final LayerNorm (`hidden_and_pooled`), and
+from bigG also the pooled vector: final LayerNorm at the EOS token, then `text_projection`, a bias-free
+Linear P×E (transformers' `CLIPTextModelWithProjection`; `with_projection=True`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.attention import attention
-from ..checks import check_float, check_int
+from ..checks import check_bool, check_float, check_int
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,8 @@ class TextEncoderConfig:
     hidden_act: str = "quick_gelu"         # x·σ(1.702x) for OpenAI CLIP; "gelu" for OpenCLIP (SD 2.x)
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 2                  # 2 is transformers' legacy value: pool at argmax(ids) (EOS has the top id)
-    projection_dim: int = 768              # width of the contrastive projection (CLIP training only)
+    projection_dim: int = 768              # P, width of the contrastive projection (CLIP training; SDXL's pooled)
+    with_projection: bool = False          # build `text_projection` (SDXL's bigG encoder: CLIPTextModelWithProjection)
 
     def __post_init__(self):
         """Sane ranges before any module is built (a config file is input like any other)."""
@@ -46,6 +52,7 @@ class TextEncoderConfig:
         check_float(name, "layer_norm_eps", self.layer_norm_eps, 0.0, 1.0, lo_open=True)
         check_int(name, "eos_token_id", self.eos_token_id, 0, self.vocab_size - 1)
         check_int(name, "projection_dim", self.projection_dim, 1, 8192)
+        check_bool(name, "with_projection", self.with_projection)
         if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} not in {sorted(ACTIVATIONS)}")
         if self.hidden_size % self.num_attention_heads:
@@ -64,10 +71,12 @@ class TextEncoderConfig:
                    num_attention_heads=cfg.get("num_attention_heads", 8),
                    max_position_embeddings=cfg.get("max_position_embeddings", 77),
                    hidden_act=cfg.get("hidden_act", "quick_gelu"), layer_norm_eps=cfg.get("layer_norm_eps", 1e-5),
-                   eos_token_id=cfg.get("eos_token_id", 2), projection_dim=cfg.get("projection_dim", 512))
+                   eos_token_id=cfg.get("eos_token_id", 2), projection_dim=cfg.get("projection_dim", 512),
+                   with_projection="CLIPTextModelWithProjection" in (cfg.get("architectures") or ()))
 
     def to_transformers(self) -> dict:
-        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+        architecture = "CLIPTextModelWithProjection" if self.with_projection else "CLIPTextModel"
+        return {"architectures": [architecture], "model_type": "clip_text_model",
                 "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
                 "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
                 "num_attention_heads": self.num_attention_heads,
@@ -152,6 +161,8 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.config = cfg
         self.text_model = CLIPTextTransformer(cfg)
+        if cfg.with_projection:  # top-level name, as in CLIPTextModelWithProjection's state dict
+            self.text_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -172,6 +183,31 @@ class TextEncoder(nn.Module):
             x = layer(x)
         return self.text_model.final_layer_norm(x)
 
+    # ─── the vocabulary's rows (textual inversion adds some) ───────────────────────────────────────
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.text_model.embeddings.token_embedding
+
+    def set_input_embeddings(self, embedding: nn.Embedding) -> None:
+        """Put in a token embedding (V', E); the config's vocab_size follows, so a saved model loads back."""
+        if embedding.embedding_dim != self.config.hidden_size:
+            raise ValueError(f"token embedding is {embedding.embedding_dim} wide; expected hidden_size "
+                             f"{self.config.hidden_size}")
+        self.text_model.embeddings.token_embedding = embedding
+        self.config = replace(self.config, vocab_size=embedding.num_embeddings)
+
+    def resize_token_embeddings(self, num_tokens: int) -> nn.Embedding:
+        """Keep the first min(V, num_tokens) rows and add zero rows up to num_tokens, as transformers'
+        method of the same name does (it starts new rows at the mean instead: they are overwritten here).
+        Returns the old embedding module, untouched, to put back with `set_input_embeddings`."""
+        old = self.get_input_embeddings()
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
+            raise ValueError(f"num_tokens = {num_tokens!r}; expected a positive integer")
+        weight = old.weight.new_zeros(num_tokens, old.embedding_dim)  # no random init: the RNG is left alone
+        kept = min(old.num_embeddings, num_tokens)
+        weight[:kept] = old.weight.detach()[:kept]
+        self.set_input_embeddings(nn.Embedding.from_pretrained(weight, freeze=not old.weight.requires_grad))
+        return old
+
     def pooled(self, ids: Tensor, hidden: Tensor) -> Tensor:
         """The vector at each sequence's EOS token (B, E): what CLIP's contrastive head reads."""
         if self.config.eos_token_id == 2:  # legacy configs: EOS is the largest id in the vocabulary
@@ -179,3 +215,21 @@ class TextEncoder(nn.Module):
         else:
             eos = (ids == self.config.eos_token_id).int().argmax(dim=-1)
         return hidden[torch.arange(ids.shape[0], device=ids.device), eos]
+
+    def hidden_and_pooled(self, ids: Tensor, skip: int = 1) -> tuple[Tensor, Tensor]:
+        """What SDXL reads, in one pass: the hidden state `skip` layers before the last (B, T, E) with no
+        final LayerNorm (transformers' `hidden_states[-1 - skip]`; SDXL uses skip=1, the penultimate layer),
+        and the pooled vector (B, P): final LayerNorm at EOS, then `text_projection` if the model has one
+        (else (B, E), unprojected)."""
+        layers = self.text_model.encoder.layers
+        if not 0 <= skip < len(layers):
+            raise ValueError(f"skip must be in [0, {len(layers) - 1}], got {skip}")
+        x = self.text_model.embeddings(ids)  # (B, T, E)
+        for i, layer in enumerate(layers):
+            x = layer(x)
+            if i == len(layers) - 1 - skip:
+                hidden = x
+        pooled = self.pooled(ids, self.text_model.final_layer_norm(x))  # (B, E)
+        if self.config.with_projection:
+            pooled = self.text_projection(pooled)  # (B, P)
+        return hidden, pooled

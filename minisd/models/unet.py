@@ -1,7 +1,7 @@
 """The denoising U-Net of Stable Diffusion: ε_θ(z_t, t, context).
 
 Legend: B batch, C channels, H,W latent height/width, L = H·W image tokens, T text tokens (77),
-D time-embedding width (4·C₀), E context width (768 for SD 1.x).
+D time-embedding width (4·C₀), E context width (768 for SD 1.x, 2048 for SDXL), P pooled text width.
 
     z_t (B,4,H,W) ─ conv_in ─ down path ─ mid block ─ up path ─ norm, SiLU, conv_out ─ ε̂ (B,4,H,W)
                                │ skip connections ────────┘
@@ -12,6 +12,13 @@ Each level of the down path is `layers_per_block` × (ResnetBlock2D [+ Transform
 stride-2 conv; the up path mirrors it with one block more per level, each block taking the matching
 skip tensor concatenated on channels (Ronneberger et al. 2015; Rombach et al. 2022, §3.3).
 Attribute names follow diffusers' `UNet2DConditionModel`, so its checkpoints load with no key map.
+
+SDXL's U-Net (Podell et al. 2023, §2.1) is the same network with four generalisations, all config
+fields: `transformer_depth` stacks several transformer blocks per Transformer2D (1, 2, 10 per level),
+level 0 has no attention (`cross_attention[0] = False`), proj_in/proj_out are Linear, and
+`addition_embed_type="text_time"` adds a second vector to emb ("micro-conditioning", §2.2):
+
+    emb = MLP_t(sin(t)) + MLP_add([pooled text (B,P), sin(size and crop ids) (B, n_ids·256)])
 """
 
 from __future__ import annotations
@@ -44,6 +51,11 @@ class UNetConfig:
     freq_shift: float = 0.0
     sample_size: int = 64                  # native latent size (×8 = 512 px for SD 1.5)
     prediction_type: str = "epsilon"       # what the model predicts: "epsilon" or "v_prediction" (SD 2.x 768)
+    transformer_depth: int | tuple[int, ...] = 1  # transformer blocks per Transformer2D: all levels, or one per
+    #                                             level (SDXL base: 1, 2, 10; the mid block takes the last level's)
+    addition_embed_type: str | None = None  # "text_time" (SDXL): pooled text + size/crop ids added to emb
+    addition_time_embed_dim: int = 256      # SDXL: sinusoidal width of each size/crop id
+    projection_class_embeddings_input_dim: int = 2816  # SDXL: P + n_ids·256 (base 1280 + 6·256; refiner 1280 + 5·256)
 
     def __post_init__(self):
         """Sane ranges before any module is built (a config file is input like any other)."""
@@ -68,6 +80,13 @@ class UNetConfig:
         check_float(name, "freq_shift", self.freq_shift, -1000.0, 1000.0)
         check_int(name, "sample_size", self.sample_size, 1, 1024)
         check_choice(name, "prediction_type", self.prediction_type, ("epsilon", "v_prediction", "sample"))
+        if not isinstance(self.transformer_depth, int):
+            check_levels(name, "transformer_depth", self.transformer_depth, n, n)
+        for depth in self.depths:
+            check_int(name, "transformer_depth", depth, 1, 64)
+        check_choice(name, "addition_embed_type", self.addition_embed_type, (None, "text_time"))
+        check_int(name, "addition_time_embed_dim", self.addition_time_embed_dim, 2, 8192)
+        check_int(name, "projection_class_embeddings_input_dim", self.projection_class_embeddings_input_dim, 1, 65536)
         for c, h in zip(self.block_out_channels, self.num_heads):
             if c % h or c % self.norm_num_groups:
                 raise ValueError(f"channels {c} must divide by heads {h} and groups {self.norm_num_groups}")
@@ -76,12 +95,18 @@ class UNetConfig:
     def time_dim(self) -> int:
         return 4 * self.block_out_channels[0]  # D: 1280 for SD 1.5
 
+    @property
+    def depths(self) -> tuple[int, ...]:
+        """Transformer blocks per Transformer2D, one entry per level."""
+        d = self.transformer_depth
+        return (d,) * len(self.block_out_channels) if isinstance(d, int) else d
+
     # diffusers config.json <-> UNetConfig
     @classmethod
     def from_diffusers(cls, cfg: dict, prediction_type: str = "epsilon") -> UNetConfig:
         """Read a diffusers `unet/config.json`, applying its class defaults for absent keys."""
         unsupported = {
-            "addition_embed_type": None, "class_embed_type": None, "encoder_hid_dim": None,
+            "class_embed_type": None, "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None,
             "time_cond_proj_dim": None, "time_embedding_type": "positional",
             "resnet_time_scale_shift": "default", "act_fn": "silu", "center_input_sample": False,
             "dual_cross_attention": False, "only_cross_attention": False, "conv_in_kernel": 3,
@@ -90,8 +115,10 @@ class UNetConfig:
         for key, default in unsupported.items():
             value = cfg.get(key, default)
             if value != default and not (key == "only_cross_attention" and value == [False] * len(value)):
-                hint = " (an SDXL U-Net; minisd supports SD 1.x and 2.x)" if key == "addition_embed_type" else ""
-                raise ValueError(f"unsupported U-Net config {key}={value!r}{hint}")
+                raise ValueError(f"unsupported U-Net config {key}={value!r}")
+        if cfg.get("addition_embed_type") not in (None, "text_time"):
+            raise ValueError(f"unsupported U-Net config addition_embed_type={cfg['addition_embed_type']!r}; "
+                             f"expected null or \"text_time\" (SDXL)")
         down = cfg.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
         up = cfg.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
         down = list(as_tuple("UNetConfig", "down_block_types", down))
@@ -107,11 +134,10 @@ class UNetConfig:
         # diffusers' historical misnomer: `attention_head_dim` holds the number of heads (diffusers#2011)
         heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
         heads = tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * len(channels)
-        for key in ("transformer_layers_per_block", "layers_per_block"):
-            if isinstance(cfg.get(key), (list, tuple)):
-                raise ValueError(f"per-level {key}={cfg[key]} is not supported")
-        if cfg.get("transformer_layers_per_block", 1) != 1:
-            raise ValueError(f"transformer_layers_per_block={cfg['transformer_layers_per_block']} is not supported")
+        if isinstance(cfg.get("layers_per_block"), (list, tuple)):
+            raise ValueError(f"per-level layers_per_block={cfg['layers_per_block']} is not supported")
+        depth = cfg.get("transformer_layers_per_block", 1)
+        depth = tuple(depth) if isinstance(depth, list) else depth
         if cfg.get("downsample_padding", 1) != 1 or cfg.get("mid_block_scale_factor", 1) != 1:
             raise ValueError("unsupported downsample_padding / mid_block_scale_factor (SD uses 1 and 1)")
         if isinstance(cfg.get("cross_attention_dim", 768), (list, tuple)):
@@ -124,14 +150,25 @@ class UNetConfig:
             use_linear_projection=cfg.get("use_linear_projection", False),
             upcast_attention=cfg.get("upcast_attention", False) or False,
             flip_sin_to_cos=cfg.get("flip_sin_to_cos", True), freq_shift=cfg.get("freq_shift", 0),
-            sample_size=cfg.get("sample_size", 64), prediction_type=prediction_type,
+            sample_size=cfg.get("sample_size", 64), prediction_type=prediction_type, transformer_depth=depth,
+            addition_embed_type=cfg.get("addition_embed_type"),
+            addition_time_embed_dim=cfg.get("addition_time_embed_dim") or 256,
+            projection_class_embeddings_input_dim=cfg.get("projection_class_embeddings_input_dim") or 2816,
         )
 
     def to_diffusers(self) -> dict:
         down = ["CrossAttnDownBlock2D" if c else "DownBlock2D" for c in self.cross_attention]
         up = ["CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(self.cross_attention)]
         heads = self.num_heads[0] if len(set(self.num_heads)) == 1 else list(self.num_heads)
-        return {
+        sdxl = {}  # written only when used, so SD 1.x configs stay as diffusers writes them
+        if self.transformer_depth != 1:
+            d = self.transformer_depth
+            sdxl["transformer_layers_per_block"] = d if isinstance(d, int) else list(d)
+        if self.addition_embed_type is not None:
+            sdxl.update(addition_embed_type=self.addition_embed_type, addition_embed_type_num_heads=64,
+                        addition_time_embed_dim=self.addition_time_embed_dim,
+                        projection_class_embeddings_input_dim=self.projection_class_embeddings_input_dim)
+        return sdxl | {
             "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": heads,
             "block_out_channels": list(self.block_out_channels), "center_input_sample": False,
             "cross_attention_dim": self.cross_attention_dim, "down_block_types": down, "downsample_padding": 1,
@@ -176,16 +213,16 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer2D(nn.Module):
-    """The 'spatial transformer': image (B,C,H,W) → tokens (B,L,C) → transformer block → image, plus x."""
+    """The 'spatial transformer': image (B,C,H,W) → tokens (B,L,C) → `depth` transformer blocks → image, plus x."""
 
-    def __init__(self, channels: int, heads: int, cfg: UNetConfig):
+    def __init__(self, channels: int, heads: int, cfg: UNetConfig, depth: int = 1):
         super().__init__()
         self.norm = nn.GroupNorm(cfg.norm_num_groups, channels, eps=1e-6)
         self.use_linear = cfg.use_linear_projection
         proj = (lambda: nn.Linear(channels, channels)) if self.use_linear else (lambda: nn.Conv2d(channels, channels, 1))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(channels, heads, cfg.cross_attention_dim, cfg.upcast_attention)])
+            [BasicTransformerBlock(channels, heads, cfg.cross_attention_dim, cfg.upcast_attention) for _ in range(depth)])
         self.proj_out = proj()
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
@@ -210,12 +247,13 @@ class DownBlock(nn.Module):
     """One level of the down path: resnets (each followed by a Transformer2D on cross-attention levels),
     then a stride-2 downsampler except on the last level. Returns the output and its skip tensors."""
 
-    def __init__(self, in_ch: int, out_ch: int, heads: int, cross: bool, last: bool, cfg: UNetConfig):
+    def __init__(self, in_ch: int, out_ch: int, heads: int, cross: bool, last: bool, cfg: UNetConfig,
+                 depth: int = 1):
         super().__init__()
         n = cfg.layers_per_block
         self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, cfg.time_dim,
                                                     cfg.norm_num_groups, cfg.norm_eps) for i in range(n)])
-        self.attentions = nn.ModuleList([Transformer2D(out_ch, heads, cfg) for _ in range(n)]) if cross else None
+        self.attentions = nn.ModuleList([Transformer2D(out_ch, heads, cfg, depth) for _ in range(n)]) if cross else None
         self.downsamplers = None if last else nn.ModuleList([Downsample2D(out_ch)])
 
     def forward(self, x: Tensor, emb: Tensor, context: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -236,7 +274,7 @@ class UpBlock(nn.Module):
     (concatenated on channels), Transformer2Ds on cross-attention levels, then a 2× upsampler."""
 
     def __init__(self, in_ch: int, out_ch: int, prev_ch: int, heads: int, cross: bool, last: bool,
-                 cfg: UNetConfig):
+                 cfg: UNetConfig, depth: int = 1):
         super().__init__()
         n = cfg.layers_per_block + 1
         # skip channels, deepest first: the level's own outputs, then what entered the level
@@ -244,7 +282,7 @@ class UpBlock(nn.Module):
         self.resnets = nn.ModuleList([
             ResnetBlock2D((prev_ch if i == 0 else out_ch) + skip_chs[i], out_ch, cfg.time_dim,
                           cfg.norm_num_groups, cfg.norm_eps) for i in range(n)])
-        self.attentions = nn.ModuleList([Transformer2D(out_ch, heads, cfg) for _ in range(n)]) if cross else None
+        self.attentions = nn.ModuleList([Transformer2D(out_ch, heads, cfg, depth) for _ in range(n)]) if cross else None
         self.upsamplers = None if last else nn.ModuleList([Upsample2D(out_ch)])
 
     def forward(self, x: Tensor, skips: list[Tensor], emb: Tensor, context: Tensor,
@@ -261,11 +299,11 @@ class UpBlock(nn.Module):
 class MidBlock(nn.Module):
     """The bottleneck: ResnetBlock2D, Transformer2D, ResnetBlock2D at the lowest resolution."""
 
-    def __init__(self, ch: int, heads: int, cfg: UNetConfig):
+    def __init__(self, ch: int, heads: int, cfg: UNetConfig, depth: int = 1):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, cfg.time_dim, cfg.norm_num_groups, cfg.norm_eps)
                                       for _ in range(2)])
-        self.attentions = nn.ModuleList([Transformer2D(ch, heads, cfg)])
+        self.attentions = nn.ModuleList([Transformer2D(ch, heads, cfg, depth)])
 
     def forward(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:
         x = self.resnets[0](x, emb)
@@ -283,15 +321,18 @@ class UNet(nn.Module):
         n = len(chs)
         self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(chs[0], cfg.time_dim)
+        if cfg.addition_embed_type == "text_time":  # SDXL; diffusers' add_time_proj is the parameter-free sinusoid
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_dim)
+        depths = cfg.depths
         self.down_blocks = nn.ModuleList([
-            DownBlock(chs[max(i - 1, 0)], chs[i], cfg.num_heads[i], cfg.cross_attention[i], i == n - 1, cfg)
+            DownBlock(chs[max(i - 1, 0)], chs[i], cfg.num_heads[i], cfg.cross_attention[i], i == n - 1, cfg, depths[i])
             for i in range(n)])
-        self.mid_block = MidBlock(chs[-1], cfg.num_heads[-1], cfg)
+        self.mid_block = MidBlock(chs[-1], cfg.num_heads[-1], cfg, depths[-1])
         up = []
         for j in range(n):  # j counts up blocks, deepest first; level i = n-1-j
             i = n - 1 - j
             up.append(UpBlock(chs[max(i - 1, 0)], chs[i], chs[min(i + 1, n - 1)], cfg.num_heads[i],
-                              cfg.cross_attention[i], j == n - 1, cfg))
+                              cfg.cross_attention[i], j == n - 1, cfg, depths[i]))
         self.up_blocks = nn.ModuleList(up)
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, chs[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
@@ -305,11 +346,14 @@ class UNet(nn.Module):
         return self.conv_in.weight.device
 
     def forward(self, z_t: Tensor, t: Tensor | float, context: Tensor,
-                control: tuple[list[Tensor], Tensor] | None = None) -> Tensor:
+                control: tuple[list[Tensor], Tensor] | None = None, *,
+                pooled: Tensor | None = None, time_ids: Tensor | None = None) -> Tensor:
         """z_t (B, C_in, H, W), t scalar or (B,), context (B, T, E) -> (B, C_out, H, W).
 
         `control`: ControlNet residuals (one per skip tensor, plus one for the mid block), added to
         the skip connections and the bottleneck (Zhang et al. 2023, eq. 4).
+        `pooled` (B, P) and `time_ids` (B, n_ids): SDXL's added conditions (diffusers' `text_embeds` and
+        `time_ids`), required exactly when `config.addition_embed_type == "text_time"`.
         """
         B = z_t.shape[0]
         t = torch.as_tensor(t, device=z_t.device).reshape(-1)
@@ -317,6 +361,11 @@ class UNet(nn.Module):
         emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                  self.config.freq_shift)
         emb = self.time_embedding(emb.to(z_t.dtype))  # (B, D)
+        if self.config.addition_embed_type == "text_time":
+            emb = emb + self.added_embedding(pooled, time_ids, B)
+        elif pooled is not None or time_ids is not None:
+            raise ValueError("pooled/time_ids given, but this U-Net has no added conditioning "
+                             "(addition_embed_type is None; SDXL's is \"text_time\")")
 
         x = self.conv_in(z_t)
         skips = [x]
@@ -338,3 +387,22 @@ class UNet(nn.Module):
             out_size = tuple(skips[-1].shape[-2:]) if skips else None
             x = block(x, level_skips, emb, context, out_size)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+    def added_embedding(self, pooled: Tensor | None, time_ids: Tensor | None, B: int) -> Tensor:
+        """SDXL's micro-conditioning (Podell et al. 2023, §2.2): each of the n_ids size/crop numbers
+        (original h, w, crop top, left, target h, w; the refiner: h, w, top, left, aesthetic score)
+        gets a 256-wide sinusoid, like t; with the pooled text vector they go through one MLP -> (B, D)."""
+        cfg = self.config
+        if pooled is None or time_ids is None:
+            raise ValueError("this U-Net (addition_embed_type=\"text_time\", SDXL) needs pooled (B, P) and "
+                             f"time_ids (B, n_ids); got pooled={pooled is not None and tuple(pooled.shape)}, "
+                             f"time_ids={time_ids is not None and tuple(time_ids.shape)}")
+        width = pooled.shape[-1] + time_ids.shape[-1] * cfg.addition_time_embed_dim
+        if pooled.shape[0] != B or time_ids.shape[0] != B or width != cfg.projection_class_embeddings_input_dim:
+            raise ValueError(f"pooled {tuple(pooled.shape)} and time_ids {tuple(time_ids.shape)} for batch {B} give "
+                             f"{width} features; the U-Net expects {cfg.projection_class_embeddings_input_dim} "
+                             f"(P + n_ids·{cfg.addition_time_embed_dim})")
+        ids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
+                                 cfg.freq_shift)  # (B·n_ids, 256)
+        features = torch.cat([pooled, ids.reshape(B, -1).to(pooled.dtype)], dim=-1)  # (B, P + n_ids·256)
+        return self.add_embedding(features.to(self.add_embedding.linear_1.weight.dtype))  # (B, D)
