@@ -12,6 +12,7 @@ bundled by open_clip: `assets/bpe_simple_vocab_16e6.txt.gz`) and derives the Hug
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import os
@@ -49,9 +50,11 @@ class Tokenizer:
             self.hf = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
                                     model_max_length=max_length, bos_token=BOS, eos_token=EOS, unk_token=EOS,
                                     pad_token=pad)
+            self._add_saved_tokens(folder / "tokenizer.json")
         else:  # transformers >= 5 saves a single tokenizer.json
             self.hf = CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length)
         self.bos_id, self.eos_id, self.pad_id = self.hf.bos_token_id, self.hf.eos_token_id, self.hf.pad_token_id
+        self._before_added = None  # the tokenizer as built, kept by add_tokens for remove_added_tokens
 
     @classmethod
     def clip_vit_l(cls) -> Tokenizer:
@@ -63,6 +66,7 @@ class Tokenizer:
 
     def __call__(self, prompts: str | list[str], warn: bool = True) -> Tensor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = [self.expand_multi_vector(p) for p in prompts]
         if warn:
             for prompt in prompts:
                 full = self.hf(prompt, verbose=False).input_ids  # untruncated, to measure (no library warning)
@@ -74,6 +78,59 @@ class Tokenizer:
         out = self.hf(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                       return_tensors="pt")
         return out.input_ids.long()
+
+    # ─── added tokens (textual inversion) ──────────────────────────────────────────────────────────
+    def __contains__(self, token: str) -> bool:
+        """Whether `token` is a vocabulary entry (a BPE piece such as "cat</w>", or an added token)."""
+        return token in self.hf.get_vocab()
+
+    def add_tokens(self, tokens: list[str]) -> list[int]:
+        """Add new tokens, each matched whole in a prompt; returns their ids, len(self) onwards.
+        One at a time, as diffusers' `load_textual_inversion` adds them, so the ids are the same."""
+        for token in tokens:
+            if not isinstance(token, str) or token.split() != [token]:
+                raise ValueError(f"token {token!r} must be a non-empty string without spaces")
+            if token in self:
+                raise ValueError(f"token {token!r} is already in the tokenizer's vocabulary; choose another")
+        if self._before_added is None:
+            self._before_added = copy.deepcopy(self.hf)
+        for token in tokens:
+            self.hf.add_tokens(token)
+        return self.hf.convert_tokens_to_ids(list(tokens))
+
+    def remove_added_tokens(self) -> None:
+        """Back to the tokenizer as built: every token that add_tokens added is gone."""
+        if self._before_added is not None:
+            self.hf, self._before_added = self._before_added, None
+
+    def expand_multi_vector(self, prompt: str) -> str:
+        """A multi-vector embedding is one added token per vector: "a <cat>" -> "a <cat> <cat>_1 <cat>_2"
+        when <cat>_1 and <cat>_2 exist (diffusers' `maybe_convert_prompt`, exactly: the string is
+        replaced wherever it occurs in the prompt)."""
+        added = self.hf.added_tokens_encoder
+        if not any(f"{token}_1" in added for token in added):
+            return prompt
+        for token in dict.fromkeys(self.hf.tokenize(prompt)):
+            if token in added and f"{token}_1" in added:
+                n = 1
+                while f"{token}_{n}" in added:
+                    n += 1
+                prompt = prompt.replace(token, " ".join([token] + [f"{token}_{i}" for i in range(1, n)]))
+        return prompt
+
+    def _add_saved_tokens(self, path: Path) -> None:
+        """Tokens added before `save` (a textual inversion) come back from tokenizer.json, with their ids."""
+        if not path.is_file():
+            return
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8")).get("added_tokens", [])
+            saved = sorted((t["id"], t["content"]) for t in saved if not t.get("special", False))
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, KeyError) as e:
+            raise ValueError(f"{path}: unreadable added_tokens ({e!r})") from e
+        for i, token in saved:
+            if not isinstance(token, str) or len(self.hf) != i or self.hf.add_tokens(token) != 1:
+                raise ValueError(f"{path}: added token {token!r} has id {i}; expected id {len(self.hf)} "
+                                 f"for a new token")
 
     def decode(self, ids: Tensor | list[int]) -> list[str]:
         """ids (T,) -> the token strings, for looking at what the model reads."""
