@@ -29,8 +29,10 @@ def test_recipe_runs_end_to_end_and_resumes(tmp_path):
     assert set(first) >= {"data", "vae", "clip", "unet"}
     # resume the U-Net, with a refining phase after step 6: restarted from the EMA weights (and, on the
     # way, the two-object share and bfloat16 autocast)
+    with pytest.raises(ValueError, match=r"^--out .* already holds files; pass --force"):
+        train_main(["unet", "--out", str(out), "--work", str(work), *SMALL])
     train_main(["unet", "--out", str(out), "--work", str(work), *SMALL[:-2], "--unet-refine-steps", "3",
-                "--unet-refine-lr", "1e-4", "--unet-two-share", "0.7", "--bf16", "yes"])
+                "--unet-refine-lr", "1e-4", "--unet-two-share", "0.7", "--bf16", "yes", "--force"])
     log = (work / "log.txt").read_text()
     assert "unet: bfloat16 autocast" in log
     assert "unet: resumed at step 6" in log and "vae: resumed" not in log.split("unet: resumed")[0][-200:]
@@ -309,7 +311,8 @@ def test_vae_decoder_phase_trains_the_decoder_alone(tmp_path):
     work, args = tmp_path / "work", ["--out", str(tmp_path / "model"), *SMALL[:10], "--vae-clutter", "0"]
     train_main(["vae", "--work", str(work), *args, *AFTER_VAE])
     joint = load_checkpoint(work / "vae.pt")["model"]
-    train_main(["vae", "--work", str(work), *args, "--vae-decoder-steps", "3", "--vae-contrast-steps", "2", *AFTER_VAE])
+    train_main(["vae", "--work", str(work), *args, "--vae-decoder-steps", "3", "--vae-contrast-steps", "2", *AFTER_VAE,
+                "--force"])
     ck = load_checkpoint(work / "vae.pt")
     log = (work / "log.txt").read_text()
     assert ck["step"] == 4 + 3 + 2 and "vae step 4: the decoder alone from here" in log
@@ -332,3 +335,109 @@ def test_over_contrast_scales_each_pictures_contrast_and_keeps_its_mean():
     assert k.min() >= 1 and k.max() <= 1.3 and k.std() > 0.05  # one k per picture, spread over [1, 1.3]
     half = over_contrast(z, 1.3, torch.Generator().manual_seed(0))
     assert 16 < sum(not torch.equal(a, b) for a, b in zip(half, z)) < 48  # about half of them
+
+
+REFUSED = [  # careless input -> the start of the one-line ValueError, raised before any work
+    (["all", "--n-images", "0"], "--n-images must be at least 1, got 0"),
+    (["all", "--vae-batch", "0"], "--vae-batch must be at least 1, got 0"),
+    (["unet", "--unet-steps", "-3"], "--unet-steps must be at least 1, got -3"),
+    (["all", "--vae-decoder-steps", "-1"], "--vae-decoder-steps must be 0 or more, got -1"),
+    (["all", "--bf16", "maybe"], "--bf16 must be one of 'yes', 'no', 'auto', got 'maybe'"),
+    (["all", "--unet-lr", "nan"], "--unet-lr must be a finite number, got nan"),
+    (["all", "--clip-lr", "0"], "--clip-lr must be a number above 0, got 0.0"),
+    (["all", "--caption-dropout", "1.5"], "--caption-dropout must be a share between 0 and 1, got 1.5"),
+    (["all", "--vae-contrast", "0.5"], "--vae-contrast must be at least 1 (1: no change), got 0.5"),
+    (["all", "--seed", "-1"], "--seed must be 0 or more, got -1"),
+    (["all", "--device", "gpu0"], "--device must be a torch device such as 'cpu' or 'cuda', got 'gpu0'"),
+    (["lora", "--rank", "0"], "--rank must be at least 1, got 0"),
+    (["lora", "--steps", "-1"], "--steps must be at least 1, got -1"),
+    (["lora", "--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["lora", "--alpha", "0"], "--alpha must be a number above 0, got 0.0"),
+    (["lora", "--concept", "hexagon"], "--concept must be one of 'circle', 'square', 'triangle', 'star', got 'hexagon'"),
+    (["lora", "--notch-weight", "-1"], "--notch-weight must be a number >= 0, got -1.0"),
+    (["lora", "--targets", ","], "--targets must name at least one layer"),
+    (["controlnet", "--batch", "0"], "--batch must be at least 1, got 0"),
+    (["controlnet", "--control", "depth"], "--control must be one of 'edges', 'mask', got 'depth'"),
+    (["inpaint", "--n-images", "0"], "--n-images must be at least 1, got 0"),
+    (["inpaint", "--bf16", "maybe"], "--bf16 must be one of 'yes', 'no', 'auto', got 'maybe'"),
+]
+
+
+@pytest.mark.parametrize("argv, message", REFUSED, ids=[" ".join(a) for a, _ in REFUSED])
+def test_careless_input_is_refused_before_any_work(argv, message, tmp_path):
+    work = tmp_path / "work"
+    with pytest.raises(ValueError) as info:
+        train_main([*argv, "--work", str(work), "--out", str(tmp_path / "out")])
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    assert not work.exists()  # refused before the log, the data or any stage
+
+
+@pytest.mark.parametrize("kind", ["all", "lora"])
+def test_an_existing_model_is_kept_without_force(kind, tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    (out / "model_index.json").write_text("{}")
+    with pytest.raises(ValueError, match=rf"^--out {out} already holds files; pass --force to overwrite them"):
+        train_main([kind, "--out", str(out), "--work", str(work)])
+    assert not work.exists() and (out / "model_index.json").read_text() == "{}"
+
+
+def test_default_outputs_are_outside_the_shipped_models():
+    from minisd.shapes.finetune import AdapterConfig
+    from minisd.shapes.train import TrainConfig
+
+    assert TrainConfig().out == "runs/tiny/model"
+    assert [str(AdapterConfig(kind=k).paths()[0]) for k in ("lora", "controlnet", "inpaint")] == \
+        ["runs/lora/tiny_star_lora", "runs/controlnet/tiny_controlnet_edges", "runs/inpaint/tiny_inpaint"]
+
+
+def test_a_resumed_unet_keeps_its_whole_loss_history(tmp_path, monkeypatch):
+    """Killed at step 5 (checkpoints every step), then resumed: the curve still starts at step 0."""
+    from minisd.shapes import train
+    from minisd.shapes.train import load_checkpoint
+
+    work = tmp_path / "work"
+    argv = ["unet", "--out", str(tmp_path / "model"), "--work", str(work), *SMALL[:10], "--vae-clutter", "0",
+            *AFTER_VAE[:-6], "--unet-steps", "12", "--unet-refine-steps", "0", "--checkpoint-minutes", "1e-9"]
+    ema_update = train.ema_update
+
+    def killed_at_5(ema, model, step, decay):
+        if step == 5:
+            raise KeyboardInterrupt
+        return ema_update(ema, model, step, decay)
+
+    monkeypatch.setattr(train, "ema_update", killed_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_main(argv)
+    before = load_checkpoint(work / "unet.pt")
+    assert before["step"] == 5 and len(before["losses"]) == 5
+    monkeypatch.setattr(train, "ema_update", ema_update)
+    train_main(argv)
+    after = load_checkpoint(work / "unet.pt")
+    assert after["step"] == 12 and torch.equal(after["losses"][:5], before["losses"])
+    curve = json.loads((work / "unet_losses.json").read_text())
+    assert curve == after["losses"][::10].tolist() and len(curve) == 2  # steps 0 and 10
+    record = json.loads((tmp_path / "model" / "training.json").read_text())
+    assert record["unet_loss_every_10_steps"] == [round(x, 5) for x in curve]
+
+
+def test_from_config_same_seed_same_weights_and_the_global_rng_untouched(tokenizer):
+    """from_config seeds a generator of its own: the weights of the old global seeding, and the caller's
+    random state as it was."""
+    from conftest import TEST
+    from minisd.models.unet import UNet
+
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = StableDiffusion.from_config(TEST, tokenizer, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = StableDiffusion.from_config(TEST, tokenizer, seed=7)
+    c = StableDiffusion.from_config(TEST, tokenizer, seed=8)
+    for part in ("unet", "vae", "text_encoder"):
+        sa, sb, sc = (getattr(p, part).state_dict() for p in (a, b, c))
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)  # what from_config did before: the same U-Net, drawn first
+        old = UNet(TEST.unet).state_dict()
+    assert all(torch.equal(old[k], v) for k, v in a.unet.state_dict().items())

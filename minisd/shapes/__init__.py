@@ -3,8 +3,10 @@
     world.py      the data: scenes of coloured shapes, their captions, renders, control maps
     analyser.py   prompt adherence read from pictures (`minisd eval`), without the model under test
     clip.py       the tiny CLIP that trains the text encoder
-    train.py      `minisd train` for the base model (VAE, CLIP, U-Net)
-    finetune.py   `minisd train lora|controlnet|inpaint`
+    loop.py       what every training loop shares: log, checkpoints, the diffusion loss, EMA, input checks
+    train.py      `minisd train` for the base model (VAE, CLIP, U-Net), and where every kind is started
+    finetune.py   `minisd train lora|controlnet|inpaint`: train_lora.py, train_controlnet.py,
+                  train_inpaint.py, one loop each, on adapter_config.py (their config, the frozen base)
     course.py     what the notebooks share: the model to use, seeds
 
 It builds on the library (minisd.models, minisd.pipeline, ...); nothing in the library imports it.

@@ -1,7 +1,8 @@
 """Training the shapes-world Stable Diffusion, from nothing, in one flat script (nanoGPT-style).
 
-    python -m minisd.shapes.train all --out data/tiny          # the recipe of the shipped model
-    python -m minisd.shapes.train unet --resume                # continue one stage
+    minisd train all                       # the recipe of the shipped model, into runs/tiny/model
+    minisd train unet                      # continue one stage from its checkpoint in --work
+    minisd train lora|controlnet|inpaint   # what is trained on the finished model (finetune.py)
 
 The recipe, in the order SD itself was built:
   1. data   — scenes rendered by `minisd.shapes` (the base shapes only: `star` is held out)
@@ -16,7 +17,8 @@ The recipe, in the order SD itself was built:
               with training.json (config, minutes per stage, machine, loss curve) beside it
 
 Every stage logs to <work>/log.txt, writes sample pictures, checkpoints every few minutes and
-resumes from its checkpoint. Timings are measured and written to <work>/timings.json.
+resumes from its checkpoint. Timings are measured and written to <work>/timings.json. An existing
+model in --out is replaced only with --force (the shipped one: --out data/tiny --force).
 """
 
 from __future__ import annotations
@@ -25,29 +27,32 @@ import argparse
 import copy
 import json
 import math
+import os
+import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import world
+from . import finetune, world
 from .clip import CLIP
+from .loop import (Log, check_config, diffusion_loss, edge_map, ema_update, load_checkpoint, lr_at,
+                   optimiser_step, refuse_overwrite, resume, save_checkpoint, seeded, use_bf16, write_json)
 from ..models.configs import TINY, ModelConfig
-from ..pipeline import StableDiffusion
-from ..diffusion.schedules import snr
 from ..models.text_encoder import TextEncoder
 from ..models.tokenizer import Tokenizer, build_word_tokenizer
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL
+from ..pipeline import StableDiffusion
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    out: str = "data/tiny"            # the finished model (diffusers layout)
+    out: str = "runs/tiny/model"      # the finished model (diffusers layout); the shipped one is data/tiny
     work: str = "runs/tiny"           # checkpoints, logs, sample grids
     device: str = "cpu"
     seed: int = 0
@@ -83,49 +88,20 @@ class TrainConfig:
     checkpoint_minutes: float = 5.0
     sample_steps: int = 25            # sampling steps of the sample grids written during training
 
-
-# ─── helpers ───────────────────────────────────────────────────────────────────────────────────────
-
-class Log:
-    def __init__(self, work: Path):
-        work.mkdir(parents=True, exist_ok=True)
-        self.path = work / "log.txt"
-
-    def __call__(self, msg: str) -> None:
-        line = f"{time.strftime('%H:%M:%S')} {msg}"
-        tqdm.write(line)
-        with open(self.path, "a") as f:
-            f.write(line + "\n")
+    def __post_init__(self):  # careless input is refused before any work
+        check_config(self, at_least_1=("n_images", "vae_steps", "vae_batch", "clip_steps", "clip_batch", "unet_steps",
+                                       "unet_batch", "sample_steps"),
+                     at_least_0=("seed", "vae_decoder_steps", "vae_contrast_steps", "warmup", "unet_refine_steps"),
+                     above_0=("vae_lr", "vae_decoder_lr", "clip_lr", "unet_lr", "unet_refine_lr", "min_snr_gamma",
+                              "checkpoint_minutes"),
+                     not_negative=("kl_weight", "vae_edge_weight"),
+                     shares=("vae_clutter", "vae_spiky", "caption_dropout", "unet_two_share", "ema_decay"),
+                     choices={"bf16": ("yes", "no", "auto")})
+        if self.vae_contrast < 1:
+            raise ValueError(f"--vae-contrast must be at least 1 (1: no change), got {self.vae_contrast!r}")
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def save_checkpoint(path: Path, **state) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: an interrupted save never leaves a half-written checkpoint
-
-
-def load_checkpoint(path: Path) -> dict | None:
-    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
-
-
-def resume(path: Path, log: Log, **objects) -> int:
-    """Restore `objects` (model=..., opt=..., ema=...) from a stage's checkpoint; the step to continue from."""
-    ck = load_checkpoint(path)
-    if ck is None:
-        return 0
-    for name, obj in objects.items():
-        obj.load_state_dict(ck[name])
-    log(f"{path.stem}: resumed at step {ck['step']}")
-    return ck["step"]
-
+# ─── pictures and the model's config ───────────────────────────────────────────────────────────────────────────────────────
 
 def grid(images: torch.Tensor, nrow: int = 8):
     """(B, 3, H, W) in [-1, 1] -> one PIL picture."""
@@ -196,17 +172,6 @@ def captions_with_negatives(scenes, idx, rng: np.random.Generator) -> tuple[list
 
 # ─── stages ────────────────────────────────────────────────────────────────────────────────────────
 
-_SOBEL = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
-
-
-def edge_map(x: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:
-    """1 on and next to the outlines of a picture in [-1, 1] (Sobel magnitude of its grey levels,
-    widened by one pixel), else 0: (B, 1, H, W)."""
-    kernels = torch.stack([_SOBEL, _SOBEL.T])[:, None].to(x)  # d/dx, d/dy
-    grad = F.conv2d(F.pad(x.mean(1, keepdim=True), (1, 1, 1, 1), mode="replicate"), kernels)  # no border edges
-    return F.max_pool2d((grad.pow(2).sum(1, keepdim=True).sqrt() > threshold).to(x), 3, stride=1, padding=1)
-
-
 def reconstruction_loss(x_hat: torch.Tensor, x: torch.Tensor, edge_weight: float = 0.0) -> torch.Tensor:
     """L1 + MSE per pixel, averaged with weight 1 + edge_weight on outlines. A small star's points are
     a few dozen of the 4,096 pixels: with plain averaging the VAE can round them off for almost no
@@ -231,12 +196,13 @@ def over_contrast(z: torch.Tensor, k_max: float, g: torch.Generator, share: floa
 
 
 def train_vae(cfg: TrainConfig, mcfg: ModelConfig, images, log: Log) -> AutoencoderKL:
+    """The VAE stage. Its first weights and posterior draws come from the global generators: train_model
+    runs it under loop.seeded(cfg.seed)."""
     work = Path(cfg.work)
     device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)
     vae = AutoencoderKL(mcfg.vae).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    start = resume(work / "vae.pt", log, model=vae, opt=opt)
+    start, _ = resume(work / "vae.pt", log, model=vae, opt=opt)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     n_clutter = round(cfg.vae_batch * cfg.vae_clutter)
     if n_clutter:  # generic shapes for the VAE alone (never a star, never seen by CLIP or the U-Net)
@@ -275,11 +241,7 @@ def train_vae(cfg: TrainConfig, mcfg: ModelConfig, images, log: Log) -> Autoenco
             x_hat, posterior = vae(x, generator=None)
             kl = posterior.kl().mean()  # summed over the latent, averaged over the batch
         rec = reconstruction_loss(x_hat, x, cfg.vae_edge_weight)
-        loss = rec + cfg.kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        optimiser_step(rec + cfg.kl_weight * kl, opt, vae.parameters())
         if step % 50 == 0:
             bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.0f}")
         if step % 500 == 0 or step in (cfg.vae_steps - 1, contrast_from - 1, total - 1):
@@ -305,10 +267,10 @@ def measure_scaling_factor(vae: AutoencoderKL, images, device, n: int = 2000) ->
 def train_clip(cfg: TrainConfig, mcfg: ModelConfig, tok: Tokenizer, images, scenes, log: Log) -> TextEncoder:
     work = Path(cfg.work)
     device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed + 2)
-    clip = CLIP(mcfg.text_encoder).to(device)
+    with seeded(cfg.seed + 2, device):
+        clip = CLIP(mcfg.text_encoder).to(device)
     opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=0.1)
-    start = resume(work / "clip.pt", log, model=clip, opt=opt)
+    start, _ = resume(work / "clip.pt", log, model=clip, opt=opt)
     rng = np.random.default_rng(cfg.seed + 3)
     g = torch.Generator().manual_seed(cfg.seed + 3)
     last_save = time.time()
@@ -321,9 +283,7 @@ def train_clip(cfg: TrainConfig, mcfg: ModelConfig, tok: Tokenizer, images, scen
         ids = tok(captions + negatives, warn=False)
         ids = ids[:, : int((ids != tok.pad_id).sum(1).max()) + 1].to(device)  # causal: padding after EOS can go
         loss = clip(ids[:len(captions)], to_float(images[idx], device), ids[len(captions):])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimiser_step(loss, opt, clip.parameters(), clip=None)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % 300 == 0 or step == cfg.clip_steps - 1:
@@ -351,37 +311,6 @@ def binding_accuracy(clip: CLIP, tok: Tokenizer, images, scenes, device, n: int 
     return float((pos > neg).float().mean())
 
 
-def diffusion_loss(unet: UNet, z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, context: torch.Tensor,
-                   alpha_bar: torch.Tensor, min_snr_gamma: float | None = 5.0, control=None,
-                   weight: torch.Tensor | None = None) -> torch.Tensor:
-    """The training objective: noise z₀ to z_t in one jump, predict ε, weighted squared error.
-
-        z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε                      (the forward process, schedules.py eq. 2)
-        L   = mean_b  w(t_b) · ‖ε_b − ε_θ(z_t, t_b, c_b)‖² / D
-        w(t) = min(SNR(t), γ) / SNR(t)                  (Min-SNR-γ, Hang et al. 2023; None: w = 1, DDPM's)
-
-    `weight` (B, 1, h, w), optional: a weight per latent cell inside the norm (the star LoRA's notches).
-    """
-    a = alpha_bar[t].view(-1, 1, 1, 1)
-    z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
-    err = (unet(z_t, t, context, control=control) - eps).pow(2)
-    per_sample = (err if weight is None else weight * err).mean(dim=(1, 2, 3))
-    if min_snr_gamma is None:
-        return per_sample.mean()
-    s = snr(alpha_bar)[t]
-    return (s.clamp(max=min_snr_gamma) / s * per_sample).mean()
-
-
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float = 0.999) -> float:
-    """θ_ema ← d·θ_ema + (1−d)·θ, with d = min(decay, (1+step)/(10+step)): early, noisy weights are
-    forgotten fast; later the average spans ~1/(1−decay) steps. Returns d."""
-    d = min(decay, (1 + step) / (10 + step))
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.lerp_(p, 1 - d)
-    return d
-
-
 @torch.no_grad()
 def cache_latents(vae: AutoencoderKL, images, device, log: Log) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode every image once: the posterior's mean and std, so each U-Net step samples a fresh z₀."""
@@ -392,24 +321,6 @@ def cache_latents(vae: AutoencoderKL, images, device, log: Log) -> tuple[torch.T
         means.append(post.mean.half().cpu()), stds.append(post.std.half().cpu())
     log(f"latents cached for {len(images)} images in {time.time() - t0:.0f}s")
     return torch.cat(means), torch.cat(stds)
-
-
-def use_bf16(setting: str, device: torch.device) -> bool:
-    """Whether to train under bfloat16 autocast: "auto" means where the hardware does bf16 natively — CUDA, or
-    a CPU with avx512_bf16 / AMX (1.04 instead of 1.41 s per U-Net step of the recipe on the 2-core reference
-    machine, attention kept in fp32 — attention.py; gradients close to fp32's, tests/test_train.py);
-    elsewhere bf16 is emulated and slower than fp32."""
-    if setting not in ("yes", "no", "auto"):
-        raise ValueError(f"bf16 must be 'yes', 'no' or 'auto', not {setting!r}")
-    if setting != "auto":
-        return setting == "yes"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return device.type == "cpu" and ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 def batch_indices(two: torch.Tensor, batch: int, two_share: float, g: torch.Generator) -> torch.Tensor:
@@ -426,17 +337,16 @@ def train_unet(cfg: TrainConfig, mcfg: ModelConfig, tok: Tokenizer, text_encoder
                sample_fn, log: Log) -> UNet:
     work = Path(cfg.work)
     device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed + 4)
-    unet = UNet(mcfg.unet).to(device)
+    with seeded(cfg.seed + 4, device):
+        unet = UNet(mcfg.unet).to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
-    start = resume(work / "unet.pt", log, model=unet, ema=ema, opt=opt)
+    start, losses = resume(work / "unet.pt", log, model=unet, ema=ema, opt=opt)  # losses: every step's so far
     alpha_bar = mcfg.scheduler.alphas_cumprod().to(device)
     means, stds = latents
     rng = np.random.default_rng(cfg.seed + 5 + start)
     g = torch.Generator().manual_seed(cfg.seed + 5 + start)
     last_save = time.time()
-    losses = []
     two = torch.tensor([len(s.objects) == 2 for s in scenes])
     bf16 = use_bf16(cfg.bf16, device)
     log(f"unet: {'bfloat16 autocast' if bf16 else 'float32'}")
@@ -464,10 +374,7 @@ def train_unet(cfg: TrainConfig, mcfg: ModelConfig, tok: Tokenizer, text_encoder
         eps = torch.randn(z0.shape, generator=g).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # weights, loss, Adam stay fp32
             loss = diffusion_loss(unet, z0, t, eps, context, alpha_bar, cfg.min_snr_gamma)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        optimiser_step(loss, opt, unet.parameters())
         ema_update(ema, unet, step, cfg.ema_decay)
         losses.append(loss.item())
         if step % 50 == 0:
@@ -477,14 +384,12 @@ def train_unet(cfg: TrainConfig, mcfg: ModelConfig, tok: Tokenizer, text_encoder
         if step > 0 and step % 1000 == 0:
             sample_fn(ema, f"unet_samples_{step:05d}.png")
         if time.time() - last_save > cfg.checkpoint_minutes * 60:
-            save_checkpoint(work / "unet.pt", model=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                            step=step + 1)
+            save_checkpoint(work / "unet.pt", losses, model=unet.state_dict(), ema=ema.state_dict(),
+                            opt=opt.state_dict(), step=step + 1)
             last_save = time.time()
-    save_checkpoint(work / "unet.pt", model=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+    save_checkpoint(work / "unet.pt", losses, model=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                     step=total)
-    curve = work / "unet_losses.json"  # every 10th loss; resumed: the curve so far, then this part
-    before = json.loads(curve.read_text())[: start // 10] if start and curve.is_file() else []
-    curve.write_text(json.dumps(before + losses[::10]))
+    write_json(work / "unet_losses.json", losses[::10])  # every 10th loss, from step 0 however often it resumed
     return ema.eval()
 
 
@@ -495,32 +400,41 @@ SAMPLE_PROMPTS = ["a red circle", "a large blue square on the left", "a small ye
                   "a yellow triangle on the left and a green circle on the right"]
 
 
-def main(argv: list[str] | None = None) -> None:
-    import sys
+STAGES = ("all", "vae", "clip", "unet")
 
+
+def main(argv: list[str] | None = None) -> Path:
+    """`minisd train <stage|lora|controlnet|inpaint>`: the one place every kind of training is started from.
+    Returns where the result was saved."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("lora", "controlnet", "inpaint"):  # adapters on the finished model: finetune.py
-        from .finetune import main as finetune_main
-
-        finetune_main(argv)
-        return
+    if argv and argv[0] in finetune.KINDS:  # trained on the finished model: finetune.py
+        return finetune.main(argv)
     parser = argparse.ArgumentParser(prog="minisd train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", nargs="?", default="all", choices=["all", "vae", "clip", "unet"],
+    parser.add_argument("stage", nargs="?", default="all", choices=STAGES,
                         help="what to train (default: the whole recipe); `minisd train lora|controlnet|inpaint "
                              "--help` trains adapters (and the inpainting model) on the finished model")
     for f, v in asdict(TrainConfig()).items():
         parser.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
     parser.add_argument("--fresh", action="store_true", help="ignore checkpoints in --work and start over")
+    parser.add_argument("--force", action="store_true", help="overwrite a model already in --out")
     args = parser.parse_args(argv)
-    cfg = TrainConfig(**{f: getattr(args, f) for f in asdict(TrainConfig())})
+    cfg = TrainConfig(**{f: getattr(args, f) for f in asdict(TrainConfig())})  # refuses careless values
+    return train_model(cfg, args.stage, force=args.force, fresh=args.fresh)
+
+
+def train_model(cfg: TrainConfig, stage: str = "all", force: bool = False, fresh: bool = False) -> Path:
+    """The recipe (this module's docstring), retraining `stage` and whatever has no checkpoint yet; the
+    model is saved to cfg.out, which must be empty or missing unless `force`. Returns cfg.out."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    refuse_overwrite(Path(cfg.out), force)
     work = Path(cfg.work)
-    if args.fresh and work.exists():
+    if fresh and work.exists():
         for p in [*work.glob("*.pt"), work / "timings.json"]:
             p.unlink(missing_ok=True)
     log = Log(work)
     log(f"config: {json.dumps(asdict(cfg))}")
-    torch.manual_seed(cfg.seed)
     timings_path = work / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
 
@@ -529,7 +443,7 @@ def main(argv: list[str] | None = None) -> None:
         resumed = name in ("vae", "clip", "unet") and (work / f"{name}.pt").is_file()
         out = fn(*a)
         timings[name] = (timings.get(name, 0.0) if resumed else 0.0) + time.time() - t0
-        timings_path.write_text(json.dumps(timings, indent=2))
+        write_json(timings_path, timings)
         log(f"{name}: {timings[name] / 60:.1f} min")
         return out
 
@@ -538,17 +452,18 @@ def main(argv: list[str] | None = None) -> None:
     mcfg = model_config(tok)
     images, scenes = timed("data", make_data, cfg, log)
 
-    if args.stage in ("all", "vae") or not (work / "vae.pt").is_file():
-        vae = timed("vae", train_vae, cfg, mcfg, images, log)
-    else:
-        vae = AutoencoderKL(mcfg.vae).to(device)
-        vae.load_state_dict(load_checkpoint(work / "vae.pt")["model"])
-    vae.eval()
-    scaling_factor = measure_scaling_factor(vae, images, device)
+    with seeded(cfg.seed, device):  # the VAE's first weights and posterior draws, then the scaling factor's
+        if stage in ("all", "vae") or not (work / "vae.pt").is_file():
+            vae = timed("vae", train_vae, cfg, mcfg, images, log)
+        else:
+            vae = AutoencoderKL(mcfg.vae).to(device)
+            vae.load_state_dict(load_checkpoint(work / "vae.pt")["model"])
+        vae.eval()
+        scaling_factor = measure_scaling_factor(vae, images, device)
     log(f"latent scaling factor: {scaling_factor:.4f} (SD 1.x: 0.18215)")
     mcfg = replace(mcfg, vae=replace(mcfg.vae, scaling_factor=round(scaling_factor, 5)))
 
-    if args.stage in ("all", "clip") or not (work / "clip.pt").is_file():
+    if stage in ("all", "clip") or not (work / "clip.pt").is_file():
         text_encoder = timed("clip", train_clip, cfg, mcfg, tok, images, scenes, log)
     else:
         clip = CLIP(mcfg.text_encoder).to(device)
@@ -577,13 +492,11 @@ def main(argv: list[str] | None = None) -> None:
     pipe.save_pretrained(cfg.out)
     write_training_record(cfg, timings, work, Path(cfg.out))
     log(f"saved the model to {cfg.out}; total {sum(timings.values()) / 60:.1f} min: {json.dumps(timings)}")
+    return Path(cfg.out)
 
 
 def write_training_record(cfg: TrainConfig, timings: dict, work: Path, out: Path) -> None:
     """training.json beside the weights: the config, the minutes per stage, the machine, the loss curve."""
-    import os
-    import platform
-
     losses = json.loads((work / "unet_losses.json").read_text()) if (work / "unet_losses.json").is_file() else []
     record = {"command": "minisd train all", "config": asdict(cfg),
               "minutes": {k: round(v / 60, 2) for k, v in timings.items()},
@@ -591,7 +504,7 @@ def write_training_record(cfg: TrainConfig, timings: dict, work: Path, out: Path
               "machine": {"device": cfg.device, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "torch": torch.__version__, "platform": platform.platform()},
               "unet_loss_every_10_steps": [round(x, 5) for x in losses]}
-    (out / "training.json").write_text(json.dumps(record, indent=1))
+    write_json(out / "training.json", record)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,203 @@
+"""What every training loop of the shapes world shares: the log, the learning-rate schedule, checkpoints
+and files written atomically, the diffusion loss, EMA, bfloat16 autocast, and the checks that refuse a
+careless config before any work.
+
+The loops themselves (train.py for the base model; train_lora.py, train_controlnet.py, train_inpaint.py
+for what is trained on it) import from here; nothing here imports them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..diffusion.schedules import snr
+from ..formats.files import atomic_write
+from ..models.unet import UNet
+
+
+class Log:
+    def __init__(self, work: Path):
+        work.mkdir(parents=True, exist_ok=True)
+        self.path = work / "log.txt"
+
+    def __call__(self, msg: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        tqdm.write(line)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ─── files: written whole or not at all ───────────────────────────────────────────────────────────
+
+def save_checkpoint(path: Path, losses: list[float] | None = None, **state) -> None:
+    """state (model=..., opt=..., step=...) and, if given, every loss so far, so a resumed curve is whole."""
+    if losses is not None:
+        state["losses"] = torch.tensor(losses, dtype=torch.float32)  # the losses are fp32 values: exact
+    atomic_write(path, lambda tmp: torch.save(state, tmp))  # an interrupted save never leaves half a checkpoint
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+
+def resume(path: Path, log: Log, **objects) -> tuple[int, list[float]]:
+    """Restore `objects` (model=..., opt=..., ema=...) from a stage's checkpoint: the step to continue from,
+    and the losses of the steps before it (0 and [] without a checkpoint)."""
+    ck = load_checkpoint(path)
+    if ck is None:
+        return 0, []
+    for name, obj in objects.items():
+        obj.load_state_dict(ck[name])
+    log(f"{path.stem}: resumed at step {ck['step']}")
+    return ck["step"], ck["losses"].tolist() if "losses" in ck else []
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
+
+
+def refuse_overwrite(out: Path, force: bool) -> None:
+    """A trained model is never replaced by accident: an existing, non-empty `out` needs --force."""
+    if not force and out.exists() and (out.is_file() or any(out.iterdir())):
+        raise ValueError(f"--out {out} already holds files; pass --force to overwrite them, or choose another --out")
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device | str = "cpu"):
+    """The random generators of the CPU (where networks are initialised) and of `device`, if a GPU, seeded
+    for a block and put back as they were after it: a loop draws the same numbers for the same seed, and
+    the caller's random state is left alone."""
+    device = torch.device(device)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.manual_seed(seed)
+        yield
+
+
+# ─── refusing careless input ──────────────────────────────────────────────────────────────────────
+
+def check_config(cfg, *, at_least_1=(), at_least_0=(), above_0=(), not_negative=(), shares=(),
+                 choices: dict | None = None) -> None:
+    """ValueError, one line naming the flag, the value and what was expected, for the first bad field:
+    whole counts (at_least_1, at_least_0), rates and scales (above_0, not_negative), shares in [0, 1],
+    a fixed set of words (choices), any float that is NaN or infinite, and the device."""
+    def bad(name: str, expected: str):
+        flag = "--" + name.replace("_", "-")
+        raise ValueError(f"{flag} must be {expected}, got {getattr(cfg, name)!r}")
+
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            bad(f.name, "a finite number")
+    for name in at_least_1:
+        if getattr(cfg, name) < 1:
+            bad(name, "at least 1")
+    for name in at_least_0:
+        if getattr(cfg, name) < 0:
+            bad(name, "0 or more")
+    for name in above_0:
+        if not getattr(cfg, name) > 0:
+            bad(name, "a number above 0")
+    for name in not_negative:
+        if getattr(cfg, name) < 0:
+            bad(name, "a number >= 0")
+    for name in shares:
+        if not 0 <= getattr(cfg, name) <= 1:
+            bad(name, "a share between 0 and 1")
+    for name, allowed in (choices or {}).items():
+        if getattr(cfg, name) not in allowed:
+            bad(name, "one of " + ", ".join(repr(a) for a in allowed))
+    try:
+        torch.device(cfg.device)
+    except RuntimeError:
+        bad("device", "a torch device such as 'cpu' or 'cuda'")
+
+
+# ─── the objective and its helpers ────────────────────────────────────────────────────────────────
+
+def diffusion_loss(unet: UNet, z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, context: torch.Tensor,
+                   alpha_bar: torch.Tensor, min_snr_gamma: float | None = 5.0, control=None,
+                   weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The training objective: noise z₀ to z_t in one jump, predict ε, weighted squared error.
+
+        z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε                      (the forward process, schedules.py eq. 2)
+        L   = mean_b  w(t_b) · ‖ε_b − ε_θ(z_t, t_b, c_b)‖² / D
+        w(t) = min(SNR(t), γ) / SNR(t)                  (Min-SNR-γ, Hang et al. 2023; None: w = 1, DDPM's)
+
+    `weight` (B, 1, h, w), optional: a weight per latent cell inside the norm (the star LoRA's notches).
+    """
+    a = alpha_bar[t].view(-1, 1, 1, 1)
+    z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
+    err = (unet(z_t, t, context, control=control) - eps).pow(2)
+    per_sample = (err if weight is None else weight * err).mean(dim=(1, 2, 3))
+    if min_snr_gamma is None:
+        return per_sample.mean()
+    s = snr(alpha_bar)[t]
+    return (s.clamp(max=min_snr_gamma) / s * per_sample).mean()
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float = 0.999) -> float:
+    """θ_ema ← d·θ_ema + (1−d)·θ, with d = min(decay, (1+step)/(10+step)): early, noisy weights are
+    forgotten fast; later the average spans ~1/(1−decay) steps. Returns d."""
+    d = min(decay, (1 + step) / (10 + step))
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p, 1 - d)
+    return d
+
+
+def use_bf16(setting: str, device: torch.device) -> bool:
+    """Whether to train under bfloat16 autocast: "auto" means where the hardware does bf16 natively — CUDA, or
+    a CPU with avx512_bf16 / AMX (1.04 instead of 1.41 s per U-Net step of the recipe on the 2-core reference
+    machine, attention kept in fp32 — attention.py; gradients close to fp32's, tests/test_train.py);
+    elsewhere bf16 is emulated and slower than fp32."""
+    if setting not in ("yes", "no", "auto"):
+        raise ValueError(f"bf16 must be 'yes', 'no' or 'auto', not {setting!r}")
+    if setting != "auto":
+        return setting == "yes"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return device.type == "cpu" and ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def optimiser_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params, clip: float | None = 1.0) -> None:
+    """Backward, clip the gradient norm (None: no clipping), step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+
+
+_SOBEL = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+
+
+def edge_map(x: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:
+    """1 on and next to the outlines of a picture in [-1, 1] (Sobel magnitude of its grey levels,
+    widened by one pixel), else 0: (B, 1, H, W). The VAE's and the star LoRA's losses weight these."""
+    kernels = torch.stack([_SOBEL, _SOBEL.T])[:, None].to(x)  # d/dx, d/dy
+    grad = F.conv2d(F.pad(x.mean(1, keepdim=True), (1, 1, 1, 1), mode="replicate"), kernels)  # no border edges
+    return F.max_pool2d((grad.pow(2).sum(1, keepdim=True).sqrt() > threshold).to(x), 3, stride=1, padding=1)
