@@ -1,9 +1,12 @@
-"""The generation loop: text-to-image, image-to-image and inpainting, in one readable function.
+"""The generation loop: text-to-image, image-to-image and inpainting, as a short list of steps.
 
-    1. encode the prompt (and the negative prompt, for classifier-free guidance)
-    2. start: pure noise z_T (txt2img), or the image's latents noised to step `start` (img2img, inpainting)
-    3. the sampler calls the guided U-Net once (or twice) per step
-    4. decode: x = vae.decode(z_0 / scaling_factor), mapped from [-1, 1] to [0, 1]
+    1. check the arguments
+    2. encode the prompt (and the negative prompt, for classifier-free guidance)
+    3. the schedule, and where on it to start (img2img and inpainting start part-way)
+    4. the initial latents: pure noise z_T (txt2img), or the image's latents noised to the first step
+    5. the denoiser, built from wrappers (`diffusion.denoisers`): U-Net, extra channels, ControlNet, CFG, ε
+    6. the sampler calls it once (or twice) per step
+    7. decode: x = vae.decode(z_0 / scaling_factor), mapped from [-1, 1] to [0, 1]
 
 The random draws happen in the order diffusers' pipelines make them (posterior sample, then the
 noise), so the same generator gives the same image.
@@ -11,33 +14,239 @@ noise), so the same generator gives the same image.
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .adapters.controlnet import ControlOptions, control_function
+from .diffusion import denoisers as dn
 from .diffusion import samplers
-from .diffusion.guidance import guided_eps
 from .images import ImageInput, image_to_tensor, mask_to_tensor, to_pil
 
 if TYPE_CHECKING:
     from .pipeline import StableDiffusion
 
-def per_picture(x: Tensor, B: int, name: str) -> Tensor:
-    """Rows for the B pictures made (prompts × num_images_per_prompt) from the n given: n = B, or n divides B
-    and the n repeat in turn (1 2 1 2 ..., as diffusers tiles them)."""
-    n = x.shape[0]
-    if B % n:
-        raise ValueError(f"{n} {name}s cannot be shared out over {B} pictures (prompts × num_images_per_prompt): "
-                         f"give one, or as many as the pictures, or a number that divides it")
-    return x.repeat(B // n, *([1] * (x.ndim - 1)))
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 
+
+@torch.inference_mode()
+def generate(pipe: StableDiffusion, prompt: str | list[str], *, negative_prompt: str | list[str] | None = None,
+             num_inference_steps: int = 50, guidance_scale: float = 7.5, height: int | None = None,
+             width: int | None = None, sampler: str = "ddim", karras: bool = False, eta: float = 0.0,
+             seed: int | None = None, generator: torch.Generator | None = None, latents: Tensor | None = None,
+             num_images_per_prompt: int = 1, callback=None, output_type: str = "pil", clip_skip: int = 0,
+             image: ImageInput | None = None, strength: float = 1.0, mask_image: ImageInput | None = None,
+             keep_unmasked: bool = False, control: ControlOptions | None = None):
+    """See `StableDiffusion.__call__`, `.img2img` and `.inpaint`."""
+    x_image = image_to_tensor(image, height, width) if image is not None else None
+    if x_image is not None:
+        height, width = x_image.shape[-2:]
+    height, width = height or pipe.image_size, width or pipe.image_size
+    check_arguments(sampler, output_type, num_inference_steps, height, width, strength, guidance_scale, eta,
+                    mask_image is not None, x_image is not None, keep_unmasked)
+    if generator is None and seed is not None:
+        generator = torch.Generator("cpu").manual_seed(seed)
+
+    cond, uncond = encode(pipe, prompt, negative_prompt, guidance_scale, num_images_per_prompt, clip_skip)
+    schedule = start_schedule(pipe, sampler, num_inference_steps, karras, strength if x_image is not None else None)
+    f = pipe.vae.config.downsampling
+    shape = (cond.shape[0], pipe.unet.config.out_channels, height // f, width // f)
+    if x_image is None:
+        start = txt2img_start(pipe, schedule, shape, latents, generator)
+    elif mask_image is None:
+        start = img2img_start(pipe, sampler, schedule, shape, x_image, generator)
+    else:
+        start = inpaint_start(pipe, sampler, schedule, shape, x_image, mask_image, strength, latents, generator)
+
+    check = dn.FiniteCheck(pipe.nan_check, schedule.timesteps)
+    denoiser = build_denoiser(pipe, cond, uncond, guidance_scale, schedule, start, control, (height, width), check)
+    z = sample(pipe, sampler, denoiser, start, schedule, eta, generator, callback)
+    check.flush()
+
+    if output_type == "latent":
+        return z
+    images = decode_latents(pipe, z)
+    if keep_unmasked:  # the VAE's round trip changes every pixel a little: paste the original back outside the mask
+        B = len(images)
+        m = per_picture(start.mask, B, "mask_image").to(images.device, images.dtype)
+        images = m * images + (1 - m) * (per_picture(x_image, B, "image").to(images.device, images.dtype) / 2 + 0.5)
+    return images if output_type == "pt" else to_pil(images)
+
+
+# ─── 1. arguments ──────────────────────────────────────────────────────────────────────────────────
+
+def _number(name: str, value, lo: float, expected: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < lo:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def check_arguments(sampler: str, output_type: str, steps: int, height: int, width: int, strength: float,
+                    guidance_scale: float, eta: float, has_mask: bool, has_image: bool, keep_unmasked: bool) -> None:
+    """Every bad argument fails here, before any network runs."""
+    samplers.get_sampler(sampler)
+    if output_type not in ("pil", "pt", "latent"):
+        raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive integer, got {steps!r}")
+    if height % 8 or width % 8 or height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
+    _number("strength", strength, 0.0, "a finite number in [0, 1]")
+    if strength > 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    _number("guidance_scale", guidance_scale, 0.0, "a finite number >= 0")
+    _number("eta", eta, 0.0, "a finite number >= 0")
+    if has_mask and not has_image:
+        raise ValueError("inpainting needs an image as well as a mask_image")
+    if keep_unmasked and not has_mask:
+        raise ValueError("keep_unmasked pastes the image back outside the mask: it needs a mask_image")
+
+
+# ─── 2. the prompt ─────────────────────────────────────────────────────────────────────────────────
+
+def encode(pipe: StableDiffusion, prompt, negative_prompt, guidance_scale: float, num_images_per_prompt: int,
+           clip_skip: int) -> tuple[Tensor, Tensor | None]:
+    """(cond, uncond) text embeddings, checked for NaN/inf (uncond None: no guidance)."""
+    cond, uncond = pipe.encode_prompt(prompt, negative_prompt, guidance_scale, num_images_per_prompt, clip_skip)
+    for x in (cond, uncond):
+        if x is not None:
+            dn.check_finite(x, "text encoder", pipe.nan_check)
+    return cond, uncond
+
+
+# ─── 3. the schedule ───────────────────────────────────────────────────────────────────────────────
+
+def start_schedule(pipe: StableDiffusion, sampler: str, steps: int, karras: bool,
+                   strength: float | None) -> samplers.Schedule:
+    """The sampler's schedule; with an image (strength given), from step (1 − strength)·steps on:
+    strength 1 runs every step, 0.3 only the last 30%."""
+    schedule = samplers.make_schedule(sampler, steps, pipe.scheduler, karras)
+    if strength is None:
+        return schedule
+    init_steps = min(int(steps * strength), steps)
+    if init_steps < 1:
+        raise ValueError(f"strength {strength} with {steps} steps leaves no step to run; "
+                         f"raise strength or num_inference_steps")
+    return samplers.truncate(schedule, steps - init_steps)
+
+
+# ─── 4. the initial latents ────────────────────────────────────────────────────────────────────────
+
+@dataclass
+class Start:
+    """Where sampling starts, and what inpainting adds to it."""
+
+    z: Tensor                             # the initial latents, in the sampler's space
+    extra: Tensor | None = None           # a 9-channel U-Net's mask and masked-image latents (B, 5, h, w)
+    blend: Callable | None = None         # a standard U-Net's inpainting: the sampler callback that pastes back
+    mask: Tensor | None = None            # (n, 1, H, W) pixel mask, for keep_unmasked
+
+
+def txt2img_start(pipe: StableDiffusion, schedule: samplers.Schedule, shape: tuple[int, ...],
+                  latents: Tensor | None, generator: torch.Generator | None) -> Start:
+    """Pure noise, scaled to the sampler's initial σ (or the given `latents`, the same way)."""
+    if latents is not None and tuple(latents.shape) != shape:
+        raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+    if latents is None:
+        return Start(randn(shape, generator, pipe.device, pipe.dtype) * schedule.init_sigma)
+    return Start(latents.to(pipe.device, pipe.dtype) * schedule.init_sigma)
+
+
+def img2img_start(pipe: StableDiffusion, sampler: str, schedule: samplers.Schedule, shape: tuple[int, ...],
+                  x_image: Tensor, generator: torch.Generator | None) -> Start:
+    """The image's latents, noised to the first step."""
+    z0 = per_picture(encode_image(pipe, x_image, generator), shape[0], "image")
+    noise = randn(shape, generator, pipe.device, pipe.dtype)
+    return Start(samplers.add_noise(sampler, z0, noise, schedule, 0))
+
+
+def inpaint_start(pipe: StableDiffusion, sampler: str, schedule: samplers.Schedule, shape: tuple[int, ...],
+                  x_image: Tensor, mask_image: ImageInput, strength: float, latents: Tensor | None,
+                  generator: torch.Generator | None) -> Start:
+    """A 9-channel inpainting U-Net sees the mask and the masked image's latents as extra channels; a
+    standard U-Net gets the (noised) known latents pasted back outside the mask after each step."""
+    B, h, w = shape[0], shape[2], shape[3]
+    device, dtype = pipe.device, pipe.dtype
+    in_channels = pipe.unet.config.in_channels
+    if in_channels not in (4, 9):
+        raise ValueError(f"inpainting needs a 4- or 9-channel U-Net, not {in_channels}")
+    mask = mask_to_tensor(mask_image, *x_image.shape[-2:])
+    if len(mask) != len(x_image) and 1 not in (len(mask), len(x_image)):
+        raise ValueError(f"{len(x_image)} images and {len(mask)} masks: give as many masks as images, or one of either")
+    masked = x_image * (mask < 0.5)
+    nine_channels = in_channels == 9
+    z0 = per_picture(encode_image(pipe, x_image, generator), B, "image") if not nine_channels or strength < 1.0 else None
+    noise = latents.to(device, dtype) if latents is not None else randn(shape, generator, device, dtype)
+    z = noise * schedule.init_sigma if strength >= 1.0 else samplers.add_noise(sampler, z0, noise, schedule, 0)
+    mask_latent = per_picture(F.interpolate(mask, size=(h, w)).to(device, dtype), B, "mask_image")
+    masked_latents = encode_image(pipe, masked, generator)  # a standard U-Net does not use it: diffusers draws it too
+    if nine_channels:
+        extra = torch.cat([mask_latent, per_picture(masked_latents, B, "masked image")], dim=1)
+        return Start(z, extra=extra, mask=mask)
+
+    def blend(i: int, t: Tensor, latents: Tensor, x0_hat: Tensor) -> Tensor:
+        last = i + 1 >= len(schedule.timesteps)
+        known = z0 if last else samplers.add_noise(sampler, z0, noise, schedule, i + 1)
+        return (1 - mask_latent) * known + mask_latent * latents
+
+    return Start(z, blend=blend, mask=mask)
+
+
+# ─── 5. the denoiser ───────────────────────────────────────────────────────────────────────────────
+
+def build_denoiser(pipe: StableDiffusion, cond: Tensor, uncond: Tensor | None, guidance_scale: float,
+                   schedule: samplers.Schedule, start: Start, control: ControlOptions | None, size: tuple[int, int],
+                   check: dn.FiniteCheck) -> dn.Denoiser:
+    """(z_t, t, ᾱ_t) -> ε̂, from the wrappers of `diffusion.denoisers`, innermost first."""
+    net = dn.unet_backbone(pipe.unet, dn.timesteps_on_device(schedule.timesteps, cond.device))
+    if pipe.compile_mode in CUDA_GRAPH_MODES:  # the graph's output buffer is overwritten by the next replay
+        net = dn.copy_output(net)
+    net = check.net(net, "U-Net")
+    if start.extra is not None:
+        net = dn.with_extra_channels(net, start.extra)
+    if control is not None:
+        residuals = control_function(pipe.controlnets, control, schedule.timesteps, cond.shape[0], uncond is not None,
+                                     *size, pipe.device, pipe.dtype)
+        net = dn.with_controlnet(net, check.control(residuals, "ControlNet"))
+    return dn.as_eps(dn.with_cfg(net, cond, uncond, guidance_scale), pipe.scheduler.prediction_type)
+
+
+# ─── 6. sampling ───────────────────────────────────────────────────────────────────────────────────
+
+def sample(pipe: StableDiffusion, sampler: str, denoiser: dn.Denoiser, start: Start, schedule: samplers.Schedule,
+           eta: float, generator: torch.Generator | None, callback) -> Tensor:
+    """Run the sampler with a progress bar; after each step inpainting's blend, then the user's callback."""
+    bar = _progress(len(schedule.timesteps), pipe.progress)
+
+    def on_step(i: int, t: Tensor, latents: Tensor, x0_hat: Tensor) -> Tensor | None:
+        out = start.blend(i, t, latents, x0_hat) if start.blend is not None else None
+        bar.update(1)
+        if callback is not None:
+            callback(i, t, latents if out is None else out)
+        return out
+
+    try:
+        return samplers.run(sampler, denoiser, start.z, schedule, eta=eta, generator=generator, callback=on_step)
+    finally:
+        bar.close()
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc="sampling", leave=False)
+
+
+# ─── 7. decoding, and the helpers ──────────────────────────────────────────────────────────────────
 
 def decode_latents(pipe: StableDiffusion, z: Tensor) -> Tensor:
     """z (B, 4, h, w) -> images (B, 3, H, W) in [0, 1]; reruns in fp32 if fp16 overflows to NaN/inf
-    (the SD 1.x VAE's activations can exceed fp16's range)."""
+    (the SD 1.x VAE's activations can exceed fp16's range). NaN/inf left after that: see pipe.nan_check."""
     vae = pipe.vae
 
     def run(z: Tensor) -> Tensor:  # pipe.enable_vae_slicing: one image at a time; tiling: tile by tile
@@ -55,7 +264,18 @@ def decode_latents(pipe: StableDiffusion, z: Tensor) -> Tensor:
             x = run(z.float() / vae.scaling_factor)
         finally:
             vae.to(dtype)
+    dn.check_finite(x, "VAE decoder", pipe.nan_check)
     return (x.float() / 2 + 0.5).clamp(0, 1)
+
+
+def per_picture(x: Tensor, B: int, name: str) -> Tensor:
+    """Rows for the B pictures made (prompts × num_images_per_prompt) from the n given: n = B, or n divides B
+    and the n repeat in turn (1 2 1 2 ..., as diffusers tiles them)."""
+    n = x.shape[0]
+    if B % n:
+        raise ValueError(f"{n} {name}s cannot be shared out over {B} pictures (prompts × num_images_per_prompt): "
+                         f"give one, or as many as the pictures, or a number that divides it")
+    return x.repeat(B // n, *([1] * (x.ndim - 1)))
 
 
 def encode_image(pipe: StableDiffusion, x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -69,134 +289,3 @@ def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: tor
     """Noise drawn on the generator's device (CPU for seeds, so a seed gives the same image everywhere)."""
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
-
-
-def check_arguments(steps: int, height: int, width: int, strength: float, guidance_scale: float) -> None:
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive integer, got {steps!r}")
-    if height % 8 or width % 8 or height <= 0 or width <= 0:
-        raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], got {strength}")
-    if guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-
-
-@torch.inference_mode()
-def generate(pipe: StableDiffusion, prompt: str | list[str], *, negative_prompt: str | list[str] | None = None,
-             num_inference_steps: int = 50, guidance_scale: float = 7.5, height: int | None = None,
-             width: int | None = None, sampler: str = "ddim", karras: bool = False, eta: float = 0.0,
-             seed: int | None = None, generator: torch.Generator | None = None, latents: Tensor | None = None,
-             num_images_per_prompt: int = 1, callback=None, output_type: str = "pil", clip_skip: int = 0,
-             image: ImageInput | None = None, strength: float = 1.0, mask_image: ImageInput | None = None,
-             keep_unmasked: bool = False, control: dict | None = None):
-    """See `StableDiffusion.__call__`, `.img2img` and `.inpaint`. `control`: ControlNet arguments."""
-    if output_type not in ("pil", "pt", "latent"):
-        raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
-    samplers.get_sampler(sampler)  # unknown names fail before any work
-    device, dtype = pipe.device, pipe.dtype
-    f = pipe.vae.config.downsampling
-    x_image = image_to_tensor(image, height, width) if image is not None else None
-    if x_image is not None:
-        height, width = x_image.shape[-2:]
-    height, width = height or pipe.image_size, width or pipe.image_size
-    check_arguments(num_inference_steps, height, width, strength, guidance_scale)
-    if generator is None and seed is not None:
-        generator = torch.Generator("cpu").manual_seed(seed)
-
-    # 1. text conditioning
-    cond, uncond = pipe.encode_prompt(prompt, negative_prompt, guidance_scale, num_images_per_prompt, clip_skip)
-    B = cond.shape[0]
-    shape = (B, pipe.unet.config.out_channels, height // f, width // f)
-
-    # 2. the schedule, and where on it to start
-    schedule = samplers.make_schedule(sampler, num_inference_steps, pipe.scheduler, karras)
-    if image is not None:  # start part-way: strength 1 runs every step, 0.3 only the last 30%
-        init_steps = min(int(num_inference_steps * strength), num_inference_steps)
-        if init_steps < 1:
-            raise ValueError(f"strength {strength} with {num_inference_steps} steps leaves no step to run; "
-                             f"raise strength or num_inference_steps")
-        start = num_inference_steps - init_steps
-        schedule = samplers.truncate(schedule, start)
-    extra, blend = None, None
-    nine_channels = pipe.unet.config.in_channels == 9
-    if mask_image is not None and x_image is None:
-        raise ValueError("inpainting needs an image as well as a mask_image")
-    if keep_unmasked and mask_image is None:
-        raise ValueError("keep_unmasked pastes the image back outside the mask: it needs a mask_image")
-
-    if x_image is None:  # text-to-image: pure noise
-        if latents is not None:
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-            noise = latents.to(device, dtype)
-        else:
-            noise = randn(shape, generator, device, dtype)
-        z = noise * schedule.init_sigma
-    elif mask_image is None:  # img2img: the image's latents, noised to the first step
-        z0 = per_picture(encode_image(pipe, x_image, generator), B, "image")
-        noise = randn(shape, generator, device, dtype)
-        z = samplers.add_noise(sampler, z0, noise, schedule, 0)
-    else:  # inpainting
-        mask = mask_to_tensor(mask_image, height, width)
-        if len(mask) != len(x_image) and 1 not in (len(mask), len(x_image)):
-            raise ValueError(f"{len(x_image)} images and {len(mask)} masks: give as many masks as images, or one of either")
-        masked = x_image * (mask < 0.5)
-        z0 = None
-        if not nine_channels or strength < 1.0:
-            z0 = per_picture(encode_image(pipe, x_image, generator), B, "image")
-        noise = latents.to(device, dtype) if latents is not None else randn(shape, generator, device, dtype)
-        z = noise * schedule.init_sigma if strength >= 1.0 else samplers.add_noise(sampler, z0, noise, schedule, 0)
-        mask_latent = per_picture(F.interpolate(mask, size=(height // f, width // f)).to(device, dtype), B, "mask_image")
-        if nine_channels:  # the inpainting U-Net sees the mask and the masked image's latents
-            masked_latents = per_picture(encode_image(pipe, masked, generator), B, "masked image")
-            extra = torch.cat([mask_latent, masked_latents], dim=1)
-        else:  # a standard U-Net: paste the (noised) known latents back outside the mask after each step
-            if pipe.unet.config.in_channels != 4:
-                raise ValueError(f"inpainting needs a 4- or 9-channel U-Net, not {pipe.unet.config.in_channels}")
-            encode_image(pipe, masked, generator)  # diffusers draws this sample too; keep the same random stream
-
-            def blend(i, t, latents, x0_hat):
-                last = i + 1 >= len(schedule.timesteps)
-                known = z0 if last else samplers.add_noise(sampler, z0, noise, schedule, i + 1)
-                return (1 - mask_latent) * known + mask_latent * latents
-
-    control_fn = None
-    if control:
-        from .adapters.controlnet import control_function
-
-        control_fn = control_function(pipe.controlnets, control, schedule.timesteps, B, uncond is not None,
-                                      height, width, device, dtype)
-
-    # 3. the sampling loop
-    eps = guided_eps(pipe.unet, cond, uncond, guidance_scale, pipe.scheduler, extra_channels=extra,
-                     control=control_fn, timesteps=schedule.timesteps)
-    steps = len(schedule.timesteps)
-    bar = _progress(steps, pipe.progress)
-
-    def on_step(i, t, latents, x0_hat):
-        out = blend(i, t, latents, x0_hat) if blend is not None else None
-        bar.update(1)
-        if callback is not None:
-            callback(i, t, latents if out is None else out)
-        return out
-
-    try:
-        z = samplers.run(sampler, eps, z, schedule, eta=eta, generator=generator, callback=on_step)
-    finally:
-        bar.close()
-
-    # 4. decode
-    if output_type == "latent":
-        return z
-    images = decode_latents(pipe, z)
-    if keep_unmasked:  # the VAE's round trip changes every pixel a little: paste the original back outside the mask
-        m = per_picture(mask, B, "mask_image").to(images.device, images.dtype)
-        images = m * images + (1 - m) * (per_picture(x_image, B, "image").to(images.device, images.dtype) / 2 + 0.5)
-    return images if output_type == "pt" else to_pil(images)
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc="sampling", leave=False)

@@ -18,7 +18,9 @@ from torch import Tensor
 from . import fast
 from .formats import weights
 from .adapters import lora as lora_lib
+from .adapters import textual_inversion
 from .models.configs import ModelConfig
+from .adapters.controlnet import ControlOptions
 from .generate import generate
 from .diffusion.schedules import SchedulerConfig
 from .models.text_encoder import TextEncoder
@@ -56,9 +58,13 @@ class StableDiffusion:
         self.progress = True  # tqdm bar over the sampling steps; set False (or TQDM_DISABLE=1) to hide
         self.controlnets: list = []  # ControlNets used by every generation call (load_controlnet)
         self.loras: dict[str, dict[str, lora_lib.LoRA]] = {}  # name -> {module path: LoRA} (load_lora)
+        self.textual_inversions: dict[str, textual_inversion.Embedding] = {}  # token -> embedding (load_textual_inversion)
+        self._own_token_embedding = None  # the text encoder's token embedding before any textual inversion
         self.vae_slicing = False  # decode a batch one image at a time (peak memory of one image)
         self.vae_tiling = False   # decode each image in overlapping tiles (pictures larger than native)
         self._offload: fast.ModelOffload | None = None  # enable_model_cpu_offload
+        self.compile_mode: str | None = None  # set by compile(); "reduce-overhead"/"max-autotune" replay CUDA graphs
+        self.nan_check = "error"  # a network's NaN/inf output: "error" stops generation, "warn" warns, "off"
 
     # ─── properties ────────────────────────────────────────────────────────────────────────────────
     @property
@@ -81,11 +87,8 @@ class StableDiffusion:
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> StableDiffusion:
         if device is not None:
             self.disable_model_cpu_offload()
-        for m in (self.unet, self.vae, self.text_encoder, *self.controlnets):
+        for m in (self.unet, self.vae, self.text_encoder, *self.controlnets):  # LoRAs included: they are in the tree
             m.to(device=device, dtype=dtype)
-        for loras in self.loras.values():
-            for lora in loras.values():
-                lora.to(device=device)
         self.vae.to(memory_format=torch.channels_last)
         return self
 
@@ -99,10 +102,13 @@ class StableDiffusion:
     @classmethod
     def from_config(cls, config: ModelConfig, tokenizer: Tokenizer, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32, seed: int = 0) -> StableDiffusion:
-        """Freshly initialised networks (for training, tests and shape tracing)."""
-        torch.manual_seed(seed)
-        pipe = cls(UNet(config.unet), AutoencoderKL(config.vae), TextEncoder(config.text_encoder), tokenizer,
-                   config.scheduler, name="random")
+        """Freshly initialised networks (for training, tests and shape tracing): the same weights for the same
+        `seed`. They are built on the CPU under a generator of their own, so the caller's random state is
+        left as it was."""
+        with torch.random.fork_rng(devices=[]):  # the CPU generator is restored on exit; no other is touched
+            torch.default_generator.manual_seed(seed)
+            pipe = cls(UNet(config.unet), AutoencoderKL(config.vae), TextEncoder(config.text_encoder), tokenizer,
+                       config.scheduler, name="random")
         return pipe.to(device, dtype)
 
     @classmethod
@@ -160,11 +166,12 @@ class StableDiffusion:
 
     # ─── saving ────────────────────────────────────────────────────────────────────────────────────
     def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write the diffusers folder layout (safetensors), loadable by minisd and by diffusers."""
+        """Write the diffusers folder layout (safetensors), loadable by minisd and by diffusers. Fused
+        LoRAs are saved inside the weights; LoRAs applied on the fly are refused (fuse or unload them)."""
         folder = Path(folder)
         weights.write_diffusers_folder(
-            folder, (self.unet.config, self.unet.state_dict()), (self.vae.config, self.vae.state_dict()),
-            (self.text_encoder.config, self.text_encoder.state_dict()), self.scheduler)
+            folder, (self.unet.config, lora_lib.state_dict_to_save(self.unet)), (self.vae.config, self.vae.state_dict()),
+            (self.text_encoder.config, lora_lib.state_dict_to_save(self.text_encoder)), self.scheduler)
         self.tokenizer.save(folder / "tokenizer")
 
     # ─── generation (the loop itself: generate.py) ─────────────────────────────────────────────────
@@ -172,57 +179,73 @@ class StableDiffusion:
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, height: int | None = None,
                  width: int | None = None, sampler: str = "ddim", karras: bool = False, eta: float = 0.0,
                  seed: int | None = None, generator: torch.Generator | None = None, latents: Tensor | None = None,
-                 num_images_per_prompt: int = 1, callback=None, output_type: str = "pil", clip_skip: int = 0,
-                 **control_kwargs):
+                 num_images_per_prompt: int = 1, callback=None, output_type: str = "pil", clip_skip: int = 0, *,
+                 control_image=None, controlnet_scale: float | list[float] | None = None,
+                 control_start: float | None = None, control_end: float | None = None, guess_mode: bool | None = None):
         """Text to image. Returns a list of PIL images (output_type "pil"), a tensor (B, 3, H, W) in
         [0, 1] ("pt"), or the final latents before ÷ scaling_factor ("latent").
 
         guidance_scale 1 turns classifier-free guidance off (one U-Net pass per step); a negative
         prompt replaces the empty prompt of the unconditional branch. `latents`: the initial noise
         (B, 4, h, w) before scaling by the sampler's initial σ. `callback(step, t, latents)` runs after
-        every step. Samplers: see `minisd.diffusion.samplers.SAMPLERS`."""
+        every step. Samplers: see `minisd.diffusion.samplers.SAMPLERS`.
+
+        With a ControlNet loaded (`load_controlnet`): control_image (PIL, list, or tensor in [0, 1]; a list
+        of one per ControlNet when several are loaded), controlnet_scale (default 1; one per ControlNet, or
+        one for all), control_start/control_end (default 0 and 1: the fraction of the steps it acts on) and
+        guess_mode (default False: True steers the conditional branch only). Given none of these, a loaded
+        ControlNet sits out. A network's NaN/inf output stops generation: see `nan_check`."""
+        control = self._control(control_image, controlnet_scale, control_start, control_end, guess_mode)
         return generate(self, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                         guidance_scale=guidance_scale, height=height, width=width, sampler=sampler, karras=karras,
                         eta=eta, seed=seed, generator=generator, latents=latents,
                         num_images_per_prompt=num_images_per_prompt, callback=callback, output_type=output_type,
-                        clip_skip=clip_skip, **self._control(control_kwargs))
+                        clip_skip=clip_skip, control=control)
 
-    def img2img(self, prompt: str | list[str], image, strength: float = 0.75, **kwargs):
+    def img2img(self, prompt: str | list[str], image, strength: float = 0.75, *, control_image=None,
+                controlnet_scale: float | list[float] | None = None, control_start: float | None = None,
+                control_end: float | None = None, guess_mode: bool | None = None, **kwargs):
         """Image to image (SDEdit, Meng et al. 2022): noise the image's latents to the level of step
         (1 − strength)·steps and denoise from there. strength 0 returns the image, 1 ignores it.
-        `image`: one picture for every prompt, or a list (or (n, 3, H, W) tensor) of one per prompt."""
-        return generate(self, prompt, image=image, strength=strength, **self._split(kwargs))
+        `image`: one picture for every prompt, or a list (or (n, 3, H, W) tensor) of one per prompt.
+        The other keyword arguments are those of `__call__`."""
+        if image is None:
+            raise ValueError("img2img needs an image (a picture, a path, or a tensor in [0, 1]); "
+                             "for text to image call pipe(...)")
+        control = self._control(control_image, controlnet_scale, control_start, control_end, guess_mode)
+        return generate(self, prompt, image=image, strength=strength, control=control, **kwargs)
 
     def inpaint(self, prompt: str | list[str], image, mask_image, strength: float = 1.0, keep_unmasked: bool = False,
+                *, control_image=None, controlnet_scale: float | list[float] | None = None,
+                control_start: float | None = None, control_end: float | None = None, guess_mode: bool | None = None,
                 **kwargs):
         """Repaint where mask_image is white. A 9-channel inpainting U-Net sees the mask and the masked
         image; a standard U-Net gets the known latents pasted back outside the mask after every step.
         `image` and `mask_image` may each be one for every prompt or a list of one per prompt.
+        The other keyword arguments are those of `__call__`.
 
         The latents outside the mask come back unchanged, but decoding them is not exact (and a VAE
         decoder is not strictly local), so the pixels there change a little. keep_unmasked=True pastes
         the original pixels back outside the mask after decoding, as AUTOMATIC1111 does and diffusers
         does with `padding_mask_crop`; off by default, as in diffusers."""
+        if image is None or mask_image is None:
+            missing = "image" if image is None else "mask_image"
+            raise ValueError(f"inpaint needs an image and a mask_image, got no {missing}")
+        control = self._control(control_image, controlnet_scale, control_start, control_end, guess_mode)
         return generate(self, prompt, image=image, mask_image=mask_image, strength=strength,
-                        keep_unmasked=keep_unmasked, **self._split(kwargs))
+                        keep_unmasked=keep_unmasked, control=control, **kwargs)
 
-    def _split(self, kwargs: dict) -> dict:
-        from .adapters.controlnet import CONTROL_ARGUMENTS
-
-        control = {k: kwargs.pop(k) for k in list(kwargs) if k in CONTROL_ARGUMENTS}
-        return {**kwargs, **self._control(control)}
-
-    def _control(self, control_kwargs: dict) -> dict:
-        from .adapters.controlnet import CONTROL_ARGUMENTS
-
-        unknown = sorted(set(control_kwargs) - set(CONTROL_ARGUMENTS))
-        if unknown:
-            raise TypeError(f"unexpected keyword arguments {unknown}")
-        if not control_kwargs:
-            return {}
+    def _control(self, image, scale, start, end, guess_mode) -> ControlOptions | None:
+        """The ControlNet arguments given (None: not given) as one object, defaults filled in; None when
+        none was given."""
+        given = {k: v for k, v in {"control_image": image, "controlnet_scale": scale, "control_start": start,
+                                   "control_end": end, "guess_mode": guess_mode}.items() if v is not None}
+        if not given:
+            return None
         if not self.controlnets:
-            raise ValueError(f"{sorted(control_kwargs)} need a ControlNet: load one first (pipe.load_controlnet)")
-        return {"control": control_kwargs}
+            raise ValueError(f"{sorted(given)} need a ControlNet: load one first (pipe.load_controlnet)")
+        return ControlOptions(image, 1.0 if scale is None else scale, 0.0 if start is None else start,
+                              1.0 if end is None else end, bool(guess_mode))
 
     # ─── speed and memory switches (fast.py; measured in notebook 13 and docs/benchmarks.md) ──────────
     def enable_vae_slicing(self, enabled: bool = True) -> None:
@@ -253,7 +276,7 @@ class StableDiffusion:
         (seconds to minutes), later calls of the same shapes run the fused kernels. mode
         "reduce-overhead" adds CUDA graphs; "max-autotune" also searches matmul/conv kernels."""
         self.unet.compile(mode=mode, dynamic=False, **kwargs)
-        self.unet._minisd_cudagraphs = mode in ("reduce-overhead", "max-autotune")
+        self.compile_mode = mode  # CUDA graph modes: generation copies each U-Net output out of the graph's buffer
         if vae:
             self.vae.decoder.compile(mode=mode, dynamic=False, **kwargs)
         return self
@@ -303,17 +326,20 @@ class StableDiffusion:
             name = Path(source).stem if not isinstance(source, dict) else f"lora_{len(self.loras)}"
         if name in self.loras:
             raise ValueError(f"a LoRA named {name!r} is already loaded; pass name=… or unload_lora({name!r})")
+        scale = lora_lib.check_scale(scale)
         roots = self._lora_roots
         loras = lora_lib.build(roots, lora_lib.read_lora(source, roots))
-        for path, lora in loras.items():
+        for lora in loras.values():
             lora.multiplier = scale
-            lora_lib.attach(lora_lib._layer(roots, path), name, lora.to(dtype=self.dtype))
+            lora.to(dtype=self.dtype)
+        lora_lib.attach(roots, name, loras)
         self.loras[name] = loras
         return name
 
     def set_lora_scale(self, name: str, scale: float) -> None:
         if name not in self.loras:
             raise KeyError(f"no LoRA named {name!r}; loaded: {sorted(self.loras)}")
+        scale = lora_lib.check_scale(scale)
         fused = any(lo.fused for lo in self.loras[name].values())
         if fused:
             lora_lib.unfuse(self._lora_roots, self.loras[name])
@@ -346,8 +372,7 @@ class StableDiffusion:
             if n not in self.loras:
                 raise KeyError(f"no LoRA named {n!r}; loaded: {sorted(self.loras)}")
             lora_lib.unfuse(self._lora_roots, self.loras[n])
-            for path in self.loras.pop(n):
-                lora_lib.detach(lora_lib._layer(self._lora_roots, path), n)
+            lora_lib.detach(self._lora_roots, n, self.loras.pop(n))
 
     # ─── text conditioning ─────────────────────────────────────────────────────────────────────────
     @torch.inference_mode()
@@ -374,6 +399,35 @@ class StableDiffusion:
         uncond = self.encode_text(negatives, clip_skip).repeat_interleave(num_images_per_prompt, dim=0)
         return cond, uncond
 
+    # ─── textual inversion (textual_inversion.py) ──────────────────────────────────────────────────
+    def load_textual_inversion(self, source, token: str | None = None) -> str:
+        """Teach the text encoder a new word: a diffusers learned_embeds file (or a folder holding one),
+        an AUTOMATIC1111 .pt or .safetensors embedding, a state dict, or a tensor (E,) / (n, E) with
+        `token`. `token` replaces the file's name for it. A multi-vector embedding is still written
+        `<tok>` in prompts. No network weight changes; returns the token."""
+        embedding = textual_inversion.read_embedding(source, token)
+        if not self.textual_inversions:
+            self._own_token_embedding = self.text_encoder.get_input_embeddings()
+        textual_inversion.add_embedding(self.tokenizer, self.text_encoder, embedding)
+        self.textual_inversions[embedding.token] = embedding
+        return embedding.token
+
+    def unload_textual_inversion(self, token: str | None = None) -> None:
+        """Remove one textual inversion (by its token) or all. With all gone, the tokenizer and the text
+        encoder are exactly as before the first load; the ones kept are loaded again in their order,
+        so their ids close up, as in diffusers."""
+        if token is not None and token not in self.textual_inversions:
+            raise ValueError(f"no textual inversion with token {token!r}; loaded: {list(self.textual_inversions)}")
+        if not self.textual_inversions:
+            return
+        kept = [e for t, e in self.textual_inversions.items() if token is not None and t != token]
+        now = self.text_encoder.get_input_embeddings().weight  # where the model is now (after any pipe.to)
+        self.text_encoder.set_input_embeddings(self._own_token_embedding.to(device=now.device, dtype=now.dtype))
+        self.tokenizer.remove_added_tokens()
+        self.textual_inversions.clear()
+        for embedding in kept:
+            self.load_textual_inversion(embedding.vectors, embedding.token)
+
 
 def save_single_file(pipe: StableDiffusion, path: str | os.PathLike) -> None:
     """The original (LDM) single-file layout as .safetensors, as A1111/ComfyUI read it. minisd's own
@@ -381,7 +435,7 @@ def save_single_file(pipe: StableDiffusion, path: str | os.PathLike) -> None:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"save_single_file writes .safetensors only, got {path.name!r}")
-    sd = weights.to_single_file((pipe.unet.config, pipe.unet.state_dict()), (pipe.vae.config, pipe.vae.state_dict()),
-                                pipe.text_encoder.state_dict())
+    sd = weights.to_single_file((pipe.unet.config, lora_lib.state_dict_to_save(pipe.unet)),
+                                (pipe.vae.config, pipe.vae.state_dict()), lora_lib.state_dict_to_save(pipe.text_encoder))
     weights.write_safetensors(sd, path, metadata={"format": "pt", "minisd_config": pipe.config.to_json()})
 

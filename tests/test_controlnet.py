@@ -65,6 +65,29 @@ def test_fresh_controlnet_changes_nothing(pipe):
     assert torch.equal(plain, controlled)  # zero convolutions: exactly no change
 
 
+def test_from_unet_fills_every_parameter(pipe):
+    """Every ControlNet parameter is the U-Net's tensor of the same name, or the ControlNet's own addition
+    (the hint encoder, and the zero convs, which are zero); the weights equal the old copy-what-fits load."""
+    from minisd.adapters.controlnet import ADDED, COPIED_FROM_UNET, ZERO_INITIALISED
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        cn = ControlNet.from_unet(pipe.unet, HINT)
+        torch.manual_seed(3)  # the old way: build, then load whatever key and shape the U-Net shares
+        old = ControlNet(cn.config)
+        unet_sd = pipe.unet.state_dict()
+        fits = {k: v for k, v in unet_sd.items() if k in old.state_dict() and old.state_dict()[k].shape == v.shape}
+        old.load_state_dict({**old.state_dict(), **fits})
+    sd = cn.state_dict()
+    copied = [k for k in sd if k.startswith(COPIED_FROM_UNET)]
+    added = [k for k in sd if k.startswith(ADDED)]
+    assert len(copied) + len(added) == len(sd) and set(copied) == set(fits)
+    assert all(torch.equal(sd[k], unet_sd[k]) for k in copied)
+    zeros = [k for k in added if k.startswith(ZERO_INITIALISED)]
+    assert len(zeros) == 2 * (len(cn.controlnet_down_blocks) + 1) + 2 and all(not sd[k].any() for k in zeros)
+    assert all(torch.equal(v, old.state_dict()[k]) for k, v in sd.items())
+
+
 def test_residuals_match_diffusers(pipe, cn_folder):
     ours = load_controlnet(cn_folder, pipe.unet)
     ref = diffusers.ControlNetModel.from_pretrained(cn_folder)

@@ -175,3 +175,187 @@ def test_vae_tiling_and_slicing_decode_large_pictures_without_seams():
     images = pipe(["a red circle", "a blue square"], height=128, width=128, num_inference_steps=2, latents=latents,
                   output_type="pt")
     assert images.shape == (2, 3, 128, 128) and torch.isfinite(images).all()
+
+
+# ─── the denoiser wrappers, each alone ─────────────────────────────────────────────────────────────
+
+def recording_net(calls: list, out_fn=lambda z, t, context: z * 0 + context.mean((1, 2))[:, None, None, None]):
+    """A stand-in network: records what it was given, answers out_fn(z, t, context) (default: each row's
+    context mean)."""
+    def net(z, t, context, control=None):
+        calls.append({"z": z, "t": t, "context": context, "control": control})
+        return out_fn(z, t, context)
+    return net
+
+
+def test_cfg_batches_uncond_then_cond_and_extrapolates():
+    from minisd.diffusion import denoisers as dn
+
+    calls = []
+    cond, uncond = torch.full((2, 3, 4), 2.0), torch.full((2, 3, 4), -1.0)
+    z = torch.randn(2, 4, 8, 8)
+    guided = dn.with_cfg(recording_net(calls), cond, uncond, 7.5)(z, torch.tensor(5.0))
+    assert calls[0]["z"].shape[0] == 4 and torch.equal(calls[0]["context"], torch.cat([uncond, cond]))
+    # the net answers the context's mean: ∅ -> -1, c -> 2, so ε̃ = −1 + 7.5·(2 − (−1)) = 21.5
+    assert torch.allclose(guided, torch.full_like(z, 21.5))
+    calls.clear()
+    plain = dn.with_cfg(recording_net(calls), cond, None, 7.5)(z, torch.tensor(5.0))
+    assert calls[0]["z"].shape[0] == 2 and torch.allclose(plain, torch.full_like(z, 2.0))  # one branch, scale unused
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_every_prediction_type_becomes_eps(prediction_type):
+    from minisd.diffusion import denoisers as dn
+
+    g = torch.Generator().manual_seed(0)
+    z0, eps, abar = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g), 0.3
+    z_t = abar**0.5 * z0 + (1 - abar) ** 0.5 * eps
+    target = {"epsilon": eps, "v_prediction": abar**0.5 * eps - (1 - abar) ** 0.5 * z0, "sample": z0}[prediction_type]
+    model = dn.as_eps(lambda z, t: target, prediction_type)
+    assert torch.allclose(model(z_t, torch.tensor(500.0), abar), eps, atol=1e-5)
+
+
+def test_extra_channels_follow_the_batch_and_controlnet_residuals_reach_the_unet():
+    from minisd.diffusion import denoisers as dn
+
+    calls, seen = [], []
+    extra = torch.randn(2, 5, 8, 8)
+    residuals = ([torch.ones(1)], torch.ones(1))
+
+    def control(z, t, context):
+        seen.append(z.shape)
+        return residuals
+
+    net = dn.with_controlnet(dn.with_extra_channels(recording_net(calls), extra), control)
+    dn.with_cfg(net, torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), 2.0)(torch.randn(2, 4, 8, 8), torch.tensor(1.0))
+    x_in = calls[0]["z"]
+    assert x_in.shape == (4, 9, 8, 8) and torch.equal(x_in[:2, 4:], extra) and torch.equal(x_in[2:, 4:], extra)
+    assert seen == [(4, 4, 8, 8)]  # the ControlNet sees the latents alone
+    assert calls[0]["control"] is residuals
+
+
+def test_copy_output_keeps_the_answer_when_the_buffer_is_reused():
+    from minisd.diffusion import denoisers as dn
+
+    buffer = torch.zeros(1, 4, 2, 2)
+
+    def graph(z, t, context, control=None):  # like a CUDA graph: the same output tensor every replay
+        return buffer.copy_(z)
+
+    copied = dn.copy_output(graph)
+    a = copied(torch.ones(1, 4, 2, 2), None, None)
+    copied(torch.full((1, 4, 2, 2), 2.0), None, None)
+    assert torch.equal(a, torch.ones(1, 4, 2, 2))
+
+
+def test_finite_check_names_the_component_and_the_step():
+    from minisd.diffusion import denoisers as dn
+
+    timesteps = torch.tensor([801.0, 601.0, 401.0, 201.0, 1.0])
+    nan_at_401 = recording_net([], lambda z, t, c: z * float("nan") if float(t) == 401 else z)
+    check = dn.FiniteCheck("error", timesteps)
+    net = check.net(nan_at_401, "U-Net")
+    z = torch.zeros(1, 4, 2, 2)
+    net(z, timesteps[0], None)
+    with pytest.raises(FloatingPointError, match=r"the U-Net produced NaN/inf at step 3 of 5 \(t=401\)"):
+        for t in timesteps[1:]:
+            net(z, t, None)
+    warn = dn.FiniteCheck("warn", timesteps)
+    residuals = warn.control(lambda z, t, c: ([z * float("inf")], z), "ControlNet")
+    with pytest.warns(RuntimeWarning, match=r"the ControlNet produced NaN/inf at step 1 of 5 \(t=801\)"):
+        residuals(z, timesteps[0], None)
+    assert dn.FiniteCheck("off", timesteps).net(nan_at_401, "U-Net") is nan_at_401  # off: not even wrapped
+    with pytest.raises(ValueError, match="nan_check must be one of"):
+        dn.FiniteCheck("loud", timesteps)
+
+
+def test_a_nan_in_the_unet_stops_generation(pipe):
+    import warnings
+
+    calls = []
+
+    def poison(module, args, out):  # the third U-Net call returns NaN
+        calls.append(1)
+        return out * float("nan") if len(calls) == 3 else out
+
+    handle = pipe.unet.register_forward_hook(poison)
+    try:
+        with pytest.raises(FloatingPointError, match=r"the U-Net produced NaN/inf at step 3 of 4 \(t=\d+\)"):
+            pipe("a red circle", num_inference_steps=4, seed=0, output_type="latent")
+        assert len(calls) == 3  # stopped there
+        calls.clear()
+        pipe.nan_check = "warn"
+        with pytest.warns(RuntimeWarning, match="the U-Net produced NaN/inf at step 3 of 4"):
+            out = pipe("a red circle", num_inference_steps=4, seed=0, output_type="latent")
+        assert len(calls) == 4 and torch.isnan(out).all()
+        calls.clear()
+        pipe.nan_check = "off"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            pipe("a red circle", num_inference_steps=4, seed=0, output_type="latent")
+    finally:
+        handle.remove()
+        pipe.nan_check = "error"
+
+
+def test_a_nan_in_the_decoded_image_is_named(pipe):
+    with pytest.raises(FloatingPointError, match="the VAE decoder produced NaN/inf"):
+        decode_latents(pipe, torch.full((1, 4, 8, 8), float("nan")))
+
+
+def test_a_nan_in_the_text_encoder_is_named(pipe):
+    handle = pipe.text_encoder.register_forward_hook(lambda m, args, out: out * float("nan"))
+    try:
+        with pytest.raises(FloatingPointError, match="the text encoder produced NaN/inf"):
+            pipe("a red circle", num_inference_steps=2, seed=0, output_type="latent")
+    finally:
+        handle.remove()
+
+
+def test_every_sampler_carries_its_label_and_functions():
+    import inspect
+
+    from minisd.diffusion.samplers import SAMPLERS
+
+    labels = {"ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "euler": "Euler", "euler_a": "Euler a",
+              "heun": "Heun", "lms": "LMS", "dpmpp_2m": "DPM++ 2M"}
+    assert {name: s.label for name, s in SAMPLERS.items() if name in labels} == labels
+    for name, s in SAMPLERS.items():
+        assert s.name == name and s.label and s.kind in ("discrete", "sigma") and s.diffusers_class.endswith("Scheduler")
+        params = inspect.signature(s.fn).parameters
+        assert "callback" in params and all(o in params for o in s.options), name
+        assert callable(s.schedule)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(guidance_scale=float("nan")), "guidance_scale"),
+    (dict(guidance_scale=float("inf")), "guidance_scale"),
+    (dict(eta=float("nan")), "eta"),
+    (dict(eta=-0.5), "eta"),
+])
+def test_non_finite_numbers_are_refused(pipe, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pipe("a red circle", num_inference_steps=2, **kwargs)
+
+
+def test_img2img_and_inpaint_refuse_missing_or_out_of_range_pictures(pipe):
+    img = Image.new("RGB", (64, 64), (245, 245, 245))
+    with pytest.raises(ValueError, match="img2img needs an image"):
+        pipe.img2img("a red circle", None, num_inference_steps=2)
+    with pytest.raises(ValueError, match="inpaint needs an image and a mask_image"):
+        pipe.inpaint("a red circle", img, None, num_inference_steps=2)
+    with pytest.raises(ValueError, match="strength"):
+        pipe.img2img("a red circle", img, strength=float("nan"), num_inference_steps=2)
+    with pytest.raises(ValueError, match=r"expected \[0, 1\]"):
+        pipe.img2img("a red circle", torch.full((1, 3, 64, 64), 255.0), num_inference_steps=2)
+    with pytest.raises(ValueError, match="need a ControlNet"):
+        pipe.img2img("a red circle", img, control_image=img, num_inference_steps=2)
+
+
+def test_compile_mode_is_the_pipelines_own_state(pipe):
+    import copy
+
+    p = copy.deepcopy(pipe)
+    assert p.compile_mode is None
+    p.compile(mode="reduce-overhead", vae=False)  # lazy: nothing compiles until a call
+    assert p.compile_mode == "reduce-overhead" and not hasattr(p.unet, "_minisd_cudagraphs")

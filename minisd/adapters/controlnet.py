@@ -20,6 +20,7 @@ by `convert_original` with the U-Net's own prefix table.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..diffusion.denoisers import timesteps_on_device
 from ..formats import weights
 from ..nn.layers import TimestepEmbedding, timestep_embedding
 from ..models.unet import DownBlock, MidBlock, UNet, UNetConfig
@@ -98,6 +100,12 @@ def zero(module: nn.Module) -> nn.Module:
     return module
 
 
+# ControlNet.from_unet: the parameters copied from the U-Net (same names), and the ControlNet's own
+COPIED_FROM_UNET = ("conv_in.", "time_embedding.", "down_blocks.", "mid_block.")
+ADDED = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
+ZERO_INITIALISED = ("controlnet_cond_embedding.conv_out.", "controlnet_down_blocks.", "controlnet_mid_block.")
+
+
 class ControlNet(nn.Module):
     """(z_t, t, context, control image in [0, 1]) -> (down residuals, mid residual) for `UNet(control=…)`."""
 
@@ -124,11 +132,22 @@ class ControlNet(nn.Module):
     @classmethod
     def from_unet(cls, unet: UNet, conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256),
                   conditioning_channels: int = 3) -> ControlNet:
-        """A ControlNet whose encoder starts as a copy of `unet`'s, and whose zero convs make it a no-op."""
+        """A ControlNet whose encoder starts as a copy of `unet`'s, and whose zero convs make it a no-op.
+
+        Every parameter is accounted for: those under COPIED_FROM_UNET take the U-Net's tensor of the same
+        name (strict: each must exist there with the same shape), those under ADDED are the ControlNet's own
+        (the hint encoder, fresh, and the zero convs, which must be zero)."""
         cn = cls(ControlNetConfig(unet.config, tuple(conditioning_embedding_out_channels), conditioning_channels))
-        own = cn.state_dict()
-        copied = {k: v for k, v in unet.state_dict().items() if k in own and own[k].shape == v.shape}
-        cn.load_state_dict(copied, strict=False)
+        own, source = cn.state_dict(), unet.state_dict()
+        copied = [k for k in own if k.startswith(COPIED_FROM_UNET)]
+        stray = [k for k in own if not k.startswith(COPIED_FROM_UNET + ADDED)]
+        missing = [k for k in copied if k not in source or source[k].shape != own[k].shape]
+        if stray or missing:
+            raise weights.WeightsError(f"ControlNet.from_unet: {len(missing)} encoder weights not in the U-Net "
+                                       f"(or of another shape) {missing[:3]}, {len(stray)} unaccounted for {stray[:3]}")
+        cn.load_state_dict({**own, **{k: source[k] for k in copied}})  # strict: every key, every shape
+        not_zero = [k for k in own if k.startswith(ZERO_INITIALISED) and own[k].any()]
+        assert not not_zero, f"zero convs that are not zero: {not_zero[:3]}"
         return cn.to(device=unet.device, dtype=unet.dtype)
 
     @property
@@ -285,6 +304,18 @@ __all__ = ["ControlNet", "ControlNetConfig", "load_controlnet", "save_controlnet
 CONTROL_ARGUMENTS = ("control_image", "controlnet_scale", "control_start", "control_end", "guess_mode")
 
 
+@dataclass(frozen=True)
+class ControlOptions:
+    """The ControlNet arguments of one generation call (`StableDiffusion.__call__` documents them).
+    With several ControlNets, image and scale are lists, one entry per ControlNet."""
+
+    image: object                            # PIL image, list of them, or a tensor in [0, 1]
+    scale: float | list[float] = 1.0         # multiplies every residual
+    start: float = 0.0                       # fraction of the steps before the ControlNet starts
+    end: float = 1.0                         # fraction of the steps after which it stops
+    guess_mode: bool = False                 # the ControlNet steers the conditional branch only
+
+
 def control_image_tensor(image, height: int, width: int, batch: int, device, dtype) -> Tensor:
     """A control image (PIL, list of PIL, or a tensor in [0, 1]) -> (batch, C, H, W) in [0, 1], as
     diffusers prepares it: RGB, resized (Lanczos) to the output size, no normalisation to [-1, 1]."""
@@ -318,34 +349,38 @@ def control_image_tensor(image, height: int, width: int, batch: int, device, dty
     return x.to(device, dtype)
 
 
-def control_function(controlnets: list[ControlNet], kwargs: dict, timesteps: Tensor, batch: int, cfg: bool,
-                     height: int, width: int, device, dtype):
-    """The `control(z_in, t, context)` hook that `guidance.guided_eps` calls before each U-Net pass:
-    the sum of every ControlNet's residuals, scaled, or None outside [control_start, control_end].
-
-    Guess mode (the original "no prompt" mode): the ControlNets see only the conditional half of the
-    CFG batch (the unconditional half gets no residuals), with scales rising 0.1 → 1 from the first skip
-    to the mid block, so the control image is followed even without a prompt."""
-    unknown = set(kwargs) - set(CONTROL_ARGUMENTS)
-    if unknown:
-        raise TypeError(f"unexpected arguments {sorted(unknown)}")
-    if "control_image" not in kwargs:
+def per_controlnet(options: ControlOptions, n: int) -> tuple[list, list[float]]:
+    """One control image and one scale for each of the n ControlNets."""
+    if options.image is None:
         raise ValueError("a loaded ControlNet needs control_image=…")
-    images = kwargs["control_image"]
-    n = len(controlnets)
+    images = options.image
     if n > 1:
         if not isinstance(images, (list, tuple)) or len(images) != n:
             raise ValueError(f"{n} ControlNets are loaded: give control_image as a list of {n} images")
     else:
         images = [images]
-    scales = kwargs.get("controlnet_scale", 1.0)
-    scales = list(scales) if isinstance(scales, (list, tuple)) else [scales] * n
+    scales = list(options.scale) if isinstance(options.scale, (list, tuple)) else [options.scale] * n
     if len(scales) != n:
         raise ValueError(f"controlnet_scale has {len(scales)} values for {n} ControlNets")
-    start, end = float(kwargs.get("control_start", 0.0)), float(kwargs.get("control_end", 1.0))
+    if not all(math.isfinite(float(x)) for x in scales):
+        raise ValueError(f"controlnet_scale must be finite numbers, got {options.scale!r}")
+    return list(images), scales
+
+
+def control_function(controlnets: list[ControlNet], options: ControlOptions, timesteps: Tensor, batch: int,
+                     cfg: bool, height: int, width: int, device, dtype):
+    """The `residuals(z_in, t, context)` function that `denoisers.with_controlnet` calls before each U-Net
+    pass: the sum of every ControlNet's residuals, scaled, or None outside [control_start, control_end].
+    t is the schedule's (on the CPU): which step it is costs no wait on the device.
+
+    Guess mode (the original "no prompt" mode): the ControlNets see only the conditional half of the
+    CFG batch (the unconditional half gets no residuals), with scales rising 0.1 → 1 from the first skip
+    to the mid block, so the control image is followed even without a prompt."""
+    images, scales = per_controlnet(options, len(controlnets))
+    start, end = float(options.start), float(options.end)
     if not 0.0 <= start < end <= 1.0:
         raise ValueError(f"need 0 <= control_start < control_end <= 1, got {start} and {end}")
-    guess = bool(kwargs.get("guess_mode", False))
+    guess = bool(options.guess_mode)
     prepared = [control_image_tensor(im, height, width, batch, device, dtype) for im in images]
     for cn, im in zip(controlnets, prepared):
         if im.shape[-1] != width or (height // cn.config.downscale) * cn.config.downscale != height:
@@ -353,6 +388,7 @@ def control_function(controlnets: list[ControlNet], kwargs: dict, timesteps: Ten
                              f"{cn.config.downscale}")
     steps = [float(t) for t in timesteps]
     total = len(steps)
+    on_device = timesteps_on_device(timesteps, device)
 
     def keep(t: Tensor) -> float:
         i = min(range(total), key=lambda k: abs(steps[k] - float(t)))  # which step of the schedule this is
@@ -371,7 +407,7 @@ def control_function(controlnets: list[ControlNet], kwargs: dict, timesteps: Ten
                 z, ctx = z_in.chunk(2)[1], context.chunk(2)[1]
             n_res = len(cn.controlnet_down_blocks) + 1
             s = (torch.logspace(-1, 0, n_res) * scale * k).tolist() if guess else scale * k
-            down, mid = cn(z.to(cn.dtype), t, ctx.to(cn.dtype), img.to(cn.dtype), s)
+            down, mid = cn(z.to(cn.dtype), on_device(t), ctx.to(cn.dtype), img.to(cn.dtype), s)
             if cfg and guess:
                 down = [torch.cat([torch.zeros_like(d), d]) for d in down]
                 mid = torch.cat([torch.zeros_like(mid), mid])

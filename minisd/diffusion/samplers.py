@@ -15,6 +15,10 @@ a model's `scheduler_config.json`, so the same noise gives the same image (tests
 callback(i, t, latents, x0_hat) is called after each step with the current latents (in the sampler's
 space) and the model's current estimate of the clean latents; if it returns a tensor, that tensor
 replaces the latents (inpainting pastes the known region back this way).
+
+A sampler is one function plus one `Sampler` entry in `SAMPLERS` (at the end of this file), which carries
+everything else: its kind, default spacing, the diffusers class it reproduces, its label as AUTOMATIC1111
+writes it, its schedule function and the options it takes. `make_schedule` and `run` read the entry.
 """
 
 from __future__ import annotations
@@ -31,33 +35,6 @@ from ..diffusion.schedules import SchedulerConfig
 EpsFn = Callable[[Tensor, Tensor], Tensor]              # (z_t, t) -> ε̂
 DenoiseFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x, σ, t) -> x̂₀
 Callback = Callable[[int, Tensor, Tensor, Tensor], None] | None
-
-
-@dataclass(frozen=True)
-class Sampler:
-    name: str
-    kind: str               # "discrete" (z_t space, ε model) or "sigma" (x = z_t/√ᾱ space, x̂₀ model)
-    spacing: str            # diffusers' default timestep_spacing for this scheduler
-    diffusers_class: str    # the scheduler this one reproduces
-    stochastic: bool = False
-
-
-SAMPLERS = {s.name: s for s in (
-    Sampler("ddpm", "discrete", "leading", "DDPMScheduler", stochastic=True),
-    Sampler("ddim", "discrete", "leading", "DDIMScheduler"),
-    Sampler("pndm", "discrete", "leading", "PNDMScheduler"),
-    Sampler("euler", "sigma", "linspace", "EulerDiscreteScheduler"),
-    Sampler("euler_a", "sigma", "linspace", "EulerAncestralDiscreteScheduler", stochastic=True),
-    Sampler("heun", "sigma", "linspace", "HeunDiscreteScheduler"),
-    Sampler("lms", "sigma", "linspace", "LMSDiscreteScheduler"),
-    Sampler("dpmpp_2m", "sigma", "linspace", "DPMSolverMultistepScheduler"),
-)}
-
-
-def get_sampler(name: str) -> Sampler:
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; known samplers: {', '.join(SAMPLERS)}")
-    return SAMPLERS[name]
 
 
 # ─── schedules ─────────────────────────────────────────────────────────────────────────────────────
@@ -111,45 +88,64 @@ def make_schedule(sampler: str, steps: int, config: SchedulerConfig, karras: boo
         raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
     if karras and s.kind != "sigma":
         raise ValueError(f"karras=True needs a noise-level sampler ({', '.join(k for k, v in SAMPLERS.items() if v.kind == 'sigma')}), not {sampler!r}")
-    N = config.num_train_timesteps
-    spacing = config.timestep_spacing or s.spacing
     alphas_cumprod = config.alphas_cumprod()
-    set_alpha_to_one = config.set_alpha_to_one if config.set_alpha_to_one is not None else sampler == "ddim"
+    set_alpha_to_one = config.set_alpha_to_one if config.set_alpha_to_one is not None else s.alpha_to_one
     final_alpha = 1.0 if set_alpha_to_one else alphas_cumprod[0].item()
-    if s.kind == "discrete":
-        t = spaced_timesteps(steps, N, spacing, config.steps_offset)
-        if sampler == "pndm":  # PLMS: the second timestep is used twice (a warm-up step, see sample_pndm)
-            t = t[::-1]
-            t = np.concatenate([t[:-1], t[-2:-1], t[-1:]])[::-1].copy()
-        return Schedule(torch.from_numpy(t.copy()).float(), None, alphas_cumprod, N // steps, 1.0, final_alpha)
-
-    all_sigmas = ((1 - alphas_cumprod) / alphas_cumprod).numpy() ** 0.5  # float32 table, as diffusers
-    log_sigmas = np.log(all_sigmas)
-    if sampler == "dpmpp_2m":  # DPMSolverMultistep spaces n+1 points and drops the last
-        if spacing == "linspace":
-            t = np.linspace(0, N - 1, steps + 1).round()[::-1][:-1].copy()
-        elif spacing == "leading":
-            t = (np.arange(0, steps + 1) * (N // (steps + 1))).round()[::-1][:-1].copy() + config.steps_offset
-        else:
-            t = np.arange(N, 0, -N / steps).round() - 1
-        if karras:
-            sig = karras_sigmas(all_sigmas[0].item(), all_sigmas[-1].item(), steps)
-            t = sigma_to_t(sig, log_sigmas).round()
-        else:
-            sig = np.interp(t, np.arange(N), all_sigmas)
-        init_sigma = float((sig.max() ** 2 + 1) ** 0.5)  # diffusers keeps z_T = noise (init_noise_sigma 1)
-    else:
-        t = spaced_timesteps(steps, N, spacing, config.steps_offset)
-        sig = np.interp(t, np.arange(N), all_sigmas)
-        if karras:
-            sig = karras_sigmas(sig[-1].item(), sig[0].item(), steps)
-            t = sigma_to_t(sig, log_sigmas)
-        # diffusers' init_noise_sigma: σ_max for linspace/trailing, √(σ_max² + 1) for leading
-        init_sigma = float(sig.max() if spacing in ("linspace", "trailing") else (sig.max() ** 2 + 1) ** 0.5)
-    sigmas = torch.from_numpy(np.concatenate([sig, [0.0]]).astype(np.float32))
+    t, sig, init_sigma = s.schedule(steps, config, config.timestep_spacing or s.spacing, karras)
+    sigmas = torch.from_numpy(np.concatenate([sig, [0.0]]).astype(np.float32)) if sig is not None else None
     init_sigma = float(torch.tensor(init_sigma, dtype=torch.float32))
-    return Schedule(torch.from_numpy(np.asarray(t, dtype=np.float32).copy()), sigmas, alphas_cumprod, N // steps,
-                    init_sigma, final_alpha)
+    return Schedule(torch.from_numpy(np.asarray(t, dtype=np.float32).copy()), sigmas, alphas_cumprod,
+                    config.num_train_timesteps // steps, init_sigma, final_alpha)
+
+
+# Each sampler's timesteps: (steps, config, spacing, karras) -> (t, σ's or None, initial noise σ).
+
+def discrete_timesteps(steps: int, config: SchedulerConfig, spacing: str, karras: bool):
+    """DDPM, DDIM: the spaced training timesteps; z_T is the noise itself (σ 1)."""
+    return spaced_timesteps(steps, config.num_train_timesteps, spacing, config.steps_offset), None, 1.0
+
+
+def plms_timesteps(steps: int, config: SchedulerConfig, spacing: str, karras: bool):
+    """PLMS: the second timestep is used twice (a warm-up step, see sample_pndm)."""
+    t = spaced_timesteps(steps, config.num_train_timesteps, spacing, config.steps_offset)[::-1]
+    return np.concatenate([t[:-1], t[-2:-1], t[-1:]])[::-1].copy(), None, 1.0
+
+
+def sigma_timesteps(steps: int, config: SchedulerConfig, spacing: str, karras: bool):
+    """Euler, Heun, LMS: σ at the spaced timesteps (or Karras's σ's and their fractional t)."""
+    N = config.num_train_timesteps
+    all_sigmas = sigmas_table(config)
+    t = spaced_timesteps(steps, N, spacing, config.steps_offset)
+    sig = np.interp(t, np.arange(N), all_sigmas)
+    if karras:
+        sig = karras_sigmas(sig[-1].item(), sig[0].item(), steps)
+        t = sigma_to_t(sig, np.log(all_sigmas))
+    # diffusers' init_noise_sigma: σ_max for linspace/trailing, √(σ_max² + 1) for leading
+    return t, sig, float(sig.max() if spacing in ("linspace", "trailing") else (sig.max() ** 2 + 1) ** 0.5)
+
+
+def dpm_solver_timesteps(steps: int, config: SchedulerConfig, spacing: str, karras: bool):
+    """DPMSolverMultistep spaces n+1 points and drops the last; Karras's σ's round to whole timesteps."""
+    N = config.num_train_timesteps
+    all_sigmas = sigmas_table(config)
+    if spacing == "linspace":
+        t = np.linspace(0, N - 1, steps + 1).round()[::-1][:-1].copy()
+    elif spacing == "leading":
+        t = (np.arange(0, steps + 1) * (N // (steps + 1))).round()[::-1][:-1].copy() + config.steps_offset
+    else:
+        t = np.arange(N, 0, -N / steps).round() - 1
+    if karras:
+        sig = karras_sigmas(all_sigmas[0].item(), all_sigmas[-1].item(), steps)
+        t = sigma_to_t(sig, np.log(all_sigmas)).round()
+    else:
+        sig = np.interp(t, np.arange(N), all_sigmas)
+    return t, sig, float((sig.max() ** 2 + 1) ** 0.5)  # diffusers keeps z_T = noise (init_noise_sigma 1)
+
+
+def sigmas_table(config: SchedulerConfig) -> np.ndarray:
+    """σ_t = √((1−ᾱ_t)/ᾱ_t) for every training timestep (float32, as diffusers)."""
+    alphas_cumprod = config.alphas_cumprod()
+    return ((1 - alphas_cumprod) / alphas_cumprod).numpy() ** 0.5
 
 
 def truncate(schedule: Schedule, start: int) -> Schedule:
@@ -370,27 +366,28 @@ def run(name: str, model_eps: Callable[[Tensor, Tensor, float], Tensor], latents
     """Run sampler `name` from `latents` (already in the sampler's space: noise·init_sigma, or noised
     image latents for img2img) and return z_0.
 
-    model_eps(z_t, t, ᾱ_t) -> ε̂ is the (guided) network; the noise-level samplers call it on
-    z_t = x/√(σ²+1) and turn its answer into x̂₀ = x − σ ε̂."""
+    model_eps(z_t, t, ᾱ_t) -> ε̂ is the (guided) network (see `denoisers`); `eps_model` and `x0_model`
+    turn it into what the sampler's kind calls. eta goes to the samplers that take it (DDIM)."""
     sampler = get_sampler(name)
-    acp = s.alphas_cumprod
-    if sampler.kind == "discrete":
-        def eps(z, t):
-            return model_eps(z, t, acp[int(t)].item())
-        if name == "ddim":
-            return sample_ddim(eps, latents, s, eta=eta, generator=generator, callback=callback)
-        if name == "ddpm":
-            return sample_ddpm(eps, latents, s, generator=generator, callback=callback)
-        return sample_pndm(eps, latents, s, callback=callback)
+    model = eps_model(model_eps, s) if sampler.kind == "discrete" else x0_model(model_eps)
+    given = {"eta": eta, "generator": generator}
+    return sampler.fn(model, latents, s, callback=callback, **{k: given[k] for k in sampler.options})
 
-    def denoise(x, sigma, t):
+
+def eps_model(model_eps: Callable[[Tensor, Tensor, float], Tensor], s: Schedule) -> EpsFn:
+    """(z_t, t) -> ε̂ for the discrete samplers, with ᾱ_t from the training schedule."""
+    acp = s.alphas_cumprod
+    return lambda z, t: model_eps(z, t, acp[int(t)].item())
+
+
+def x0_model(model_eps: Callable[[Tensor, Tensor, float], Tensor]) -> DenoiseFn:
+    """(x, σ, t) -> x̂₀ = x − σ ε̂ for the noise-level samplers, which work on x = z_t/√ᾱ_t: the network is
+    called on z_t = x/√(σ²+1), with ᾱ = 1/(σ²+1) (k-diffusion's DiscreteEpsDDPMDenoiser)."""
+    def denoise(x: Tensor, sigma: Tensor, t: Tensor) -> Tensor:
         z_t = x / (sigma**2 + 1) ** 0.5  # back to the network's z_t scale
         return x - sigma * model_eps(z_t, t, 1 / (sigma.item() ** 2 + 1))
 
-    fn = {"euler": sample_euler, "euler_a": sample_euler_a, "heun": sample_heun, "lms": sample_lms,
-          "dpmpp_2m": sample_dpmpp_2m}[name]
-    kwargs = {"generator": generator} if name == "euler_a" else {}
-    return fn(denoise, latents, s, callback=callback, **kwargs)  # σ = 0 at the end: x = z_0
+    return denoise
 
 
 def add_noise(name: str, z0: Tensor, noise: Tensor, s: Schedule, i: int) -> Tensor:
@@ -400,3 +397,41 @@ def add_noise(name: str, z0: Tensor, noise: Tensor, s: Schedule, i: int) -> Tens
         a = s.alphas_cumprod[int(s.timesteps[i])].to(z0.device)
         return (a.sqrt() * z0.float() + (1 - a).sqrt() * noise.float()).to(z0.dtype)
     return z0 + s.sigmas[i].to(z0.device) * noise
+
+
+# ─── the registry: one entry per sampler carries everything about it ──────────────────────────────
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str
+    kind: str               # "discrete" (z_t space, ε model) or "sigma" (x = z_t/√ᾱ space, x̂₀ model)
+    spacing: str            # diffusers' default timestep_spacing for this scheduler
+    diffusers_class: str    # the scheduler this one reproduces
+    label: str              # the name AUTOMATIC1111 writes in a picture's parameters ("Euler a"; + " Karras")
+    fn: Callable[..., Tensor]       # sample_x(model, latents, schedule, *, callback, **options)
+    schedule: Callable = discrete_timesteps  # (steps, config, spacing, karras) -> (t, σ's or None, init σ)
+    options: tuple[str, ...] = ()   # what fn takes besides callback: "eta", "generator"
+    stochastic: bool = False        # draws fresh noise every step
+    alpha_to_one: bool = False      # diffusers' default set_alpha_to_one: ᾱ "before" t=0 is 1 (DDIM)
+
+
+SAMPLERS = {s.name: s for s in (
+    Sampler("ddpm", "discrete", "leading", "DDPMScheduler", "DDPM", sample_ddpm, options=("generator",),
+            stochastic=True),
+    Sampler("ddim", "discrete", "leading", "DDIMScheduler", "DDIM", sample_ddim, options=("eta", "generator"),
+            alpha_to_one=True),
+    Sampler("pndm", "discrete", "leading", "PNDMScheduler", "PLMS", sample_pndm, plms_timesteps),
+    Sampler("euler", "sigma", "linspace", "EulerDiscreteScheduler", "Euler", sample_euler, sigma_timesteps),
+    Sampler("euler_a", "sigma", "linspace", "EulerAncestralDiscreteScheduler", "Euler a", sample_euler_a,
+            sigma_timesteps, options=("generator",), stochastic=True),
+    Sampler("heun", "sigma", "linspace", "HeunDiscreteScheduler", "Heun", sample_heun, sigma_timesteps),
+    Sampler("lms", "sigma", "linspace", "LMSDiscreteScheduler", "LMS", sample_lms, sigma_timesteps),
+    Sampler("dpmpp_2m", "sigma", "linspace", "DPMSolverMultistepScheduler", "DPM++ 2M", sample_dpmpp_2m,
+            dpm_solver_timesteps),
+)}
+
+
+def get_sampler(name: str) -> Sampler:
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; known samplers: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..diffusion.schedules import SchedulerConfig
+from ..models.configs import SD15, ModelConfig
 from ..models.text_encoder import TextEncoderConfig
 from ..models.unet import UNetConfig
 from ..models.vae import VAEConfig
@@ -425,12 +426,10 @@ class Components:
 
 def convert_single_file(sd: StateDict, source: str, metadata: dict[str, str] | None = None) -> Components:
     """An LDM single-file state dict -> minisd components (configs read off the shapes)."""
-    from ..models.configs import SD15
 
     detect_model_type(sd, source)
     base = SD15
     if metadata and "minisd_config" in metadata:  # written by minisd.save_single_file
-        from ..models.configs import ModelConfig
 
         try:
             base = ModelConfig.from_json(metadata["minisd_config"])

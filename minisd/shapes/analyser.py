@@ -19,14 +19,17 @@ itself is right (≥ 99%) on rendered pictures before its numbers are trusted.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from ..diffusion.samplers import get_sampler
+from ..pipeline import StableDiffusion
 from .world import (BACKGROUNDS, BASE_SHAPES, COLOURS, PHRASES, POSITIONS, SHAPES, SIZES, Scene, ShapeObject,
-                     convex_hull, render)
+                     control_map, convex_hull, make_scene, render, to_tensor)
 
 MIN_AREA = 20  # px; a small triangle covers ~98, a small star ~60
 
@@ -200,7 +203,6 @@ def concept_prompts(shape: str = "star") -> list[str]:
 
 def layout_scenes(n: int = 60, seed: int = 7_000_000) -> list[Scene]:
     """Held-out layouts for ControlNet: scenes from seeds no training run uses."""
-    from .world import make_scene
 
     return [make_scene(seed + i) for i in range(n)]
 
@@ -219,7 +221,6 @@ def foreground(image) -> np.ndarray:
 
 def layout_iou(image, scene: Scene) -> float:
     """Intersection over union of the picture's foreground and the scene's object mask."""
-    from .world import control_map
 
     want = np.asarray(control_map(scene, "mask").convert("L")) > 127
     got = foreground(image)
@@ -342,7 +343,6 @@ def two_object_failure(prompt: str, image) -> str:
 
 def two_object_breakdown(pipe, guidance_scale: float = 7.5, steps: int = 25, seed: int = 0) -> dict[str, int]:
     """How the model fails the two-object prompts of the evaluation list: counts per kind of failure."""
-    from collections import Counter
 
     prompts = [p for p in eval_prompts() if " and " in p]
     images = generate_for(pipe, prompts, guidance_scale, steps, seed=seed)
@@ -386,7 +386,6 @@ def evaluate_controlnet(pipe, controlnet, kind: str = "edges", n: int = 60, scal
     cover the layout's objects (mean IoU; placed = IoU ≥ 0.5), without and with the ControlNet."""
     import torch
 
-    from .world import control_map
 
     scenes = layout_scenes(n)
     prompts = [layout_prompt(s) for s in scenes]
@@ -421,7 +420,6 @@ def inpaint_tasks(n: int = 60, seed: int = 9_000_000) -> list[InpaintTask]:
     """Held-out two-object scenes (seeds no training run uses), alternately replacing the first and second object."""
     import copy
 
-    from .world import make_scene
 
     rng = np.random.default_rng(seed)
     tasks, i = [], 0
@@ -473,7 +471,6 @@ def evaluate_vae(pipe, shape_names=("circle", "square", "triangle", "star")) -> 
     shape accuracy by size, and the mean |error| of the round trip in [0, 1]."""
     import torch
 
-    from .world import to_tensor
 
     out = {}
     for shape in shape_names:
@@ -514,7 +511,6 @@ def main(argv: list[str] | None = None) -> dict:
     import json
     import time
 
-    from ..pipeline import StableDiffusion
 
     ap = argparse.ArgumentParser(prog="minisd eval", description="Prompt adherence on the shapes world: "
                                  "per-factor accuracy over the fixed prompt list (240 prompts).")
@@ -587,7 +583,6 @@ def main(argv: list[str] | None = None) -> dict:
 def check_eval_args(args) -> None:
     """Refuse careless `minisd eval` flags before anything is loaded, each with one line."""
     import math
-    from pathlib import Path
 
     import torch
 

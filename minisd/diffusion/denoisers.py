@@ -1,0 +1,198 @@
+"""Denoisers: a network turned into what samplers call, by small wrappers that compose (k-diffusion style).
+
+The innermost layer has the U-Net's own signature, `net(z, t, context, control=None) -> output`; each
+wrapper takes such a callable and returns one, adding one idea:
+
+    unet_backbone       the network itself: dtypes in and out, the timestep already on the device
+    copy_output         a copy of the output (CUDA graphs overwrite their output buffer on the next replay)
+    with_extra_channels [z, mask, masked-image latents] on channels (a 9-channel inpainting U-Net)
+    with_controlnet     ControlNet residuals computed from (z, t, context) and handed to the U-Net
+    FiniteCheck.net     stop (or warn) at the first NaN/inf a component produces, naming it and the step
+    with_cfg            classifier-free guidance: one batch of [∅, c], extrapolated; -> (z, t) -> output
+    as_eps              whatever the network predicts (ε, v, ẑ₀) as ε̂;                -> (z, t, ᾱ_t) -> ε̂
+
+Classifier-free guidance (Ho & Salimans 2021, eq. 6):
+
+    ε̃(z_t, c) = ε(z_t, ∅) + s · (ε(z_t, c) − ε(z_t, ∅))
+
+ε(z_t, ∅) is the prediction for the empty prompt (which the model learned from ~10% caption dropout
+during training), or for a negative prompt, which then plays the part of the "unconditional" branch.
+s = 1 is plain conditional sampling; SD's default is 7.5. Both branches run as one batch of 2B, and
+guidance combines the network's raw outputs before they become ε̂, as diffusers' pipelines do.
+
+`samplers.run` takes the outermost `(z_t, t, ᾱ_t) -> ε̂` and adapts it to its sampler's space.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+Net = Callable[..., Tensor]                             # (z, t, context, control=None) -> network output
+Guided = Callable[[Tensor, Tensor], Tensor]             # (z_t, t) -> network output, guided
+Denoiser = Callable[[Tensor, Tensor, float], Tensor]    # (z_t, t, ᾱ_t) -> ε̂: what `samplers.run` calls
+ControlFn = Callable[[Tensor, Tensor, Tensor], tuple[list[Tensor], Tensor] | None]  # (z, t, context) -> residuals
+NAN_CHECKS = ("error", "warn", "off")
+
+
+def timesteps_on_device(timesteps: Tensor, device: torch.device | str) -> Callable[[Tensor], Tensor]:
+    """t (a CPU scalar of the schedule) -> the same t on `device`. The schedule is copied once, here, so that
+    no step waits on a host-to-device copy (a synchronising copy per step costs more than a tiny model's
+    whole step on a GPU); a t outside the schedule is copied when it comes."""
+    table = dict(zip(timesteps.tolist(), timesteps.to(device).unbind()))
+
+    def on_device(t: Tensor) -> Tensor:
+        t_dev = table.get(float(t))
+        return torch.as_tensor(t, device=device) if t_dev is None else t_dev
+
+    return on_device
+
+
+def unet_backbone(unet, on_device: Callable[[Tensor], Tensor]) -> Net:
+    """The network call: z in the U-Net's dtype, t on its device, the output back in z's dtype."""
+    def net(z: Tensor, t: Tensor, context: Tensor, control=None) -> Tensor:
+        return unet(z.to(unet.dtype), on_device(t), context, control=control).to(z.dtype)
+
+    return net
+
+
+def copy_output(net: Net) -> Net:
+    """A CUDA graph's output buffer is overwritten by its next replay (the CFG halves, or the next step,
+    would read another call's numbers): keep a copy. Added when the U-Net was compiled with CUDA graphs."""
+    def copied(z: Tensor, t: Tensor, context: Tensor, control=None) -> Tensor:
+        return net(z, t, context, control=control).clone()
+
+    return copied
+
+
+def with_extra_channels(net: Net, extra: Tensor) -> Net:
+    """extra (B, C', h, w) appended to z on channels, repeated over the batch (the CFG halves both get it):
+    a 9-channel inpainting U-Net's mask (1) and masked-image latents (4)."""
+    def extended(z: Tensor, t: Tensor, context: Tensor, control=None) -> Tensor:
+        e = extra if len(extra) == len(z) else torch.cat([extra] * (len(z) // len(extra)))
+        return net(torch.cat([z, e.to(z.dtype)], dim=1), t, context, control=control)
+
+    return extended
+
+
+def with_controlnet(net: Net, residuals: ControlFn) -> Net:
+    """ControlNet residuals from (z, t, context), added to the U-Net's skips (None: none at this step).
+    z is the latent alone: the ControlNet never sees a 9-channel U-Net's extra channels."""
+    def controlled(z: Tensor, t: Tensor, context: Tensor, control=None) -> Tensor:
+        return net(z, t, context, control=residuals(z, t, context))
+
+    return controlled
+
+
+def with_cfg(net: Net, cond: Tensor, uncond: Tensor | None, scale: float) -> Guided:
+    """Classifier-free guidance over one batch [∅, c] (diffusers' order). cond/uncond: text embeddings
+    (B, T, E); uncond None runs the conditional branch alone (scale ignored)."""
+    if uncond is None:
+        return lambda z, t: net(z, t, cond)
+    context = torch.cat([uncond, cond])  # (2B, T, E)
+
+    def guided(z: Tensor, t: Tensor) -> Tensor:
+        out_uncond, out_cond = net(torch.cat([z, z]), t, context).chunk(2)
+        return out_uncond + scale * (out_cond - out_uncond)
+
+    return guided
+
+
+def to_eps(out: Tensor, z_t: Tensor, alpha_bar: float, prediction_type: str) -> Tensor:
+    """Whatever the network predicts, as ε̂: for v = √ᾱ ε − √(1−ᾱ) z₀ (SD 2.x 768), ε̂ = √ᾱ v + √(1−ᾱ) z_t;
+    for a z₀ prediction ("sample"), ε̂ = (z_t − √ᾱ ẑ₀)/√(1−ᾱ)."""
+    if prediction_type == "epsilon":
+        return out
+    if prediction_type == "v_prediction":
+        return alpha_bar**0.5 * out + (1 - alpha_bar) ** 0.5 * z_t
+    if prediction_type == "sample":
+        return (z_t - alpha_bar**0.5 * out) / (1 - alpha_bar) ** 0.5
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected 'epsilon', 'v_prediction' or 'sample'")
+
+
+def as_eps(model: Guided, prediction_type: str) -> Denoiser:
+    """(z_t, t) -> network output, as (z_t, t, ᾱ_t) -> ε̂ (see `to_eps`)."""
+    if prediction_type == "epsilon":
+        return lambda z, t, alpha_bar: model(z, t)
+    return lambda z, t, alpha_bar: to_eps(model(z, t), z, alpha_bar, prediction_type)
+
+
+# ─── NaN/inf checks ────────────────────────────────────────────────────────────────────────────────
+
+def check_mode(mode: str) -> str:
+    if mode not in NAN_CHECKS:
+        raise ValueError(f"nan_check must be one of {', '.join(map(repr, NAN_CHECKS))}, got {mode!r}")
+    return mode
+
+
+def report_non_finite(message: str, mode: str) -> None:
+    """Raise FloatingPointError ("error") or warn ("warn") with `message`."""
+    if check_mode(mode) == "error":
+        raise FloatingPointError(message + "; set pipe.nan_check = 'warn' to go on regardless")
+    if mode == "warn":
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def check_finite(x: Tensor, what: str, mode: str) -> Tensor:
+    """x unchanged if every value is finite; else report "the {what} produced NaN/inf" (see `report_non_finite`)."""
+    if mode != "off" and not torch.isfinite(x).all():
+        report_non_finite(f"the {what} produced NaN/inf", mode)
+    return x
+
+
+def _all_finite(out) -> Tensor:
+    """One device flag for a tensor or ControlNet residuals ((down list, mid) or None); no host sync."""
+    tensors = [] if out is None else [out] if isinstance(out, Tensor) else [*out[0], out[1]]
+    if not tensors:
+        return torch.tensor(True)
+    return torch.stack([torch.isfinite(x).all() for x in tensors]).all()
+
+
+class FiniteCheck:
+    """Watches the networks' outputs during one sampling run: the first NaN/inf stops it with
+    "the U-Net produced NaN/inf at step 3 of 25 (t=881)" (mode "error"), or warns once per component
+    ("warn"). On a CPU each output is checked as it comes; elsewhere a flag is read one call later, once
+    the next call is queued, so that the check never leaves the accelerator waiting. `flush()` reads the rest."""
+
+    def __init__(self, mode: str, timesteps: Tensor):
+        self.mode = check_mode(mode)
+        self.steps = [float(t) for t in timesteps]
+        self.pending: list[tuple[Tensor, str, float]] = []  # (flag on the device, component, t)
+        self.warned: set[str] = set()
+
+    def net(self, net: Net, component: str = "U-Net") -> Net:
+        """net, its output checked; net itself when the mode is "off"."""
+        if self.mode == "off":
+            return net
+
+        def checked(z: Tensor, t: Tensor, context: Tensor, control=None) -> Tensor:
+            return self.watch(net(z, t, context, control=control), component, z, t)
+
+        return checked
+
+    def control(self, residuals: ControlFn, component: str = "ControlNet") -> ControlFn:
+        """A ControlNet's residuals, checked; residuals itself when the mode is "off"."""
+        if self.mode == "off":
+            return residuals
+        return lambda z, t, context: self.watch(residuals(z, t, context), component, z, t)
+
+    def watch(self, out, component: str, z: Tensor, t: Tensor):
+        self.pending.append((_all_finite(out), component, float(t)))
+        self.flush(keep=0 if z.device.type == "cpu" else 1)
+        return out
+
+    def flush(self, keep: int = 0) -> None:
+        """Read all but the last `keep` flags, in order."""
+        while len(self.pending) > keep:
+            flag, component, t = self.pending.pop(0)
+            if not bool(flag) and component not in self.warned:
+                self.warned.add(component)
+                report_non_finite(f"the {component} produced NaN/inf at {self.where(t)}", self.mode)
+
+    def where(self, t: float) -> str:
+        """"step 3 of 25 (t=881)": the first step of the schedule at t (1-based)."""
+        i = min(range(len(self.steps)), key=lambda k: abs(self.steps[k] - t))
+        return f"step {i + 1} of {len(self.steps)} (t={t:g})"
