@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .adapters.lora import LoRAConv2d, LoRALinear
+from .nn.attention import Attention
+
 
 # ─── int8 weights ──────────────────────────────────────────────────────────────────────────────────
 
@@ -65,12 +68,14 @@ def quantize_int8(model: nn.Module, mode: str = "weight-only", min_features: int
     """Replace every nn.Linear of `model` (both sides >= min_features) by an `Int8Linear`, in place.
     Returns {"layers": n, "bytes_before": ..., "bytes_after": ...} for the replaced weights.
     The convolutions stay as they are (in SD's U-Net they hold about half of the weights)."""
+    carriers = [name for name, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAConv2d))]
+    if carriers:  # an Int8Linear has no LoRA path, and the LoRAs' own A and B are no model weights to quantize
+        raise RuntimeError(f"{carriers[0]} carries LoRAs ({len(carriers)} layers do): unload them "
+                           f"(pipe.unload_lora()) before quantizing")
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and min(m.in_features, m.out_features) >= min_features]
     before = after = 0
     for name, linear in targets:
-        if getattr(linear, "_minisd_loras", None):
-            raise RuntimeError(f"{name} carries LoRAs: fuse them (pipe.fuse_lora()) and unload, then quantize")
         q = Int8Linear(linear, mode)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
@@ -81,9 +86,7 @@ def quantize_int8(model: nn.Module, mode: str = "weight-only", min_features: int
 
 # ─── attention ─────────────────────────────────────────────────────────────────────────────────────
 
-def _attentions(model: nn.Module):
-    from .nn.attention import Attention
-
+def _attentions(model: nn.Module) -> list[Attention]:
     return [m for m in model.modules() if isinstance(m, Attention)]
 
 
@@ -133,10 +136,7 @@ class ModelOffload:
 
     def _move(self, modules: list[nn.Module], device) -> None:
         for module in modules:
-            module.to(device)
-            for layer in module.modules():  # LoRAs hang off their layers, outside the module tree
-                for lora in getattr(layer, "_minisd_loras", {}).values():
-                    lora.to(device=device)
+            module.to(device)  # with its LoRAs, which sit in the module tree
 
     def use(self, name: str) -> None:
         if name == self.active:

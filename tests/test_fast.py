@@ -61,6 +61,14 @@ def test_fusing_refuses_projections_that_carry_loras(tiny):
         pipe.fuse_qkv_projections()
 
 
+def test_int8_refuses_layers_that_carry_loras(tiny):
+    pipe = copy.deepcopy(tiny)
+    pipe.load_lora("data/tiny_star_lora")
+    with pytest.raises(RuntimeError, match=r"carries LoRAs .*unload_lora"):
+        fast.quantize_int8(pipe.unet)
+    assert not any(isinstance(m, fast.Int8Linear) for m in pipe.unet.modules())  # nothing half-quantized
+
+
 def test_attention_slicing_gives_the_same_pictures(tiny, reference):
     pipe = copy.deepcopy(tiny)
     pipe.enable_attention_slicing(7)  # 256 queries at the top level: 37 slices, the last one short
@@ -111,12 +119,14 @@ def test_model_cpu_offload_moves_one_component_at_a_time(tiny, reference):
 
 
 def test_timesteps_on_the_device_give_the_same_steps(tiny):
-    from minisd.diffusion.guidance import guided_eps
+    from minisd.diffusion import denoisers as dn
 
     cond, uncond = tiny.encode_prompt(PROMPTS)
     ts = torch.tensor([981.0, 961.0])
     z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    plain = guided_eps(tiny.unet, cond, uncond, 7.5, tiny.scheduler)
-    hoisted = guided_eps(tiny.unet, cond, uncond, 7.5, tiny.scheduler, timesteps=ts)
-    assert torch.equal(plain(z, ts[1], 0.5), hoisted(z, ts[1], 0.5))
-    assert torch.equal(plain(z, torch.tensor(3.0), 0.5), hoisted(z, torch.tensor(3.0), 0.5))  # not in the table
+    on_device = dn.timesteps_on_device(ts, cond.device)
+    assert on_device(ts[1]) is on_device(torch.tensor(961.0))  # copied once, looked up at every step
+    plain = dn.with_cfg(dn.unet_backbone(tiny.unet, lambda t: t), cond, uncond, 7.5)
+    hoisted = dn.with_cfg(dn.unet_backbone(tiny.unet, on_device), cond, uncond, 7.5)
+    assert torch.equal(plain(z, ts[1]), hoisted(z, ts[1]))
+    assert torch.equal(plain(z, torch.tensor(3.0)), hoisted(z, torch.tensor(3.0)))  # not in the table

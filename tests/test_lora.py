@@ -89,19 +89,104 @@ def test_fresh_lora_changes_nothing_and_trains_only_its_own_weights(pipe):
     z, t, ctx = inputs(pipe)
     with torch.no_grad():
         before = pipe.unet(z, t, ctx)
-    keys = list(pipe.unet.state_dict())
+    base = dict(pipe.unet.named_parameters())
+    pipe.unet.requires_grad_(False)  # frozen first: the LoRAs attached after it are trainable
     loras = L.inject({"unet": pipe.unet}, "train", rank=4)
     assert len(loras) == 4 * 2 * 16  # q, k, v, out of attn1 and attn2 in the 16 transformer blocks of SD 1.5
     with torch.no_grad():
         assert torch.equal(pipe.unet(z, t, ctx), before)
-    pipe.unet.requires_grad_(False)
     loss = pipe.unet(z, t, ctx).square().mean()
     loss.backward()
     assert all(lo.up.weight.grad is not None for lo in loras.values())
-    assert all(p.grad is None for p in pipe.unet.parameters())
-    assert list(pipe.unet.state_dict()) == keys  # the model's own names are untouched: it saves as before
+    assert all(p.grad is None for p in base.values())
     print(f"[lora] rank 4 on the attention projections: {L.parameter_count(loras):,} parameters, "
-          f"{L.parameter_count(loras) / sum(p.numel() for p in pipe.unet.parameters()):.1%} of the U-Net")
+          f"{L.parameter_count(loras) / sum(p.numel() for p in base.values()):.1%} of the U-Net")
+
+
+# ─── LoRAs in the module tree ──────────────────────────────────────────────────────────────────────
+
+def test_loras_live_in_the_module_tree(pipe):
+    """A LoRA swaps its layer for a LoRALinear holding the same Parameters; its A and B are in state_dict()
+    and follow .to(dtype); the model's own keys stay as they were (state_dict_to_save)."""
+    keys = list(pipe.unet.state_dict())
+    q = pipe.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
+    loras = L.inject({"unet": pipe.unet}, "style", rank=4)
+    layer = pipe.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
+    assert isinstance(layer, L.LoRALinear) and isinstance(layer, nn.Linear) and layer.weight is q.weight
+    sd = pipe.unet.state_dict()
+    added = [k for k in sd if k not in keys]
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.loras.0.down.weight" in added
+    assert len(added) == 2 * len(loras) and all(".loras.0." in k for k in added)
+    L.fuse({"unet": pipe.unet}, loras)
+    assert list(L.state_dict_to_save(pipe.unet)) == keys
+    L.unfuse({"unet": pipe.unet}, loras)
+    pipe.unet.to(torch.float16)
+    assert all(lo.down.weight.dtype == lo.up.weight.dtype == torch.float16 for lo in loras.values())
+    pipe.unet.to(torch.float32)
+    L.inject({"unet": pipe.unet}, "more", rank=2, targets=["to_q"])  # a second LoRA on the same layers
+    assert [lo.name for lo in layer.loras] == ["style", "more"]
+    with pytest.raises(ValueError, match="'style' is already attached"):
+        L.inject({"unet": pipe.unet}, "style", rank=2)
+
+
+def test_unload_restores_the_model_exactly(pipe):
+    before = dict(pipe.unet.named_parameters())
+    state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    types = {n: type(m) for n, m in pipe.unet.named_modules()}
+    pipe.load_lora(random_kohya(pipe, seed=6), name="a", scale=0.7)
+    pipe.load_lora(random_kohya(pipe, seed=7), name="b")
+    pipe.fuse_lora()
+    pipe.unload_lora()
+    after = pipe.unet.state_dict()
+    assert list(after) == list(state) and all(torch.equal(after[k], v) for k, v in state.items())
+    assert all(p is before[n] for n, p in pipe.unet.named_parameters())  # the very same Parameters
+    assert {n: type(m) for n, m in pipe.unet.named_modules()} == types  # plain nn.Linear / nn.Conv2d again
+    assert not any(isinstance(m, (L.LoRALinear, L.LoRAConv2d)) for m in pipe.text_encoder.modules())
+
+
+def test_saving_a_pipeline_with_loras(pipe, tmp_path):
+    """Fused LoRAs are saved inside the weights (same keys as the base model); unfused ones are refused."""
+    from minisd.pipeline import save_single_file
+
+    pipe.load_lora(random_kohya(pipe, seed=8), name="style")
+    with pytest.raises(RuntimeError, match=r"LoRAs \['style'\] are applied on the fly.*fuse_lora"):
+        pipe.save_pretrained(tmp_path / "unfused")
+    with pytest.raises(RuntimeError, match="applied on the fly"):
+        save_single_file(pipe, tmp_path / "unfused.safetensors")
+    z, t, ctx = inputs(pipe)
+    pipe.fuse_lora()
+    with torch.no_grad():
+        want = pipe.unet(z, t, ctx)
+    pipe.save_pretrained(tmp_path / "fused")
+    save_single_file(pipe, tmp_path / "fused.safetensors")
+    for source in (tmp_path / "fused", tmp_path / "fused.safetensors"):
+        saved = StableDiffusion.from_pretrained(source, device="cpu", tokenizer=pipe.tokenizer)
+        assert not any(".loras." in k for k in saved.unet.state_dict())
+        with torch.no_grad():
+            assert torch.equal(saved.unet(z, t, ctx), want)
+
+
+def test_lora_scale_must_be_finite(pipe):
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match=f"LoRA scale must be a finite number, got {bad}"):
+            pipe.load_lora(random_kohya(pipe), scale=bad)
+    assert not pipe.loras
+    pipe.load_lora(random_kohya(pipe), name="a")
+    with pytest.raises(ValueError, match="got nan"):
+        pipe.set_lora_scale("a", float("nan"))
+    assert all(lo.multiplier == 1.0 for lo in pipe.loras["a"].values())
+
+
+def test_a_unet_with_a_lora_compiles(pipe):
+    """torch.compile traces a U-Net carrying a LoRA as one graph (fullgraph=True fails on any graph break)
+    and gives the eager numbers. The "eager" backend runs what Dynamo captured without generating kernels:
+    Inductor also passes, but takes minutes on a CPU."""
+    z, t, ctx = inputs(pipe)
+    pipe.load_lora(random_kohya(pipe, seed=9, text_encoder=False), name="a", scale=0.8)
+    with torch.no_grad():
+        eager = pipe.unet(z, t, ctx)
+        compiled = torch.compile(pipe.unet, backend="eager", fullgraph=True)(z, t, ctx)
+    report("U-Net with a LoRA, compiled (Dynamo, fullgraph) vs eager", compiled, eager, 1e-6)
 
 
 # ─── parity with diffusers ─────────────────────────────────────────────────────────────────────────
@@ -227,7 +312,7 @@ def test_scales_fuse_unfuse_unload(pipe):
         report("a unloaded", pipe.unet(z, t, ctx), only_b, 1e-5)
         pipe.unload_lora()
         assert torch.equal(pipe.unet(z, t, ctx), base)
-    assert not pipe.loras and not any(hasattr(m, "_minisd_loras") for m in pipe.unet.modules())
+    assert not pipe.loras and not any(isinstance(m, (L.LoRALinear, L.LoRAConv2d)) for m in pipe.unet.modules())
     with pytest.raises(KeyError, match="no LoRA named 'x'"):
         pipe.set_lora_scale("x", 1.0)
 

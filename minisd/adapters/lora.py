@@ -9,9 +9,11 @@ B starts at zero, so a fresh LoRA changes nothing; A starts random, so gradients
 For a convolution, A is a conv with W's kernel, stride and padding and B a 1×1 conv. α is a number
 stored with the weights (kohya's `.alpha`, PEFT's `lora_alpha`); α = r means scale 1.
 
-Here a LoRA is attached to a layer with a forward hook: the model's own modules and parameter names
-stay untouched (checkpoints still save and load as before), several LoRAs can sit on one layer, each
-with its own user scale, and `fuse` folds them into W for speed (`unfuse` restores W exactly).
+Attaching a LoRA swaps its layer for a LoRALinear / LoRAConv2d: the same layer type holding the same
+weight and bias Parameters, plus the LoRAs in the module tree (state_dict, .to() and torch.compile see
+them). Several LoRAs can sit on one layer, each with its own user scale; `fuse` folds them into W for
+speed (`unfuse` restores W exactly), and detaching the last one puts a plain layer back. The model's
+checkpoint keys do not change: `state_dict_to_save` is its state_dict without the LoRAs.
 
 Files in circulation, all read by `read_lora` into one form, {module path: (A, B, α)}:
     kohya       lora_unet_down_blocks_0_…_to_q.lora_down.weight / .lora_up.weight / .alpha
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 from collections.abc import Iterable
@@ -56,8 +59,9 @@ class LoRA(nn.Module):
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))  # as PEFT and kohya
         nn.init.zeros_(self.up.weight)                                # B = 0: ΔW = 0 at the start
         self.rank, self.alpha = rank, float(alpha if alpha else rank)  # kohya: α missing or 0 means α = r
+        self.name: str | None = None  # the adapter it belongs to, set when attached ("train", a file's stem)
         self.multiplier = 1.0   # the user's scale (load_lora(scale=…), set_lora_scale)
-        self.fused = False      # folded into the layer's weight: the hook then skips it
+        self.fused = False      # folded into the layer's weight: its forward then skips it
 
     @property
     def scale(self) -> float:
@@ -73,34 +77,155 @@ class LoRA(nn.Module):
         return (delta.view(up.shape[0], *down.shape[1:]) if down.ndim == 4 else delta) * self.scale
 
 
+def check_scale(scale: float) -> float:
+    """A LoRA's user scale: any finite number (0 switches it off, a negative one subtracts it)."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"a LoRA scale must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+# ─── layers that carry LoRAs ───────────────────────────────────────────────────────────────────────
+
+class _CarriesLoRAs:
+    """What LoRALinear and LoRAConv2d add to their layer type.
+
+    `weight` and `bias` are the very Parameters of the layer they replace, under the same names, so the
+    model's checkpoint keys do not change. `loras` is a ModuleList, so state_dict(), .to(), .train() and
+    torch.compile see the LoRAs: their tensors are saved as `<layer>.loras.<i>.down.weight` and
+    `.up.weight`, i counting the layer's LoRAs in the order they were attached (a LoRA's name lives in
+    `lora.name`: names such as "train" or "my.lora" cannot be module keys). `original_weight` is W
+    before any LoRA was fused into it: a non-persistent buffer, so it follows .to() and is never saved.
+    """
+
+    loras: nn.ModuleList
+    original_weight: Tensor | None
+
+    def _adopt(self, layer: nn.Module) -> None:
+        self.weight, self.bias = layer.weight, layer.bias
+        self.loras = nn.ModuleList()
+        self.register_buffer("original_weight", None, persistent=False)
+        self.train(layer.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)  # W x + b
+        for lora in self.loras:   # + Σ multiplier · ΔW x, each LoRA in its own dtype
+            if lora.multiplier and not lora.fused:
+                out = out + lora.multiplier * lora(x.to(lora.up.weight.dtype)).to(out.dtype)
+        return out
+
+    def add(self, name: str, lora: LoRA) -> None:
+        if any(lo.name == name for lo in self.loras):
+            raise ValueError(f"a LoRA named {name!r} is already attached to this layer")
+        lora.name = name
+        self.loras.append(lora.to(device=self.weight.device))
+
+    def remove(self, name: str) -> LoRA:
+        i = next((i for i, lo in enumerate(self.loras) if lo.name == name), None)
+        if i is None:
+            raise KeyError(f"no LoRA named {name!r} on this layer; attached: {[lo.name for lo in self.loras]}")
+        lora = self.loras[i]
+        del self.loras[i]
+        return lora
+
+    def fuse(self, lora: LoRA) -> None:
+        """W ← W + multiplier · ΔW; the original W is kept, so `refold` can restore it exactly."""
+        if self.original_weight is None:
+            self.original_weight = self.weight.detach().clone()
+        with torch.no_grad():
+            self.weight += (lora.multiplier * lora.delta_weight().float()).to(self.weight.dtype)
+        lora.fused = True
+
+    def refold(self) -> None:
+        """W ← original W + the LoRAs still marked fused: bit for bit the original W when none is."""
+        with torch.no_grad():
+            self.weight.copy_(self.original_weight)
+            for lora in self.loras:  # LoRAs of other adapters stay folded in
+                if lora.fused:
+                    self.weight += (lora.multiplier * lora.delta_weight().float()).to(self.weight.dtype)
+        if not any(lo.fused for lo in self.loras):
+            self.original_weight = None
+
+
+class LoRALinear(_CarriesLoRAs, nn.Linear):
+    """An nn.Linear with LoRAs: y = W x + b + Σ multiplier · (α/r) B A x."""
+
+    def __init__(self, layer: nn.Linear):
+        # built on the meta device, then given `layer`'s own weight and bias: nothing is allocated or copied
+        super().__init__(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
+        self._adopt(layer)
+
+    def plain(self) -> nn.Linear:
+        """An nn.Linear with the same weight and bias Parameters, and no LoRAs."""
+        layer = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
+        layer.weight, layer.bias = self.weight, self.bias
+        return layer.train(self.training)
+
+
+def _conv_args(conv: nn.Conv2d) -> tuple:
+    return (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, conv.padding_mode)
+
+
+class LoRAConv2d(_CarriesLoRAs, nn.Conv2d):
+    """An nn.Conv2d with LoRAs: y = W ⋆ x + b + Σ multiplier · (α/r) B ⋆ (A ⋆ x), B a 1×1 convolution."""
+
+    def __init__(self, layer: nn.Conv2d):
+        super().__init__(*_conv_args(layer), device="meta")
+        self._adopt(layer)
+
+    def plain(self) -> nn.Conv2d:
+        """An nn.Conv2d with the same weight and bias Parameters, and no LoRAs."""
+        layer = nn.Conv2d(*_conv_args(self), device="meta")
+        layer.weight, layer.bias = self.weight, self.bias
+        return layer.train(self.training)
+
+
 # ─── attaching LoRAs to a model ────────────────────────────────────────────────────────────────────
 
-def _hook(layer: nn.Module, args: tuple, out: Tensor) -> Tensor:
-    x = args[0]
-    for lora in layer._minisd_loras.values():
-        if lora.multiplier and not lora.fused:
-            out = out + lora.multiplier * lora(x.to(lora.up.weight.dtype)).to(out.dtype)
-    return out
+def _layer(roots: dict[str, nn.Module], path: str) -> nn.Module:
+    root, _, rest = path.partition(".")
+    return roots[root].get_submodule(rest)
 
 
-def attach(layer: nn.Module, name: str, lora: LoRA) -> None:
-    """Add `lora` to `layer` under `name`; the layer's output becomes W x + Σ multiplier · ΔW x."""
-    if not hasattr(layer, "_minisd_loras"):
-        layer._minisd_loras = {}  # a plain dict, not a submodule: the layer's state_dict is unchanged
-        layer._minisd_lora_hook = layer.register_forward_hook(_hook)
-    if name in layer._minisd_loras:
-        raise ValueError(f"a LoRA named {name!r} is already attached to this layer")
-    layer._minisd_loras[name] = lora.to(device=layer.weight.device)
+def _swap(roots: dict[str, nn.Module], path: str, layer: nn.Module) -> None:
+    """Put `layer` at `path` ("unet.….to_q") in place of the module there (minisd's own models only)."""
+    root, _, rest = path.partition(".")
+    parent, _, child = rest.rpartition(".")
+    setattr(roots[root].get_submodule(parent), child, layer)
 
 
-def detach(layer: nn.Module, name: str) -> None:
-    loras = getattr(layer, "_minisd_loras", {})
-    lora = loras.pop(name, None)
-    if lora is not None and lora.fused:
+def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, layer) for every Linear and Conv2d of `model` a LoRA can adapt: not the LoRAs' own A and B."""
+    inside = {id(m) for lora in model.modules() if isinstance(lora, LoRA) for m in lora.modules()}
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in inside]
+
+
+def attach(roots: dict[str, nn.Module], name: str, loras: dict[str, LoRA]) -> None:
+    """Add each LoRA to its layer ({module path: LoRA}) under `name`. The first LoRA of a layer swaps it
+    for a LoRALinear / LoRAConv2d holding the same Parameters; its output becomes W x + Σ multiplier · ΔW x."""
+    layers = {path: _layer(roots, path) for path in loras}
+    taken = [p for p, layer in layers.items()
+             if isinstance(layer, _CarriesLoRAs) and any(lo.name == name for lo in layer.loras)]
+    if taken:
+        raise ValueError(f"a LoRA named {name!r} is already attached to {len(taken)} of these layers, e.g. {taken[0]}")
+    for path, lora in loras.items():
+        layer = layers[path]
+        if not isinstance(layer, _CarriesLoRAs):
+            layer = LoRALinear(layer) if isinstance(layer, nn.Linear) else LoRAConv2d(layer)
+            _swap(roots, path, layer)
+        layer.add(name, lora)
+
+
+def detach(roots: dict[str, nn.Module], name: str, loras: dict[str, LoRA]) -> None:
+    """Take these LoRAs (attached under `name`) off their layers; a layer left with none is swapped back
+    for a plain nn.Linear / nn.Conv2d with the same Parameters: the model is as it was before `attach`."""
+    if any(lo.fused for lo in loras.values()):
         raise RuntimeError("unfuse LoRAs before removing them")
-    if not loras and hasattr(layer, "_minisd_lora_hook"):
-        layer._minisd_lora_hook.remove()
-        del layer._minisd_loras, layer._minisd_lora_hook
+    for path in loras:
+        layer = _layer(roots, path)
+        layer.remove(name)
+        if not layer.loras:
+            _swap(roots, path, layer.plain())
 
 
 def inject(roots: dict[str, nn.Module], name: str, rank: int, alpha: float | None = None,
@@ -108,50 +233,41 @@ def inject(roots: dict[str, nn.Module], name: str, rank: int, alpha: float | Non
     """Fresh LoRAs on every layer of `roots[root]` whose name ends with one of `targets`
     (e.g. "to_q", "to_out.0", "proj_in", "ff.net.2", "q_proj"): {module path: LoRA}, ready to train."""
     targets = tuple(targets)
-    out = {}
-    for path, layer in roots[root].named_modules():
-        if isinstance(layer, (nn.Linear, nn.Conv2d)) and any(path == t or path.endswith("." + t) for t in targets):
-            lora = LoRA(layer, rank, alpha).to(layer.weight.device)
-            attach(layer, name, lora)
-            out[f"{root}.{path}"] = lora
+    out = {f"{root}.{path}": LoRA(layer, rank, alpha).to(layer.weight.device) for path, layer in _layers(roots[root])
+           if any(path == t or path.endswith("." + t) for t in targets)}
     if not out:
         raise ValueError(f"no Linear/Conv2d layer of {root} ends with any of {targets}")
+    attach(roots, name, out)
     return out
 
 
 def fuse(roots: dict[str, nn.Module], loras: dict[str, LoRA]) -> None:
     """W ← W + multiplier · ΔW for each LoRA (the original W is kept, so unfuse is exact)."""
     for path, lora in loras.items():
-        if lora.fused:
-            continue
-        layer = _layer(roots, path)
-        if not hasattr(layer, "_minisd_original_weight"):
-            layer._minisd_original_weight = layer.weight.detach().clone()
-        with torch.no_grad():
-            layer.weight += (lora.multiplier * lora.delta_weight().float()).to(layer.weight.dtype)
-        lora.fused = True
+        if not lora.fused:
+            _layer(roots, path).fuse(lora)
 
 
 def unfuse(roots: dict[str, nn.Module], loras: dict[str, LoRA]) -> None:
     """Undo `fuse` for these LoRAs: W back to its original values, bit for bit when all are unfused."""
-    layers = {}
-    for path, lora in loras.items():
-        if lora.fused:
-            lora.fused = False
-            layers[path] = _layer(roots, path)
-    for layer in layers.values():
-        with torch.no_grad():
-            layer.weight.copy_(layer._minisd_original_weight)
-            for other in layer._minisd_loras.values():  # LoRAs of other adapters stay folded in
-                if other.fused:
-                    layer.weight += (other.multiplier * other.delta_weight().float()).to(layer.weight.dtype)
-        if not any(o.fused for o in layer._minisd_loras.values()):
-            del layer._minisd_original_weight
+    paths = [path for path, lora in loras.items() if lora.fused]
+    for path in paths:
+        loras[path].fused = False
+    for path in paths:
+        _layer(roots, path).refold()
 
 
-def _layer(roots: dict[str, nn.Module], path: str) -> nn.Module:
-    root, _, rest = path.partition(".")
-    return roots[root].get_submodule(rest)
+def state_dict_to_save(model: nn.Module) -> dict[str, Tensor]:
+    """What a saved model holds: `model.state_dict()` without the LoRAs' tensors (the keys it had before
+    any LoRA was attached), fused LoRAs inside the weights. A LoRA still applied on the fly would be
+    lost: RuntimeError."""
+    carriers = [(p, m) for p, m in model.named_modules() if isinstance(m, _CarriesLoRAs)]
+    unfused = sorted({lo.name for _, m in carriers for lo in m.loras if not lo.fused})
+    if unfused:
+        raise RuntimeError(f"LoRAs {unfused} are applied on the fly and would not be saved: fuse them into the "
+                           f"weights first (pipe.fuse_lora()), or unload them (pipe.unload_lora())")
+    lora_keys = tuple(f"{p}.loras." if p else "loras." for p, _ in carriers)
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(lora_keys)}
 
 
 # ─── reading the files people have ─────────────────────────────────────────────────────────────────
@@ -191,7 +307,7 @@ def _kohya_names(roots: dict[str, nn.Module]) -> dict[str, str]:
     names = {}
     unet = roots.get("unet")
     if unet is not None:
-        paths = [p for p, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        paths = [p for p, _ in _layers(unet)]
         for p in paths:
             names["lora_unet_" + p.replace(".", "_")] = "unet." + p
         if hasattr(unet, "config"):  # SD1 LoRAs made with LDM names: input_blocks_4_1_transformer_blocks_…
@@ -200,10 +316,9 @@ def _kohya_names(roots: dict[str, nn.Module]) -> dict[str, str]:
                 names["lora_unet_" + key.removesuffix(".weight").replace(".", "_")] = "unet." + p
     te = roots.get("text_encoder")
     if te is not None:
-        for p, m in te.named_modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                names["lora_te_" + p.replace(".", "_")] = "text_encoder." + p
-                names["lora_te_" + p.removeprefix("text_model.").replace(".", "_")] = "text_encoder." + p
+        for p, _ in _layers(te):
+            names["lora_te_" + p.replace(".", "_")] = "text_encoder." + p
+            names["lora_te_" + p.removeprefix("text_model.").replace(".", "_")] = "text_encoder." + p
     return names
 
 
@@ -265,14 +380,12 @@ def read_lora(source: str | os.PathLike | dict, roots: dict[str, nn.Module]) -> 
             target = f"{root}.{module}"
         parts.setdefault(target, {})[role] = value
 
+    adaptable = {f"{r}.{path}": m for r, model in roots.items() if model is not None for path, m in _layers(model)}
     out, problems = {}, []
     for target, p in parts.items():
         root = target.partition(".")[0]
-        try:
-            layer = _layer(roots, target) if root in roots else None
-        except AttributeError:
-            layer = None
-        if not isinstance(layer, (nn.Linear, nn.Conv2d)) or "down" not in p or "up" not in p:
+        layer = adaptable.get(target)
+        if layer is None or "down" not in p or "up" not in p:
             unplaced += [f"{target} ({', '.join(sorted(p))})"]
             continue
         down, up = p["down"], p["up"]
@@ -370,5 +483,5 @@ def parameter_count(loras: dict[str, LoRA]) -> int:
     return sum(p.numel() for lora in loras.values() for p in lora.parameters())
 
 
-__all__ = ["LoRA", "ATTENTION_TARGETS", "attach", "detach", "inject", "fuse", "unfuse", "read_lora", "build",
-           "lora_state_dict", "save_lora", "parameter_count"]
+__all__ = ["LoRA", "LoRALinear", "LoRAConv2d", "ATTENTION_TARGETS", "attach", "detach", "inject", "fuse", "unfuse",
+           "state_dict_to_save", "check_scale", "read_lora", "build", "lora_state_dict", "save_lora", "parameter_count"]

@@ -83,10 +83,14 @@ class Attention(nn.Module):
         """One matmul instead of three: W_qkv = [W_q; W_k; W_v] (self-attention), or [W_k; W_v] for
         cross-attention, whose q reads the image and k, v the text. A snapshot of the weights, kept as
         non-persistent buffers, so state_dict() and saved files do not change; `unfuse_projections`."""
-        projections = (self.to_k, self.to_v) if self.is_cross else (self.to_q, self.to_k, self.to_v)
-        if any(getattr(p, "_minisd_loras", None) for p in projections):
-            raise RuntimeError("LoRAs are attached to the q/k/v projections: fuse the QKV projections before "
-                               "loading LoRAs, or unload them first")
+        names = ("to_k", "to_v") if self.is_cross else ("to_q", "to_k", "to_v")
+        projections = [getattr(self, n) for n in names]
+        # the fused path reads the weights and skips the projections' own forward: plain nn.Linear only
+        # (a LoRA swaps in a LoRALinear, int8 quantization an Int8Linear)
+        for n, p in zip(names, projections):
+            if type(p) is not nn.Linear:
+                raise RuntimeError(f"{n} is a {type(p).__name__}, not a plain nn.Linear (LoRAs are attached, or it "
+                                   f"is quantized): fuse the QKV projections first, or unload the LoRAs")
         with torch.no_grad():
             weight = torch.cat([p.weight for p in projections])
             bias = torch.cat([p.bias for p in projections]) if self.to_q.bias is not None else None
