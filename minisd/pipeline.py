@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import fast
+from . import families, fast
 from .formats import weights
 from .adapters import lora as lora_lib
 from .adapters import textual_inversion
 from .models.configs import ModelConfig
-from .adapters.controlnet import ControlOptions
+from .adapters.controlnet import ControlNet, ControlOptions, load_controlnet
 from .generate import generate
 from .diffusion.schedules import SchedulerConfig
 from .models.text_encoder import TextEncoder
@@ -84,6 +84,27 @@ class StableDiffusion:
     def image_size(self) -> int:
         return self.config.image_size
 
+    # ─── parts by role (minisd.families): what generation and the adapters rely on, whatever the family ──────
+    family = "sd1"
+
+    @property
+    def backbone(self) -> UNet:
+        """The denoiser network: ε̂ (or v̂) = backbone(z_t, t, context). SD 1.x/2.x: the U-Net."""
+        return self.unet
+
+    @property
+    def autoencoder(self) -> AutoencoderKL:
+        return self.vae
+
+    @property
+    def text_encoders(self) -> list[TextEncoder]:
+        """The text encoders, in the order their outputs are joined (SD 1.x: one)."""
+        return [self.text_encoder]
+
+    @property
+    def tokenizers(self) -> list[Tokenizer]:
+        return [self.tokenizer]
+
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> StableDiffusion:
         if device is not None:
             self.disable_model_cpu_offload()
@@ -135,10 +156,14 @@ class StableDiffusion:
             raise FileNotFoundError(f"{source_str!r} is neither a file, a folder, nor a Hugging Face repo id "
                                     f"(owner/name); use 'tiny' for the shipped shapes-world model")
         if path.is_dir():
-            parts = weights.read_diffusers_folder(path, variant)
+            family = families.family_of_folder(path)
+            families.check_generates(family, path)
+            parts = family.read_folder(path, variant)
         else:
-            parts = weights.convert_single_file(weights.read_state_dict(path), str(path),
-                                                weights.read_metadata(path))
+            state_dict = weights.read_state_dict(path)
+            family = families.family_of_state_dict(state_dict)
+            families.check_generates(family, path)
+            parts = family.read_single_file(state_dict, str(path), weights.read_metadata(path))
         if isinstance(tokenizer, Tokenizer):
             tok = tokenizer
         elif tokenizer is not None:
@@ -298,8 +323,6 @@ class StableDiffusion:
         .pth/.safetensors, a Hub id, or a `ControlNet` object. Every later generation call then takes
         control_image=…, controlnet_scale, control_start/control_end and guess_mode; with several
         ControlNets, control_image (and controlnet_scale) are lists, one entry per ControlNet."""
-        from .adapters.controlnet import ControlNet, load_controlnet
-
         cn = source if isinstance(source, ControlNet) else load_controlnet(source, self.unet)
         if cn.config.unet.block_out_channels != self.unet.config.block_out_channels:
             raise ValueError(f"this ControlNet was made for U-Net widths {cn.config.unet.block_out_channels}, "

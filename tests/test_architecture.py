@@ -17,7 +17,7 @@ LAYERS = [
     ("models",),
     ("formats",),
     ("adapters",),
-    ("images", "canny", "viz", "fast", "metrics", "generate", "pipeline", "sds"),
+    ("images", "canny", "viz", "fast", "metrics", "families", "generate", "pipeline", "sds"),
     ("shapes",),
     ("cli", "__main__"),
 ]

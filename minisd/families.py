@@ -1,0 +1,67 @@
+"""Model families: which networks a checkpoint holds, recognised from its files, and what reads them.
+
+A family is one entry in `FAMILIES`: how to recognise its diffusers folder (model_index.json) and its single
+file (its keys), the readers that turn either into its parts by role (text encoders and tokenizers, the
+denoiser backbone, the autoencoder, the scheduler config), and whether `StableDiffusion` generates with it.
+`StableDiffusion.from_pretrained` asks `family_of_folder` / `family_of_state_dict` first and reads with what
+the family names — so a new family (a transformer backbone, a video U-Net) is a new entry and new modules
+beside SD 1.x, not flags inside it.
+
+SD 1.x and 2.x are one family (the same classes at other sizes and prediction types). SDXL's networks, its
+folders and its single files read exactly (minisd.formats.sdxl, tests/test_sdxl.py); generating with SDXL
+is not wired into the pipeline yet, and loading one says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .formats import sdxl, weights
+from .formats.weights import StateDict, WeightsError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str                                   # short id: "sd1", "sdxl"
+    title: str                                  # what error messages call it
+    folder_test: Callable[[dict], bool]         # model_index.json -> is this family's folder
+    file_test: Callable[[StateDict], bool]      # single-file state dict -> is this family's file
+    read_folder: Callable[[Path, str | None], object]
+    read_single_file: Callable[..., object]
+    generates: bool                             # StableDiffusion can generate with it
+
+
+def _is_sdxl_index(index: dict) -> bool:
+    return "StableDiffusionXL" in str(index.get("_class_name", "")) or "text_encoder_2" in index
+
+
+def _is_sdxl_file(sd: StateDict) -> bool:
+    return any(k.startswith("conditioner.embedders.") for k in sd)
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("sdxl", "SDXL model", _is_sdxl_index, _is_sdxl_file, sdxl.read_sdxl_folder, sdxl.convert_sdxl_single_file,
+           generates=False),
+    # checked last: everything that is not another family's is read as SD 1.x/2.x (whose readers say what is wrong)
+    Family("sd1", "Stable Diffusion 1.x/2.x model", lambda index: True, lambda sd: True,
+           weights.read_diffusers_folder, weights.convert_single_file, generates=True),
+)}
+
+
+def family_of_folder(folder: Path) -> Family:
+    index_path = folder / "model_index.json"
+    index = weights.read_json(index_path, "model_index.json") if index_path.is_file() else {}
+    return next(f for f in FAMILIES.values() if f.folder_test(index))
+
+
+def family_of_state_dict(sd: StateDict) -> Family:
+    return next(f for f in FAMILIES.values() if f.file_test(sd))
+
+
+def check_generates(family: Family, source: str | Path) -> None:
+    if not family.generates:
+        raise WeightsError(f"{source} is an {family.title}: its networks read with minisd.formats."
+                           f"{family.name} (exact to diffusers), but the pipeline does not generate with "
+                           f"{family.title}s yet; minisd generates with Stable Diffusion 1.x and 2.x")
