@@ -11,6 +11,7 @@ from .models.configs import SD15, TINY, ModelConfig
 from .adapters.controlnet import ControlNet, ControlNetConfig
 from .adapters.lora import LoRA
 from .pipeline import StableDiffusion, save_single_file
+from .pipeline_xl import StableDiffusionXL
 from .diffusion.schedules import SchedulerConfig
 from .models.text_encoder import TextEncoder, TextEncoderConfig
 from .models.tokenizer import Tokenizer
@@ -20,6 +21,6 @@ from .formats.weights import WeightsError
 
 __version__ = "0.1.0"
 
-__all__ = ["SD15", "TINY", "AutoencoderKL", "ControlNet", "ControlNetConfig", "LoRA", "ModelConfig", "SchedulerConfig", "StableDiffusion", "TextEncoder",
+__all__ = ["SD15", "TINY", "AutoencoderKL", "ControlNet", "ControlNetConfig", "LoRA", "ModelConfig", "SchedulerConfig", "StableDiffusion", "StableDiffusionXL", "TextEncoder",
            "TextEncoderConfig", "Tokenizer", "UNet", "UNetConfig", "VAEConfig", "WeightsError", "attention",
            "canny", "capture_attention", "save_single_file"]

@@ -35,7 +35,7 @@ from PIL import Image, PngImagePlugin
 
 from . import __version__
 from .canny import canny
-from .diffusion.samplers import SAMPLERS, get_sampler
+from .diffusion.samplers import FLOW_SAMPLERS, SAMPLERS, get_sampler
 from .formats.files import atomic_write
 from .pipeline import StableDiffusion
 from .shapes import analyser, train
@@ -47,7 +47,7 @@ FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 SAVE_OPTIONS = {"PNG": {}, "JPEG": {"quality": 95}, "WEBP": {"lossless": True}}
 EXIF_IFD, USER_COMMENT = 0x8769, 0x9286  # the Exif sub-IFD and its UserComment tag (EXIF 2.3, table 7)
 UNICODE_PREFIX = b"UNICODE\0"            # UserComment's character code: UTF-16 big-endian follows (as piexif writes)
-SAMPLER_LABELS = {name: s.label for name, s in SAMPLERS.items()}  # "euler_a" -> "Euler a", as A1111 writes it
+SAMPLER_LABELS = {name: s.label for name, s in {**SAMPLERS, **FLOW_SAMPLERS}.items()}  # "euler_a" -> "Euler a", as A1111 writes it
 
 # Settings that a flag, a picture's metadata or this default fills, in that order (`--from`).
 DEFAULTS = {"prompt": None, "negative": None, "steps": 25, "cfg": 7.5, "seed": None, "sampler": "ddim",
@@ -532,7 +532,7 @@ def add_generation_args(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--seed", type=SEED, default=None,
                    help="random seed; image i of -n uses seed+i (default, or -1: a random one, recorded)")
     p.add_argument("--sampler", type=sampler_name, default=None,
-                   help=f"one of: {', '.join(SAMPLERS)} (default {d['sampler']})")
+                   help=f"one of: {', '.join(SAMPLER_LABELS)} (default {d['sampler']})")
     p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
                    help="Karras sigma spacing (euler, euler_a, heun, lms, dpmpp_2m)")
     p.add_argument("--eta", type=UNIT, default=None, help="DDIM stochasticity, 0..1 (default 0)")

@@ -8,8 +8,8 @@ the family names — so a new family (a transformer backbone, a video U-Net) is 
 beside SD 1.x, not flags inside it.
 
 SD 1.x and 2.x are one family (the same classes at other sizes and prediction types). SDXL's networks, its
-folders and its single files read exactly (minisd.formats.sdxl, tests/test_sdxl.py); generating with SDXL
-is not wired into the pipeline yet, and loading one says so.
+folders and its single files read exactly (minisd.formats.sdxl, tests/test_sdxl.py), and `from_pretrained`
+returns its pipeline, `pipeline_xl.StableDiffusionXL` (tests/test_sdxl_pipeline.py).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .formats import sdxl, weights
 from .formats.weights import StateDict, WeightsError
+from .models.configs import SDXLConfig
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,15 @@ def _is_sdxl_file(sd: StateDict) -> bool:
     return any(k.startswith("conditioner.embedders.") for k in sd)
 
 
+def _read_sdxl_file(sd: StateDict, source: str, metadata: dict[str, str]) -> sdxl.SDXLComponents:
+    """A single file's networks: the configs minisd saved in its metadata (any size), else SDXL 1.0's presets."""
+    saved = metadata.get("minisd_config")
+    return sdxl.convert_sdxl_single_file(sd, source, SDXLConfig.from_json(saved) if saved else None)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("sdxl", "SDXL model", _is_sdxl_index, _is_sdxl_file, sdxl.read_sdxl_folder, sdxl.convert_sdxl_single_file,
-           generates=False),
+    Family("sdxl", "SDXL model", _is_sdxl_index, _is_sdxl_file, sdxl.read_sdxl_folder, _read_sdxl_file,
+           generates=True),
     # checked last: everything that is not another family's is read as SD 1.x/2.x (whose readers say what is wrong)
     Family("sd1", "Stable Diffusion 1.x/2.x model", lambda index: True, lambda sd: True,
            weights.read_diffusers_folder, weights.convert_single_file, generates=True),

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from .pipeline import StableDiffusion
 
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
+MASKED_CONTENT = ("fill", "original")  # what inpainting noises inside the mask: AUTOMATIC1111's "masked content"
+DIFFUSERS_INPAINT = dict(strength=1.0, keep_unmasked=False, masked_content="original")  # StableDiffusionInpaintPipeline
 
 
 @torch.inference_mode()
@@ -42,40 +44,55 @@ def generate(pipe: StableDiffusion, prompt: str | list[str], *, negative_prompt:
              seed: int | None = None, generator: torch.Generator | None = None, latents: Tensor | None = None,
              num_images_per_prompt: int = 1, callback=None, output_type: str = "pil", clip_skip: int = 0,
              image: ImageInput | None = None, strength: float = 1.0, mask_image: ImageInput | None = None,
-             keep_unmasked: bool = False, control: ControlOptions | None = None):
-    """See `StableDiffusion.__call__`, `.img2img` and `.inpaint`."""
+             keep_unmasked: bool = False, masked_content: str = "original", mask_blur: float = 0.0,
+             control: ControlOptions | None = None,
+             encoded: tuple[Tensor, Tensor | None] | None = None, added: dict[str, Tensor] | None = None,
+             denoising_start: float | None = None, denoising_end: float | None = None, upcast_vae: bool = False,
+             guidance_rescale: float = 0.0):
+    """See `StableDiffusion.__call__`, `.img2img` and `.inpaint`. A family whose backbone reads more than the
+    context (SDXL, `pipeline_xl`) passes its prompt `encoded` as (cond, uncond) and the `added` conditions
+    (see `denoisers.unet_backbone`); `denoising_end`/`denoising_start` split one schedule between two models
+    (see `split_schedule`); `upcast_vae` decodes in float32 whatever the VAE's dtype."""
     x_image = image_to_tensor(image, height, width) if image is not None else None
     if x_image is not None:
         height, width = x_image.shape[-2:]
     height, width = height or pipe.image_size, width or pipe.image_size
     check_arguments(sampler, output_type, num_inference_steps, height, width, strength, guidance_scale, eta,
                     mask_image is not None, x_image is not None, keep_unmasked)
+    check_inpaint_options(masked_content, mask_blur)
+    _number("guidance_rescale", guidance_rescale, 0.0, "a finite number in [0, 1]")
+    if guidance_rescale > 1.0:
+        raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
     if generator is None and seed is not None:
         generator = torch.Generator("cpu").manual_seed(seed)
 
-    cond, uncond = encode(pipe, prompt, negative_prompt, guidance_scale, num_images_per_prompt, clip_skip)
+    cond, uncond = encoded if encoded is not None else \
+        encode(pipe, prompt, negative_prompt, guidance_scale, num_images_per_prompt, clip_skip)
     schedule = start_schedule(pipe, sampler, num_inference_steps, karras, strength if x_image is not None else None)
+    schedule = split_schedule(schedule, pipe.scheduler.num_train_timesteps, denoising_start, denoising_end)
     f = pipe.vae.config.downsampling
     shape = (cond.shape[0], pipe.unet.config.out_channels, height // f, width // f)
-    if x_image is None:
+    if denoising_start is not None:
+        start = handoff_start(pipe, shape, latents)
+    elif x_image is None:
         start = txt2img_start(pipe, schedule, shape, latents, generator)
     elif mask_image is None:
         start = img2img_start(pipe, sampler, schedule, shape, x_image, generator)
     else:
-        start = inpaint_start(pipe, sampler, schedule, shape, x_image, mask_image, strength, latents, generator)
+        start = inpaint_start(pipe, sampler, schedule, shape, x_image, mask_image, strength, latents, generator,
+                              masked_content)
 
     check = dn.FiniteCheck(pipe.nan_check, schedule.timesteps)
-    denoiser = build_denoiser(pipe, cond, uncond, guidance_scale, schedule, start, control, (height, width), check)
+    denoiser = build_denoiser(pipe, cond, uncond, guidance_scale, schedule, start, control, (height, width), check,
+                              added, guidance_rescale)
     z = sample(pipe, sampler, denoiser, start, schedule, eta, generator, callback)
     check.flush()
 
     if output_type == "latent":
         return z
-    images = decode_latents(pipe, z)
+    images = decode_latents(pipe, z, upcast_vae)
     if keep_unmasked:  # the VAE's round trip changes every pixel a little: paste the original back outside the mask
-        B = len(images)
-        m = per_picture(start.mask, B, "mask_image").to(images.device, images.dtype)
-        images = m * images + (1 - m) * (per_picture(x_image, B, "image").to(images.device, images.dtype) / 2 + 0.5)
+        images = paste_back(images, x_image, start.mask, mask_blur)
     return images if output_type == "pt" else to_pil(images)
 
 
@@ -107,6 +124,12 @@ def check_arguments(sampler: str, output_type: str, steps: int, height: int, wid
         raise ValueError("keep_unmasked pastes the image back outside the mask: it needs a mask_image")
 
 
+def check_inpaint_options(masked_content: str, mask_blur: float) -> None:
+    if masked_content not in MASKED_CONTENT:
+        raise ValueError(f"masked_content must be one of {', '.join(map(repr, MASKED_CONTENT))}, got {masked_content!r}")
+    _number("mask_blur", mask_blur, 0.0, "a finite number of pixels >= 0")
+
+
 # ─── 2. the prompt ─────────────────────────────────────────────────────────────────────────────────
 
 def encode(pipe: StableDiffusion, prompt, negative_prompt, guidance_scale: float, num_images_per_prompt: int,
@@ -135,6 +158,31 @@ def start_schedule(pipe: StableDiffusion, sampler: str, steps: int, karras: bool
     return samplers.truncate(schedule, steps - init_steps)
 
 
+def _fraction(name: str, value: float | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1):
+        raise ValueError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
+
+
+def split_schedule(schedule: samplers.Schedule, N: int, start: float | None, end: float | None) -> samplers.Schedule:
+    """One schedule shared by two models (SDXL's base and refiner, Podell et al. 2023, §2.5), cut at the
+    training timestep t_cut = round((1 − fraction)·N) as diffusers cuts it: `end` keeps the steps with
+    t ≥ t_cut (the base; its latents come out part-way, still noisy), `start` the steps with t < t_cut
+    (the refiner, which takes those latents as they are)."""
+    _fraction("denoising_start", start)
+    _fraction("denoising_end", end)
+    t = schedule.timesteps
+    if end is not None:
+        n = int((t >= int(round(N - end * N))).sum())
+        sigmas = schedule.sigmas[:n + 1] if schedule.sigmas is not None else None  # σ after the last step kept
+        schedule = samplers.Schedule(t[:n], sigmas, schedule.alphas_cumprod, schedule.step_ratio,
+                                     schedule.init_sigma, schedule.final_alpha)
+    if start is not None:
+        schedule = samplers.truncate(schedule, len(schedule.timesteps) - int((t < int(round(N - start * N))).sum()))
+    if len(schedule.timesteps) == 0:
+        raise ValueError(f"denoising_start={start} and denoising_end={end} leave no step of {len(t)} to run")
+    return schedule
+
+
 # ─── 4. the initial latents ────────────────────────────────────────────────────────────────────────
 
 @dataclass
@@ -157,6 +205,16 @@ def txt2img_start(pipe: StableDiffusion, schedule: samplers.Schedule, shape: tup
     return Start(latents.to(pipe.device, pipe.dtype) * schedule.init_sigma)
 
 
+def handoff_start(pipe: StableDiffusion, shape: tuple[int, ...], latents: Tensor | None) -> Start:
+    """The latents another model left part-way (its output_type="latent" with denoising_end), taken as
+    they are: they are already in the sampler's space at the first step kept."""
+    if latents is None or tuple(latents.shape) != shape:
+        got = None if latents is None else tuple(latents.shape)
+        raise ValueError(f"denoising_start continues from latents of shape {shape} (the output_type='latent' of "
+                         f"a run with denoising_end), got {got}")
+    return Start(latents.to(pipe.device, pipe.dtype))
+
+
 def img2img_start(pipe: StableDiffusion, sampler: str, schedule: samplers.Schedule, shape: tuple[int, ...],
                   x_image: Tensor, generator: torch.Generator | None) -> Start:
     """The image's latents, noised to the first step."""
@@ -167,9 +225,12 @@ def img2img_start(pipe: StableDiffusion, sampler: str, schedule: samplers.Schedu
 
 def inpaint_start(pipe: StableDiffusion, sampler: str, schedule: samplers.Schedule, shape: tuple[int, ...],
                   x_image: Tensor, mask_image: ImageInput, strength: float, latents: Tensor | None,
-                  generator: torch.Generator | None) -> Start:
+                  generator: torch.Generator | None, masked_content: str = "original") -> Start:
     """A 9-channel inpainting U-Net sees the mask and the masked image's latents as extra channels; a
-    standard U-Net gets the (noised) known latents pasted back outside the mask after each step."""
+    standard U-Net gets the (noised) known latents pasted back outside the mask after each step.
+    masked_content "fill": the latents noised (strength < 1) and pasted back are those of the picture with
+    the masked area filled from its surroundings (`fill_masked`), so the repainted area starts from the
+    picture's background, not from what it repaints; "original": those of the picture itself (diffusers)."""
     B, h, w = shape[0], shape[2], shape[3]
     device, dtype = pipe.device, pipe.dtype
     in_channels = pipe.unet.config.in_channels
@@ -180,7 +241,8 @@ def inpaint_start(pipe: StableDiffusion, sampler: str, schedule: samplers.Schedu
         raise ValueError(f"{len(x_image)} images and {len(mask)} masks: give as many masks as images, or one of either")
     masked = x_image * (mask < 0.5)
     nine_channels = in_channels == 9
-    z0 = per_picture(encode_image(pipe, x_image, generator), B, "image") if not nine_channels or strength < 1.0 else None
+    x_start = fill_masked(x_image, mask) if masked_content == "fill" else x_image
+    z0 = per_picture(encode_image(pipe, x_start, generator), B, "image") if not nine_channels or strength < 1.0 else None
     noise = latents.to(device, dtype) if latents is not None else randn(shape, generator, device, dtype)
     z = noise * schedule.init_sigma if strength >= 1.0 else samplers.add_noise(sampler, z0, noise, schedule, 0)
     mask_latent = per_picture(F.interpolate(mask, size=(h, w)).to(device, dtype), B, "mask_image")
@@ -197,13 +259,51 @@ def inpaint_start(pipe: StableDiffusion, sampler: str, schedule: samplers.Schedu
     return Start(z, blend=blend, mask=mask)
 
 
+def fill_masked(x: Tensor, mask: Tensor) -> Tensor:
+    """The pictures x (n, 3, H, W) with the area where mask (n or 1, 1, H, W) is white replaced by the colours
+    around it (AUTOMATIC1111's "masked content: fill"). A pixel of the area takes the mean of the known pixels
+    in the finest cell of a 1×1, 2×2, 4×4, … grid (bilinearly spread) holding enough of them: the nearest
+    surroundings' colour; gray (0) where nothing is known."""
+    known = (mask < 0.5).to(x.dtype)
+    H, W = x.shape[-2:]
+    filled = torch.zeros_like(x * known)
+    cells = 1
+    while cells <= min(H, W):
+        spread = lambda a: F.interpolate(F.adaptive_avg_pool2d(a, cells), size=(H, W), mode="bilinear")  # noqa: E731
+        weight, total = spread(known), spread(x * known)
+        filled = torch.where(weight > 0.05, total / weight.clamp_min(1e-6), filled)  # 5%: enough known pixels
+        cells *= 2
+    return known * x + (1 - known) * filled
+
+
+def feather(mask: Tensor, sigma: float) -> Tensor:
+    """The (n, 1, H, W) mask blurred by a Gaussian of `sigma` px (0: as it is), so that a seam does not show."""
+    if sigma <= 0:
+        return mask
+    r = math.ceil(3 * sigma)
+    k = torch.exp(-torch.arange(-r, r + 1, dtype=mask.dtype, device=mask.device) ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    m = F.conv2d(F.pad(mask, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(m, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+
+
+def paste_back(images: Tensor, x_image: Tensor, mask: Tensor, mask_blur: float) -> Tensor:
+    """The original pixels outside the mask over the decoded images (B, 3, H, W) in [0, 1], across a seam
+    feathered by `mask_blur` px, as AUTOMATIC1111 does."""
+    B = len(images)
+    m = feather(per_picture(mask, B, "mask_image").to(images.device, images.dtype), mask_blur)
+    return m * images + (1 - m) * (per_picture(x_image, B, "image").to(images.device, images.dtype) / 2 + 0.5)
+
+
 # ─── 5. the denoiser ───────────────────────────────────────────────────────────────────────────────
 
 def build_denoiser(pipe: StableDiffusion, cond: Tensor, uncond: Tensor | None, guidance_scale: float,
                    schedule: samplers.Schedule, start: Start, control: ControlOptions | None, size: tuple[int, int],
-                   check: dn.FiniteCheck) -> dn.Denoiser:
-    """(z_t, t, ᾱ_t) -> ε̂, from the wrappers of `diffusion.denoisers`, innermost first."""
-    net = dn.unet_backbone(pipe.unet, dn.timesteps_on_device(schedule.timesteps, cond.device))
+                   check: dn.FiniteCheck, added: dict[str, Tensor] | None = None,
+                   guidance_rescale: float = 0.0) -> dn.Guided:
+    """(z_t, t) -> the guided network output, from the wrappers of `diffusion.denoisers`, innermost first;
+    the sampler turns it into ε̂ or ẑ₀ by the scheduler's prediction type."""
+    net = dn.unet_backbone(pipe.unet, dn.timesteps_on_device(schedule.timesteps, cond.device), added)
     if pipe.compile_mode in CUDA_GRAPH_MODES:  # the graph's output buffer is overwritten by the next replay
         net = dn.copy_output(net)
     net = check.net(net, "U-Net")
@@ -213,12 +313,12 @@ def build_denoiser(pipe: StableDiffusion, cond: Tensor, uncond: Tensor | None, g
         residuals = control_function(pipe.controlnets, control, schedule.timesteps, cond.shape[0], uncond is not None,
                                      *size, pipe.device, pipe.dtype)
         net = dn.with_controlnet(net, check.control(residuals, "ControlNet"))
-    return dn.as_eps(dn.with_cfg(net, cond, uncond, guidance_scale), pipe.scheduler.prediction_type)
+    return dn.with_cfg(net, cond, uncond, guidance_scale, guidance_rescale)
 
 
 # ─── 6. sampling ───────────────────────────────────────────────────────────────────────────────────
 
-def sample(pipe: StableDiffusion, sampler: str, denoiser: dn.Denoiser, start: Start, schedule: samplers.Schedule,
+def sample(pipe: StableDiffusion, sampler: str, denoiser: dn.Guided, start: Start, schedule: samplers.Schedule,
            eta: float, generator: torch.Generator | None, callback) -> Tensor:
     """Run the sampler with a progress bar; after each step inpainting's blend, then the user's callback."""
     bar = _progress(len(schedule.timesteps), pipe.progress)
@@ -231,7 +331,8 @@ def sample(pipe: StableDiffusion, sampler: str, denoiser: dn.Denoiser, start: St
         return out
 
     try:
-        return samplers.run(sampler, denoiser, start.z, schedule, eta=eta, generator=generator, callback=on_step)
+        return samplers.run(sampler, denoiser, start.z, schedule, prediction_type=pipe.scheduler.prediction_type,
+                            eta=eta, generator=generator, callback=on_step)
     finally:
         bar.close()
 
@@ -244,10 +345,18 @@ def _progress(total: int, enabled: bool):
 
 # ─── 7. decoding, and the helpers ──────────────────────────────────────────────────────────────────
 
-def decode_latents(pipe: StableDiffusion, z: Tensor) -> Tensor:
+def decode_latents(pipe: StableDiffusion, z: Tensor, upcast: bool = False) -> Tensor:
     """z (B, 4, h, w) -> images (B, 3, H, W) in [0, 1]; reruns in fp32 if fp16 overflows to NaN/inf
-    (the SD 1.x VAE's activations can exceed fp16's range). NaN/inf left after that: see pipe.nan_check."""
+    (the SD 1.x VAE's activations can exceed fp16's range). NaN/inf left after that: see pipe.nan_check.
+    upcast: decode in fp32 from the start (SDXL's VAE, whose config says force_upcast, as diffusers does)."""
     vae = pipe.vae
+    if upcast and vae.dtype != torch.float32:
+        dtype = vae.dtype
+        vae.float()
+        try:
+            return decode_latents(pipe, z.float())
+        finally:
+            vae.to(dtype)
 
     def run(z: Tensor) -> Tensor:  # pipe.enable_vae_slicing: one image at a time; tiling: tile by tile
         decode = vae.tiled_decode if pipe.vae_tiling else vae.decode

@@ -164,6 +164,12 @@ class StableDiffusion:
             family = families.family_of_state_dict(state_dict)
             families.check_generates(family, path)
             parts = family.read_single_file(state_dict, str(path), weights.read_metadata(path))
+        pipeline_class = family_pipeline(family.name)
+        if not issubclass(pipeline_class, cls):
+            raise ValueError(f"{path} is an {family.title}; load it with {pipeline_class.__name__}.from_pretrained "
+                             f"or StableDiffusion.from_pretrained, not {cls.__name__}")
+        if pipeline_class is not StableDiffusion:  # another family's class assembles its parts (SDXL: pipeline_xl)
+            return pipeline_class._assemble_family(parts, tokenizer, device, dtype, name, str(path))
         if isinstance(tokenizer, Tokenizer):
             tok = tokenizer
         elif tokenizer is not None:
@@ -206,14 +212,17 @@ class StableDiffusion:
                  seed: int | None = None, generator: torch.Generator | None = None, latents: Tensor | None = None,
                  num_images_per_prompt: int = 1, callback=None, output_type: str = "pil", clip_skip: int = 0, *,
                  control_image=None, controlnet_scale: float | list[float] | None = None,
-                 control_start: float | None = None, control_end: float | None = None, guess_mode: bool | None = None):
+                 control_start: float | None = None, control_end: float | None = None, guess_mode: bool | None = None,
+                 guidance_rescale: float = 0.0):
         """Text to image. Returns a list of PIL images (output_type "pil"), a tensor (B, 3, H, W) in
         [0, 1] ("pt"), or the final latents before ÷ scaling_factor ("latent").
 
         guidance_scale 1 turns classifier-free guidance off (one U-Net pass per step); a negative
         prompt replaces the empty prompt of the unconditional branch. `latents`: the initial noise
         (B, 4, h, w) before scaling by the sampler's initial σ. `callback(step, t, latents)` runs after
-        every step. Samplers: see `minisd.diffusion.samplers.SAMPLERS`.
+        every step. Samplers: see `minisd.diffusion.samplers.SAMPLERS`. guidance_rescale φ in [0, 1]
+        (Lin et al. 2024; 0.7 with a zero-terminal-SNR model) pulls the guided prediction's spread back to
+        the conditional one's, against over-exposure at high guidance.
 
         With a ControlNet loaded (`load_controlnet`): control_image (PIL, list, or tensor in [0, 1]; a list
         of one per ControlNet when several are loaded), controlnet_scale (default 1; one per ControlNet, or
@@ -225,7 +234,7 @@ class StableDiffusion:
                         guidance_scale=guidance_scale, height=height, width=width, sampler=sampler, karras=karras,
                         eta=eta, seed=seed, generator=generator, latents=latents,
                         num_images_per_prompt=num_images_per_prompt, callback=callback, output_type=output_type,
-                        clip_skip=clip_skip, control=control)
+                        clip_skip=clip_skip, control=control, guidance_rescale=guidance_rescale)
 
     def img2img(self, prompt: str | list[str], image, strength: float = 0.75, *, control_image=None,
                 controlnet_scale: float | list[float] | None = None, control_start: float | None = None,
@@ -240,8 +249,9 @@ class StableDiffusion:
         control = self._control(control_image, controlnet_scale, control_start, control_end, guess_mode)
         return generate(self, prompt, image=image, strength=strength, control=control, **kwargs)
 
-    def inpaint(self, prompt: str | list[str], image, mask_image, strength: float = 1.0, keep_unmasked: bool = False,
-                *, control_image=None, controlnet_scale: float | list[float] | None = None,
+    def inpaint(self, prompt: str | list[str], image, mask_image, strength: float = 0.75,
+                keep_unmasked: bool = True, *, masked_content: str = "fill", mask_blur: float = 2.0,
+                control_image=None, controlnet_scale: float | list[float] | None = None,
                 control_start: float | None = None, control_end: float | None = None, guess_mode: bool | None = None,
                 **kwargs):
         """Repaint where mask_image is white. A 9-channel inpainting U-Net sees the mask and the masked
@@ -249,16 +259,20 @@ class StableDiffusion:
         `image` and `mask_image` may each be one for every prompt or a list of one per prompt.
         The other keyword arguments are those of `__call__`.
 
-        The latents outside the mask come back unchanged, but decoding them is not exact (and a VAE
-        decoder is not strictly local), so the pixels there change a little. keep_unmasked=True pastes
-        the original pixels back outside the mask after decoding, as AUTOMATIC1111 does and diffusers
-        does with `padding_mask_crop`; off by default, as in diffusers."""
+        The defaults are AUTOMATIC1111's way, so that what is not masked stays, whatever the model:
+        masked_content="fill" starts the masked area from the colours around it (not from what is
+        there, nor from pure noise: strength 0.75, AUTOMATIC1111's default), so it continues the
+        picture's background unless the prompt asks otherwise; keep_unmasked=True pastes the original pixels back outside the
+        mask after decoding (decoding is not exact, and a 9-channel U-Net may repaint anything),
+        across a seam feathered by `mask_blur` px. diffusers' inpainting is strength=1.0,
+        keep_unmasked=False, masked_content="original" (`generate.DIFFUSERS_INPAINT`)."""
         if image is None or mask_image is None:
             missing = "image" if image is None else "mask_image"
             raise ValueError(f"inpaint needs an image and a mask_image, got no {missing}")
         control = self._control(control_image, controlnet_scale, control_start, control_end, guess_mode)
         return generate(self, prompt, image=image, mask_image=mask_image, strength=strength,
-                        keep_unmasked=keep_unmasked, control=control, **kwargs)
+                        keep_unmasked=keep_unmasked, masked_content=masked_content, mask_blur=mask_blur,
+                        control=control, **kwargs)
 
     def _control(self, image, scale, start, end, guess_mode) -> ControlOptions | None:
         """The ControlNet arguments given (None: not given) as one object, defaults filled in; None when
@@ -450,6 +464,15 @@ class StableDiffusion:
         self.textual_inversions.clear()
         for embedding in kept:
             self.load_textual_inversion(embedding.vectors, embedding.token)
+
+
+def family_pipeline(family: str) -> type[StableDiffusion]:
+    """The pipeline class of a family (minisd.families): StableDiffusion for SD 1.x/2.x, else the subclass
+    whose `family` is its name (pipeline_xl.StableDiffusionXL: the package imports it with this module)."""
+    found = [c for c in (StableDiffusion, *StableDiffusion.__subclasses__()) if c.family == family]
+    if not found:
+        raise ValueError(f"no pipeline class generates with the {family!r} family")
+    return found[0]
 
 
 def save_single_file(pipe: StableDiffusion, path: str | os.PathLike) -> None:

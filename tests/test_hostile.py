@@ -205,7 +205,7 @@ FILE_CASES = [
     ("sched-config-binary", write(CONFIGS["sched"], b"\xff\xfe\x00garbage"), "config is not UTF-8 text"),
     ("index-not-json", write(CONFIGS["index"], "{'a': 1}"), "model_index.json: model_index.json is not valid JSON"),
     ("index-string", write(CONFIGS["index"], '"StableDiffusionPipeline"'), "got str"),
-    ("index-sdxl", write(CONFIGS["index"], '{"_class_name": "StableDiffusionXLPipeline"}'), "is an SDXL model: its networks read with minisd.formats.sdxl"),
+    ("index-sdxl", write(CONFIGS["index"], '{"_class_name": "StableDiffusionXLPipeline"}'), "has no text_encoder_2 in model_index.json: not an SDXL pipeline"),
     ("index-class-not-str", write(CONFIGS["index"], '{"_class_name": 5}'), None),  # harmless: loads
     ("config-truncated", write(CONFIGS["unet"], (TINY / CONFIGS["unet"]).read_text()[:200]), "not valid JSON"),
     # weight files: empty, truncated, garbage, lies in the header

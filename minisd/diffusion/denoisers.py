@@ -3,12 +3,13 @@
 The innermost layer has the U-Net's own signature, `net(z, t, context, control=None) -> output`; each
 wrapper takes such a callable and returns one, adding one idea:
 
-    unet_backbone       the network itself: dtypes in and out, the timestep already on the device
+    unet_backbone       the network itself: dtypes in and out, the timestep already on the device, SDXL's
+                        added conditions (pooled text, size ids) riding along with the context
     copy_output         a copy of the output (CUDA graphs overwrite their output buffer on the next replay)
     with_extra_channels [z, mask, masked-image latents] on channels (a 9-channel inpainting U-Net)
     with_controlnet     ControlNet residuals computed from (z, t, context) and handed to the U-Net
     FiniteCheck.net     stop (or warn) at the first NaN/inf a component produces, naming it and the step
-    with_cfg            classifier-free guidance: one batch of [∅, c], extrapolated; -> (z, t) -> output
+    with_cfg            classifier-free guidance: one batch of [∅, c], extrapolated (and rescaled); -> (z, t) -> output
     as_eps              whatever the network predicts (ε, v, ẑ₀) as ε̂;                -> (z, t, ᾱ_t) -> ε̂
 
 Classifier-free guidance (Ho & Salimans 2021, eq. 6):
@@ -20,7 +21,13 @@ during training), or for a negative prompt, which then plays the part of the "un
 s = 1 is plain conditional sampling; SD's default is 7.5. Both branches run as one batch of 2B, and
 guidance combines the network's raw outputs before they become ε̂, as diffusers' pipelines do.
 
-`samplers.run` takes the outermost `(z_t, t, ᾱ_t) -> ε̂` and adapts it to its sampler's space.
+Guidance rescale (Lin et al. 2024, §3.4, eq. 15–16): a large s inflates the guided prediction's
+standard deviation (over-exposed, washed-out pictures, worst with a zero-terminal-SNR schedule); with φ in [0, 1]
+
+    ε̃_rescaled = φ · ε̃ · std(ε(z_t, c)) / std(ε̃) + (1 − φ) · ε̃,   std over each sample's C, H, W
+
+`samplers.run` takes the guided `(z_t, t) -> output` with the prediction type and turns the output into
+what its sampler calls (`to_eps`, `to_x0`; a flow model's velocity goes to the flow samplers as it is).
 """
 
 from __future__ import annotations
@@ -51,10 +58,14 @@ def timesteps_on_device(timesteps: Tensor, device: torch.device | str) -> Callab
     return on_device
 
 
-def unet_backbone(unet, on_device: Callable[[Tensor], Tensor]) -> Net:
-    """The network call: z in the U-Net's dtype, t on its device, the output back in z's dtype."""
+def unet_backbone(unet, on_device: Callable[[Tensor], Tensor], added: dict[str, Tensor] | None = None) -> Net:
+    """The network call: z in the U-Net's dtype, t on its device, the output back in z's dtype.
+    `added`: conditions the U-Net reads beside the context (SDXL: `pooled` (B', P) and `time_ids` (B', n)),
+    one row per row of the batch it is called on: under guidance, [∅, c] stacked as `with_cfg` stacks the context."""
+    added = added or {}
+
     def net(z: Tensor, t: Tensor, context: Tensor, control=None) -> Tensor:
-        return unet(z.to(unet.dtype), on_device(t), context, control=control).to(z.dtype)
+        return unet(z.to(unet.dtype), on_device(t), context, control=control, **added).to(z.dtype)
 
     return net
 
@@ -87,30 +98,62 @@ def with_controlnet(net: Net, residuals: ControlFn) -> Net:
     return controlled
 
 
-def with_cfg(net: Net, cond: Tensor, uncond: Tensor | None, scale: float) -> Guided:
+def with_cfg(net: Net, cond: Tensor, uncond: Tensor | None, scale: float, rescale: float = 0.0) -> Guided:
     """Classifier-free guidance over one batch [∅, c] (diffusers' order). cond/uncond: text embeddings
-    (B, T, E); uncond None runs the conditional branch alone (scale ignored)."""
+    (B, T, E); uncond None runs the conditional branch alone (scale and rescale ignored). rescale φ > 0
+    pulls the guided output's std toward the conditional one's (`rescale_guidance`)."""
     if uncond is None:
         return lambda z, t: net(z, t, cond)
     context = torch.cat([uncond, cond])  # (2B, T, E)
 
     def guided(z: Tensor, t: Tensor) -> Tensor:
         out_uncond, out_cond = net(torch.cat([z, z]), t, context).chunk(2)
-        return out_uncond + scale * (out_cond - out_uncond)
+        out = out_uncond + scale * (out_cond - out_uncond)
+        return rescale_guidance(out, out_cond, rescale) if rescale > 0 else out
 
     return guided
 
 
+def rescale_guidance(guided: Tensor, cond: Tensor, phi: float) -> Tensor:
+    """Lin et al. 2024, eq. 15–16 (diffusers' `rescale_noise_cfg`): φ · guided · std(cond)/std(guided)
+    + (1 − φ) · guided, the std's per sample over all but the batch dimension."""
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * guided
+
+
 def to_eps(out: Tensor, z_t: Tensor, alpha_bar: float, prediction_type: str) -> Tensor:
     """Whatever the network predicts, as ε̂: for v = √ᾱ ε − √(1−ᾱ) z₀ (SD 2.x 768), ε̂ = √ᾱ v + √(1−ᾱ) z_t;
-    for a z₀ prediction ("sample"), ε̂ = (z_t − √ᾱ ẑ₀)/√(1−ᾱ)."""
+    for a z₀ prediction ("sample"), ε̂ = (z_t − √ᾱ ẑ₀)/√(1−ᾱ). A flow model's velocity lives on another
+    path, x_σ = (1−σ) z₀ + σ ε with no ᾱ: the flow samplers take it as it is."""
     if prediction_type == "epsilon":
         return out
     if prediction_type == "v_prediction":
         return alpha_bar**0.5 * out + (1 - alpha_bar) ** 0.5 * z_t
     if prediction_type == "sample":
         return (z_t - alpha_bar**0.5 * out) / (1 - alpha_bar) ** 0.5
-    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected 'epsilon', 'v_prediction' or 'sample'")
+    raise unknown_prediction(prediction_type)
+
+
+def to_x0(out: Tensor, z_t: Tensor, alpha_bar: float, prediction_type: str) -> Tensor:
+    """Whatever the network predicts, as ẑ₀ (eq. 2 solved for z₀): (z_t − √(1−ᾱ) ε̂)/√ᾱ; √ᾱ z_t − √(1−ᾱ) v
+    for v, which stays exact at ᾱ = 0 (a zero-terminal-SNR schedule's last step: ẑ₀ = −v); ẑ₀ itself."""
+    if prediction_type == "epsilon":
+        return (z_t - (1 - alpha_bar) ** 0.5 * out) / alpha_bar**0.5
+    if prediction_type == "v_prediction":
+        return alpha_bar**0.5 * z_t - (1 - alpha_bar) ** 0.5 * out
+    if prediction_type == "sample":
+        return out
+    raise unknown_prediction(prediction_type)
+
+
+def unknown_prediction(prediction_type: str) -> ValueError:
+    """The error for a prediction type that has no ε̂ or ẑ₀ here."""
+    if prediction_type == "flow":
+        return ValueError("prediction_type 'flow' is a velocity on the flow-matching path, which has no ᾱ: "
+                         "sample it with a flow sampler ('flow_euler')")
+    return ValueError(f"unknown prediction_type {prediction_type!r}; expected 'epsilon', 'v_prediction', 'sample' "
+                      f"or 'flow'")
 
 
 def as_eps(model: Guided, prediction_type: str) -> Denoiser:

@@ -8,6 +8,13 @@ Two families, as in the literature:
   x = z_t / √ᾱ_t = z_0 + σ ε (Karras et al. 2022, "EDM"), and call `denoise(x, σ, t)`, the model's
   estimate of z_0: x̂₀ = x − σ·ε̂. Each step is a step of an ODE (or SDE) solver in σ.
 
+and a third for flow-matching models (Lipman et al. 2023; SD3): x_σ = (1−σ) z_0 + σ ε, σ from 1 to 0, and
+the network predicts the velocity v = ε − z_0; `flow_euler` calls `velocity(x, t)` and steps along it.
+
+A discrete sampler's `eps(z_t, t)` returns ε̂, or the pair (ε̂, x̂₀) when the network predicts x̂₀ more
+directly than ε̂ (v or z₀): at ᾱ_t = 0 (a zero-terminal-SNR schedule's last timestep) ε̂ = z_t says
+nothing about z_0, and x̂₀ must come from the network's own output.
+
 Every function takes its schedule explicitly (timesteps, σ's, ᾱ's) and returns the final latents.
 `make_schedule` computes those tensors exactly as the diffusers scheduler of the same name does from
 a model's `scheduler_config.json`, so the same noise gives the same image (tests compare step by step).
@@ -30,9 +37,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..diffusion.schedules import SchedulerConfig
+from .denoisers import to_eps, to_x0
+from .schedules import SchedulerConfig
 
-EpsFn = Callable[[Tensor, Tensor], Tensor]              # (z_t, t) -> ε̂
+EpsFn = Callable[[Tensor, Tensor], Tensor | tuple[Tensor, Tensor]]  # (z_t, t) -> ε̂, or (ε̂, x̂₀)
+VelocityFn = Callable[[Tensor, Tensor], Tensor]         # (x_σ, t) -> v̂ (flow matching)
 DenoiseFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x, σ, t) -> x̂₀
 Callback = Callable[[int, Tensor, Tensor, Tensor], None] | None
 
@@ -88,6 +97,9 @@ def make_schedule(sampler: str, steps: int, config: SchedulerConfig, karras: boo
         raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
     if karras and s.kind != "sigma":
         raise ValueError(f"karras=True needs a noise-level sampler ({', '.join(k for k, v in SAMPLERS.items() if v.kind == 'sigma')}), not {sampler!r}")
+    if config.rescale_betas_zero_snr and not s.zero_snr:
+        raise ValueError(f"sampler {sampler!r} has no zero-terminal-SNR schedule (rescale_betas_zero_snr); "
+                         f"use one of {', '.join(k for k, v in SAMPLERS.items() if v.zero_snr)}")
     alphas_cumprod = config.alphas_cumprod()
     set_alpha_to_one = config.set_alpha_to_one if config.set_alpha_to_one is not None else s.alpha_to_one
     final_alpha = 1.0 if set_alpha_to_one else alphas_cumprod[0].item()
@@ -143,9 +155,43 @@ def dpm_solver_timesteps(steps: int, config: SchedulerConfig, spacing: str, karr
 
 
 def sigmas_table(config: SchedulerConfig) -> np.ndarray:
-    """σ_t = √((1−ᾱ_t)/ᾱ_t) for every training timestep (float32, as diffusers)."""
+    """σ_t = √((1−ᾱ_t)/ᾱ_t) for every training timestep (float32, as diffusers). A zero-terminal-SNR
+    schedule's ᾱ_{N−1} = 0 would make σ_max infinite: diffusers' noise-level schedulers set it to 2⁻²⁴
+    (the smallest fp16 subnormal), σ_max ≈ 4096, and so does this."""
     alphas_cumprod = config.alphas_cumprod()
+    if config.rescale_betas_zero_snr:
+        alphas_cumprod[-1] = 2**-24
     return ((1 - alphas_cumprod) / alphas_cumprod).numpy() ** 0.5
+
+
+LCM_ORIGINAL_STEPS = 50      # diffusers' LCMScheduler original_inference_steps: the distillation's schedule
+LCM_TIMESTEP_SCALING = 10.0  # LCMScheduler timestep_scaling: c_skip, c_out are functions of 10·t
+LCM_SIGMA_DATA = 0.5         # σ_data of the consistency-model parameterisation (Song et al. 2023)
+
+
+def lcm_timesteps(steps: int, config: SchedulerConfig, spacing: str, karras: bool):
+    """LCM (Luo et al. 2023): the model was distilled on the 50 timesteps k−1, 2k−1, ..., N−1 (k = N/50,
+    the "skipping step"); `steps` of them are taken evenly from the top (4 steps: 999, 759, 499, 259)."""
+    N = config.num_train_timesteps
+    if N < LCM_ORIGINAL_STEPS or steps > LCM_ORIGINAL_STEPS:
+        raise ValueError(f"lcm takes 1 to {LCM_ORIGINAL_STEPS} steps of a schedule of at least "
+                         f"{LCM_ORIGINAL_STEPS} timesteps, got {steps} steps of {N}")
+    origin = (np.arange(1, LCM_ORIGINAL_STEPS + 1) * (N // LCM_ORIGINAL_STEPS) - 1)[::-1]
+    picked = np.floor(np.linspace(0, len(origin), num=steps, endpoint=False)).astype(np.int64)
+    return origin[picked].astype(np.float32), None, 1.0
+
+
+def flow_timesteps(steps: int, config: SchedulerConfig, spacing: str, karras: bool):
+    """Flow matching (diffusers' FlowMatchEulerDiscreteScheduler): σ evenly spaced from σ_max to σ_min of
+    the training table, through the shift σ -> sσ/(1 + (s−1)σ) (which pushes steps toward high noise;
+    the table's σ_min is already shifted once, as diffusers has it), and t = N·σ."""
+    N, shift = config.num_train_timesteps, config.shift
+    table = np.linspace(1, N, N, dtype=np.float32)[::-1] / N
+    table = shift * table / (1 + (shift - 1) * table)
+    t = np.linspace(float(table[0]) * N, float(table[-1]) * N, steps)  # float64, as diffusers
+    sig = t / N
+    sig = (shift * sig / (1 + (shift - 1) * sig)).astype(np.float32)
+    return sig * np.float32(N), sig, 1.0
 
 
 def truncate(schedule: Schedule, start: int) -> Schedule:
@@ -157,6 +203,13 @@ def truncate(schedule: Schedule, start: int) -> Schedule:
 
 def _alpha(alphas_cumprod: Tensor, t: int, final_alpha: float) -> float:
     return alphas_cumprod[t].item() if t >= 0 else final_alpha
+
+
+def _eps_and_x0(out: Tensor | tuple[Tensor, Tensor], z: Tensor, a_t: float) -> tuple[Tensor, Tensor]:
+    """A discrete model's answer as (ε̂, x̂₀): given, or x̂₀ = (z_t − √(1−ᾱ_t) ε̂)/√ᾱ_t from ε̂ (eq. 2)."""
+    if isinstance(out, tuple):
+        return out
+    return out, (z - (1 - a_t) ** 0.5 * out) / a_t**0.5
 
 
 def _call(callback, i, t, latents, x0_hat) -> Tensor:
@@ -178,10 +231,9 @@ def sample_ddim(eps: EpsFn, z: Tensor, s: Schedule, *, eta: float = 0.0, generat
     z_prev = √ᾱ_prev x̂₀ + √(1−ᾱ_prev − σ²) ε̂ + σ ε',  σ = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1−ᾱ_t/ᾱ_prev)
     η = 0 is deterministic; η = 1 is DDPM's posterior variance."""
     for i, t in enumerate(s.timesteps):
-        e = eps(z, t)
         a_t = _alpha(s.alphas_cumprod, int(t), s.final_alpha)
         a_prev = _alpha(s.alphas_cumprod, int(t) - s.step_ratio, s.final_alpha)
-        x0_hat = (z - (1 - a_t) ** 0.5 * e) / a_t**0.5
+        e, x0_hat = _eps_and_x0(eps(z, t), z, a_t)
         sigma = eta * ((1 - a_prev) / (1 - a_t)) ** 0.5 * (1 - a_t / a_prev) ** 0.5
         z = a_prev**0.5 * x0_hat + (1 - a_prev - sigma**2) ** 0.5 * e
         if eta > 0:
@@ -200,12 +252,13 @@ def sample_ddpm(eps: EpsFn, z: Tensor, s: Schedule, *, generator=None, callback:
     clip_sample: clamp x̂₀ to [−c, c] first — what pixel-space DDPMs do (Ho et al.'s code, diffusers'
     `clip_sample`), since a small model's x̂₀ at high noise overshoots the data range; SD's latents
     have no fixed range and are not clipped."""
+    n = len(s.timesteps)
     for i, t in enumerate(s.timesteps):
-        e = eps(z, t)
         a_t = _alpha(s.alphas_cumprod, int(t), s.final_alpha)
-        a_prev = _alpha(s.alphas_cumprod, int(t) - s.step_ratio, 1.0)
+        t_prev = int(s.timesteps[i + 1]) if i + 1 < n else -1  # the next scheduled t (trailing: not t − N//n)
+        a_prev = _alpha(s.alphas_cumprod, t_prev, 1.0)
         alpha, beta = a_t / a_prev, 1 - a_t / a_prev
-        x0_hat = (z - (1 - a_t) ** 0.5 * e) / a_t**0.5
+        _, x0_hat = _eps_and_x0(eps(z, t), z, a_t)
         if clip_sample is not None:
             x0_hat = x0_hat.clamp(-clip_sample, clip_sample)
         mean = (a_prev**0.5 * beta / (1 - a_t)) * x0_hat + (alpha**0.5 * (1 - a_prev) / (1 - a_t)) * z
@@ -233,6 +286,7 @@ def sample_pndm(eps: EpsFn, z: Tensor, s: Schedule, *, callback: Callback = None
     first_z = None
     for i, t in enumerate(s.timesteps):
         e = eps(z, t)
+        e = e[0] if isinstance(e, tuple) else e  # PLMS combines ε's only
         t_cur, t_prev = int(t), int(t) - s.step_ratio
         if i == 1:  # the warm-up's second evaluation: average with the first, redo the first transition
             t_cur, t_prev = t_cur + s.step_ratio, t_cur
@@ -254,6 +308,34 @@ def sample_pndm(eps: EpsFn, z: Tensor, s: Schedule, *, callback: Callback = None
         z = _plms_update(z_from, e_used, a_t, a_prev)
         if callback:
             z = _call(callback, i, t, z, (z_from - (1 - a_t) ** 0.5 * e_used) / a_t**0.5)
+    return z
+
+
+def lcm_scalings(t: int) -> tuple[float, float]:
+    """The consistency model's boundary condition (Song et al. 2023, eq. 7, on LCM's scaled time 10·t):
+    c_skip = σ_d²/((10t)² + σ_d²), c_out = 10t/√((10t)² + σ_d²); c_skip → 1 and c_out → 0 as t → 0."""
+    scaled = t * LCM_TIMESTEP_SCALING
+    return LCM_SIGMA_DATA**2 / (scaled**2 + LCM_SIGMA_DATA**2), scaled / (scaled**2 + LCM_SIGMA_DATA**2) ** 0.5
+
+
+def sample_lcm(eps: EpsFn, z: Tensor, s: Schedule, *, generator=None, callback: Callback = None) -> Tensor:
+    """Multistep consistency sampling (Song et al. 2023, alg. 1) for a latent consistency model (Luo et al.
+    2023): the model's x̂₀ through the boundary condition, f = c_skip z_t + c_out x̂₀, is the answer at this
+    step; it is noised to the next timestep with a fresh draw, z_next = √ᾱ_next f + √(1−ᾱ_next) ε', and the
+    last step returns f itself. For LCM-distilled models (guidance about 1–2), as diffusers' LCMScheduler."""
+    n = len(s.timesteps)
+    for i, t in enumerate(s.timesteps):
+        a_t = _alpha(s.alphas_cumprod, int(t), s.final_alpha)
+        _, x0_hat = _eps_and_x0(eps(z, t), z, a_t)
+        c_skip, c_out = lcm_scalings(int(t))
+        denoised = c_out * x0_hat + c_skip * z
+        if i + 1 < n:
+            a_next = _alpha(s.alphas_cumprod, int(s.timesteps[i + 1]), s.final_alpha)
+            z = a_next**0.5 * denoised + (1 - a_next) ** 0.5 * _randn(denoised, generator)
+        else:
+            z = denoised
+        if callback:
+            z = _call(callback, i, t, z, denoised)
     return z
 
 
@@ -361,42 +443,77 @@ def sample_dpmpp_2m(denoise: DenoiseFn, x: Tensor, s: Schedule, *, callback: Cal
     return x
 
 
-def run(name: str, model_eps: Callable[[Tensor, Tensor, float], Tensor], latents: Tensor, s: Schedule, *,
-        eta: float = 0.0, generator=None, callback: Callback = None) -> Tensor:
+# ─── flow matching (x_σ = (1−σ) z_0 + σ ε, velocity model) ─────────────────────────────────────────
+
+def sample_flow_euler(velocity: VelocityFn, x: Tensor, s: Schedule, *, callback: Callback = None) -> Tensor:
+    """Euler's method on the flow ODE dx/dσ = v(x, σ), v = ε − z_0 (Lipman et al. 2023; SD3, Esser et al.
+    2024): x_{i+1} = x_i + (σ_{i+1} − σ_i) v̂, from σ = 1 (pure noise) to 0. x̂₀ = x − σ v̂."""
+    sig = s.sigmas
+    for i, t in enumerate(s.timesteps):
+        v = velocity(x, t)
+        x0_hat = x - sig[i] * v
+        x = x + (sig[i + 1] - sig[i]) * v
+        if callback:
+            x = _call(callback, i, t, x, x0_hat)
+    return x
+
+
+def run(name: str, model: Callable[[Tensor, Tensor], Tensor], latents: Tensor, s: Schedule, *,
+        prediction_type: str = "epsilon", eta: float = 0.0, generator=None, callback: Callback = None) -> Tensor:
     """Run sampler `name` from `latents` (already in the sampler's space: noise·init_sigma, or noised
     image latents for img2img) and return z_0.
 
-    model_eps(z_t, t, ᾱ_t) -> ε̂ is the (guided) network (see `denoisers`); `eps_model` and `x0_model`
-    turn it into what the sampler's kind calls. eta goes to the samplers that take it (DDIM)."""
+    model(z_t, t) -> the (guided) network's output, a prediction of `prediction_type` (see `denoisers`);
+    `eps_model` and `x0_model` turn it into what the sampler's kind calls, and a flow sampler takes the
+    velocity as it is. eta goes to the samplers that take it (DDIM)."""
     sampler = get_sampler(name)
-    model = eps_model(model_eps, s) if sampler.kind == "discrete" else x0_model(model_eps)
+    if (sampler.kind == "flow") != (prediction_type == "flow"):
+        raise ValueError(f"sampler {name!r} cannot sample a model that predicts {prediction_type!r}: "
+                         f"flow models (velocity) take {', '.join(FLOW_SAMPLERS)}, others {', '.join(SAMPLERS)}")
+    if sampler.kind == "discrete":
+        model = eps_model(model, s, prediction_type)
+    elif sampler.kind == "sigma":
+        model = x0_model(model, prediction_type)
     given = {"eta": eta, "generator": generator}
     return sampler.fn(model, latents, s, callback=callback, **{k: given[k] for k in sampler.options})
 
 
-def eps_model(model_eps: Callable[[Tensor, Tensor, float], Tensor], s: Schedule) -> EpsFn:
-    """(z_t, t) -> ε̂ for the discrete samplers, with ᾱ_t from the training schedule."""
+def eps_model(model: Callable[[Tensor, Tensor], Tensor], s: Schedule, prediction_type: str = "epsilon") -> EpsFn:
+    """(z_t, t) -> ε̂ for the discrete samplers; a v or z₀ prediction gives (ε̂, x̂₀), both from the network's
+    output with ᾱ_t from the training schedule, as diffusers computes them (exact at ᾱ_t = 0)."""
+    if prediction_type == "epsilon":
+        return model
     acp = s.alphas_cumprod
-    return lambda z, t: model_eps(z, t, acp[int(t)].item())
+
+    def eps_x0(z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        out, alpha_bar = model(z, t), acp[int(t)].item()
+        return to_eps(out, z, alpha_bar, prediction_type), to_x0(out, z, alpha_bar, prediction_type)
+
+    return eps_x0
 
 
-def x0_model(model_eps: Callable[[Tensor, Tensor, float], Tensor]) -> DenoiseFn:
-    """(x, σ, t) -> x̂₀ = x − σ ε̂ for the noise-level samplers, which work on x = z_t/√ᾱ_t: the network is
-    called on z_t = x/√(σ²+1), with ᾱ = 1/(σ²+1) (k-diffusion's DiscreteEpsDDPMDenoiser)."""
+def x0_model(model: Callable[[Tensor, Tensor], Tensor], prediction_type: str = "epsilon") -> DenoiseFn:
+    """(x, σ, t) -> x̂₀ for the noise-level samplers, which work on x = z_t/√ᾱ_t: the network is called on
+    z_t = x/√(σ²+1), with ᾱ = 1/(σ²+1); x̂₀ = x − σ ε̂ (k-diffusion's DiscreteEpsDDPMDenoiser), or straight
+    from a v or z₀ prediction (at a zero-SNR schedule's σ ≈ 4096, x − σ ε̂ would cancel in float32)."""
     def denoise(x: Tensor, sigma: Tensor, t: Tensor) -> Tensor:
         z_t = x / (sigma**2 + 1) ** 0.5  # back to the network's z_t scale
-        return x - sigma * model_eps(z_t, t, 1 / (sigma.item() ** 2 + 1))
+        if prediction_type == "epsilon":
+            return x - sigma * model(z_t, t)
+        return to_x0(model(z_t, t), z_t, 1 / (sigma.item() ** 2 + 1), prediction_type)
 
     return denoise
 
 
 def add_noise(name: str, z0: Tensor, noise: Tensor, s: Schedule, i: int) -> Tensor:
     """z_0 noised to the level of step i, in the sampler's space: √ᾱ_t z_0 + √(1−ᾱ_t) ε for the
-    discrete samplers (eq. 2), z_0 + σ_i ε for the noise-level ones."""
-    if get_sampler(name).kind == "discrete":
+    discrete samplers (eq. 2), z_0 + σ_i ε for the noise-level ones, σ_i ε + (1−σ_i) z_0 for flow."""
+    kind = get_sampler(name).kind
+    if kind == "discrete":
         a = s.alphas_cumprod[int(s.timesteps[i])].to(z0.device)
         return (a.sqrt() * z0.float() + (1 - a).sqrt() * noise.float()).to(z0.dtype)
-    return z0 + s.sigmas[i].to(z0.device) * noise
+    sigma = s.sigmas[i].to(z0.device)
+    return sigma * noise + (1.0 - sigma) * z0 if kind == "flow" else z0 + sigma * noise
 
 
 # ─── the registry: one entry per sampler carries everything about it ──────────────────────────────
@@ -404,7 +521,7 @@ def add_noise(name: str, z0: Tensor, noise: Tensor, s: Schedule, i: int) -> Tens
 @dataclass(frozen=True)
 class Sampler:
     name: str
-    kind: str               # "discrete" (z_t space, ε model) or "sigma" (x = z_t/√ᾱ space, x̂₀ model)
+    kind: str               # "discrete" (z_t space, ε model), "sigma" (x = z_t/√ᾱ space, x̂₀ model), "flow" (velocity)
     spacing: str            # diffusers' default timestep_spacing for this scheduler
     diffusers_class: str    # the scheduler this one reproduces
     label: str              # the name AUTOMATIC1111 writes in a picture's parameters ("Euler a"; + " Karras")
@@ -413,25 +530,37 @@ class Sampler:
     options: tuple[str, ...] = ()   # what fn takes besides callback: "eta", "generator"
     stochastic: bool = False        # draws fresh noise every step
     alpha_to_one: bool = False      # diffusers' default set_alpha_to_one: ᾱ "before" t=0 is 1 (DDIM)
+    zero_snr: bool = False          # takes a zero-terminal-SNR schedule (diffusers has rescale_betas_zero_snr)
 
 
 SAMPLERS = {s.name: s for s in (
     Sampler("ddpm", "discrete", "leading", "DDPMScheduler", "DDPM", sample_ddpm, options=("generator",),
-            stochastic=True),
+            stochastic=True, zero_snr=True),
     Sampler("ddim", "discrete", "leading", "DDIMScheduler", "DDIM", sample_ddim, options=("eta", "generator"),
-            alpha_to_one=True),
+            alpha_to_one=True, zero_snr=True),
     Sampler("pndm", "discrete", "leading", "PNDMScheduler", "PLMS", sample_pndm, plms_timesteps),
-    Sampler("euler", "sigma", "linspace", "EulerDiscreteScheduler", "Euler", sample_euler, sigma_timesteps),
+    Sampler("euler", "sigma", "linspace", "EulerDiscreteScheduler", "Euler", sample_euler, sigma_timesteps,
+            zero_snr=True),
     Sampler("euler_a", "sigma", "linspace", "EulerAncestralDiscreteScheduler", "Euler a", sample_euler_a,
-            sigma_timesteps, options=("generator",), stochastic=True),
+            sigma_timesteps, options=("generator",), stochastic=True, zero_snr=True),
     Sampler("heun", "sigma", "linspace", "HeunDiscreteScheduler", "Heun", sample_heun, sigma_timesteps),
     Sampler("lms", "sigma", "linspace", "LMSDiscreteScheduler", "LMS", sample_lms, sigma_timesteps),
     Sampler("dpmpp_2m", "sigma", "linspace", "DPMSolverMultistepScheduler", "DPM++ 2M", sample_dpmpp_2m,
-            dpm_solver_timesteps),
+            dpm_solver_timesteps, zero_snr=True),
+    Sampler("lcm", "discrete", "leading", "LCMScheduler", "LCM", sample_lcm, lcm_timesteps, options=("generator",),
+            stochastic=True, alpha_to_one=True, zero_snr=True),
+)}
+
+# Samplers of flow-matching models (SD3), which predict a velocity: apart, as no ε/v model can use them.
+# "Euler Flow", not A1111/Forge's plain "Euler" (they tell flow models by the model): one label per sampler,
+# so a picture's recorded label names one sampler when it is read back.
+FLOW_SAMPLERS = {s.name: s for s in (
+    Sampler("flow_euler", "flow", "linspace", "FlowMatchEulerDiscreteScheduler", "Euler Flow", sample_flow_euler,
+            flow_timesteps),
 )}
 
 
 def get_sampler(name: str) -> Sampler:
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; known samplers: {', '.join(SAMPLERS)}")
-    return SAMPLERS[name]
+    if name not in SAMPLERS and name not in FLOW_SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; known samplers: {', '.join([*SAMPLERS, *FLOW_SAMPLERS])}")
+    return SAMPLERS[name] if name in SAMPLERS else FLOW_SAMPLERS[name]

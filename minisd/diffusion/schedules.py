@@ -24,6 +24,8 @@ from torch import Tensor
 
 from ..checks import check_bool, check_float, check_int
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -33,10 +35,12 @@ class SchedulerConfig:
     beta_start: float = 0.00085            # β_1 (SD 1.x)
     beta_end: float = 0.012                # β_N (SD 1.x)
     beta_schedule: str = "scaled_linear"   # "linear" | "scaled_linear" | "squaredcos_cap_v2" (cosine)
-    prediction_type: str = "epsilon"       # "epsilon" | "v_prediction" | "sample"
+    prediction_type: str = "epsilon"       # "epsilon" | "v_prediction" | "sample" | "flow" (a velocity, flow matching)
     steps_offset: int = 1                  # added to "leading" timesteps (SD 1.x: 1 -> 981, 961, ..., 1)
     timestep_spacing: str | None = None    # "leading" | "trailing" | "linspace"; None: each sampler's diffusers default
     set_alpha_to_one: bool | None = False  # DDIM/PNDM: ᾱ "before" t=0 is 1 (True) or ᾱ_0 (False); None: DDIM's default
+    rescale_betas_zero_snr: bool = False   # Lin et al. 2024, alg. 1: ᾱ_{N−1} = 0, pure noise at the last step
+    shift: float = 1.0                     # flow matching: σ -> shift·σ/(1 + (shift−1)·σ) (SD3 uses 3.0)
 
     def __post_init__(self):
         """Sane ranges before any table is built: N = 10⁹ would allocate gigabytes of betas."""
@@ -47,10 +51,12 @@ class SchedulerConfig:
         check_int(name, "steps_offset", self.steps_offset, 0, self.num_train_timesteps - 1)
         if self.set_alpha_to_one is not None:
             check_bool(name, "set_alpha_to_one", self.set_alpha_to_one)
+        check_bool(name, "rescale_betas_zero_snr", self.rescale_betas_zero_snr)
+        check_float(name, "shift", self.shift, 0.0, 1000.0, lo_open=True)
         if not isinstance(self.beta_schedule, str) or self.beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"unknown beta_schedule {self.beta_schedule!r}; known: {sorted(BETA_SCHEDULES)}")
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction_type {self.prediction_type!r}; expected one of {PREDICTION_TYPES}")
         if self.timestep_spacing not in (None, "leading", "trailing", "linspace"):
             raise ValueError(f"unknown timestep_spacing {self.timestep_spacing!r}")
 
@@ -59,10 +65,13 @@ class SchedulerConfig:
         if cfg.get("trained_betas") is not None:
             raise ValueError("schedulers with trained_betas are not supported")
         # absent keys: diffusers' scheduler defaults (so timestep_spacing / set_alpha_to_one stay per-sampler)
+        flow = str(cfg.get("_class_name", "")).startswith("FlowMatch")  # a flow model's config names no prediction type
         return cls(num_train_timesteps=cfg.get("num_train_timesteps", 1000), beta_start=cfg.get("beta_start", 0.0001),
                    beta_end=cfg.get("beta_end", 0.02), beta_schedule=cfg.get("beta_schedule", "linear"),
-                   prediction_type=cfg.get("prediction_type", "epsilon"), steps_offset=cfg.get("steps_offset", 0),
-                   timestep_spacing=cfg.get("timestep_spacing"), set_alpha_to_one=cfg.get("set_alpha_to_one"))
+                   prediction_type="flow" if flow else cfg.get("prediction_type", "epsilon"),
+                   steps_offset=cfg.get("steps_offset", 0), timestep_spacing=cfg.get("timestep_spacing"),
+                   set_alpha_to_one=cfg.get("set_alpha_to_one"),
+                   rescale_betas_zero_snr=cfg.get("rescale_betas_zero_snr", False), shift=cfg.get("shift", 1.0))
 
     def to_diffusers(self, class_name: str = "PNDMScheduler") -> dict:
         out = {"_class_name": class_name, "num_train_timesteps": self.num_train_timesteps,
@@ -72,12 +81,18 @@ class SchedulerConfig:
         for key in ("timestep_spacing", "set_alpha_to_one"):  # absent means "the scheduler's default"
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.rescale_betas_zero_snr:  # written only when set: older configs stay as they were
+            out["rescale_betas_zero_snr"] = True
+        if self.shift != 1.0:
+            out["shift"] = self.shift
         return out
 
     def betas(self) -> Tensor:
         if self.beta_schedule in ("squaredcos_cap_v2", "cosine"):  # defined by ᾱ(t); ignores beta_start/end
-            return cosine_betas(self.num_train_timesteps)
-        return BETA_SCHEDULES[self.beta_schedule](self.num_train_timesteps, self.beta_start, self.beta_end)
+            betas = cosine_betas(self.num_train_timesteps)
+        else:
+            betas = BETA_SCHEDULES[self.beta_schedule](self.num_train_timesteps, self.beta_start, self.beta_end)
+        return rescale_zero_terminal_snr(betas) if self.rescale_betas_zero_snr else betas
 
     def alphas_cumprod(self) -> Tensor:
         return alphas_cumprod(self.betas())
@@ -100,6 +115,20 @@ def cosine_betas(n: int, max_beta: float = 0.999, s: float = 0.008) -> Tensor:
         return math.cos((t + s) / (1 + s) * math.pi / 2) ** 2
     betas = [min(1 - f((i + 1) / n) / f(i / n), max_beta) for i in range(n)]
     return torch.tensor(betas, dtype=torch.float32)
+
+
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed", alg. 1: shift and
+    scale √ᾱ_t so that √ᾱ_{N−1} = 0 (SNR 0: the last step is pure noise, as the sampler's start is) and
+    √ᾱ_0 keeps its value; back to β's. SD's schedule leaves ᾱ_{N−1} ≈ 0.0047, so a model never sees pure
+    noise in training yet starts from it, and cannot make very dark or bright images. Used with v-prediction:
+    at ᾱ = 0 an ε prediction says nothing about z₀."""
+    alphas_bar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
+    alphas_bar = alphas_bar_sqrt**2
+    alphas = torch.cat([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])  # undo the cumulative product
+    return 1 - alphas
 
 
 BETA_SCHEDULES = {"linear": linear_betas, "scaled_linear": scaled_linear_betas,

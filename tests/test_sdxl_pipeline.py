@@ -1,0 +1,151 @@
+"""The SDXL pipeline equals diffusers' StableDiffusionXL(Img2Img)Pipeline: the same random weights (SDXL's
+topology at toy widths, tests/test_sdxl.py's SMALL and SMALL_REFINER), prompts, noise and sampler give the
+same latents and images (fp32 CPU, relative max difference <= 1e-3, as tests/test_parity_pipeline.py).
+diffusers reads minisd's save_pretrained folders, so the folder layout is checked on the way."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import WORDS, report
+from test_sdxl import SMALL, SMALL_REFINER
+
+from minisd import StableDiffusion, StableDiffusionXL
+from minisd.diffusion.samplers import SAMPLERS
+from minisd.models.tokenizer import Tokenizer, build_word_tokenizer
+from minisd.pipeline_xl import save_single_file
+
+diffusers = pytest.importorskip("diffusers")
+
+PROMPTS = ["a red circle on the left", "a large blue square at the top"]
+SIZE = 64  # pixels: 8×8 latents
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    """CLIP's tokenizer pads with EOS; bigG's (tokenizer_2) with "!", as in SDXL's repos."""
+    tok = build_word_tokenizer(list(WORDS), tmp_path_factory.mktemp("tokenizer"))
+    folder = tmp_path_factory.mktemp("tokenizer_2")
+    build_word_tokenizer(list(WORDS), folder)
+    (folder / "special_tokens_map.json").write_text(json.dumps({"pad_token": "!"}))
+    tok_2 = Tokenizer(folder)
+    assert tok_2.pad_id != tok_2.eos_id
+    return tok, tok_2
+
+
+def folder_pair(cfg, tokenizers, tmp_path_factory, name, seed):
+    """(minisd pipeline, its save_pretrained folder)."""
+    pipe = StableDiffusionXL.from_config(cfg, *tokenizers, seed=seed)
+    pipe.progress = False
+    folder = tmp_path_factory.mktemp(name)
+    pipe.save_pretrained(folder)
+    return pipe, folder
+
+
+@pytest.fixture(scope="module")
+def base(tokenizers, tmp_path_factory):
+    return folder_pair(SMALL, tokenizers, tmp_path_factory, "sdxl_base", seed=0)
+
+
+@pytest.fixture(scope="module")
+def refiner(tokenizers, tmp_path_factory):
+    return folder_pair(SMALL_REFINER, tokenizers, tmp_path_factory, "sdxl_refiner", seed=1)
+
+
+def reference(cls, folder, sampler: str):
+    pipe = getattr(diffusers, cls).from_pretrained(folder, add_watermarker=False)
+    pipe.scheduler = getattr(diffusers, SAMPLERS[sampler].diffusers_class).from_pretrained(folder, subfolder="scheduler")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def noise(shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("sampler", ["euler", "ddim", "dpmpp_2m"])
+def test_txt2img_matches_diffusers(sampler, base):
+    """CFG 5 with negative prompts: context, pooled and time ids all go through both branches."""
+    ours, folder = base
+    ref = reference("StableDiffusionXLPipeline", folder, sampler)
+    common = dict(num_inference_steps=6, guidance_scale=5.0, latents=noise((2, 4, 8, 8)), height=SIZE, width=SIZE,
+                  negative_prompt=["green", "black background"], output_type="pt")
+    expected = ref(PROMPTS, generator=torch.Generator().manual_seed(7), **common).images
+    report(f"sdxl txt2img {sampler} images (CFG 5, negative prompts)",
+           ours(PROMPTS, sampler=sampler, generator=torch.Generator().manual_seed(7), **common), expected, 1e-3)
+
+
+def test_micro_conditioning_and_zeroed_negative(base):
+    """original_size / crops_coords_top_left / target_size and negative_* sizes (other time ids per branch);
+    no negative prompt (zeros for the unconditional context and pooled). diffusers' txt2img pipeline tiles
+    the pair [negative ids, ids] over the batch, so its rows disagree with its contexts beyond one picture
+    when the two differ: negative sizes are compared on one picture, 2 pictures with the same ids."""
+    ours, folder = base
+    ref = reference("StableDiffusionXLPipeline", folder, "euler")
+    sizes = dict(original_size=(128, 96), crops_coords_top_left=(8, 4), target_size=(64, 48))
+    negative_sizes = dict(negative_original_size=(32, 32), negative_crops_coords_top_left=(2, 0),
+                          negative_target_size=(16, 24))
+    common = dict(num_inference_steps=5, guidance_scale=4.0, height=SIZE, width=SIZE, output_type="latent")
+    for n, extra in ((1, negative_sizes), (2, {})):
+        args = common | sizes | extra | dict(num_images_per_prompt=n)
+        expected = ref(PROMPTS[0], generator=torch.Generator().manual_seed(3), **args).images
+        mine = ours(PROMPTS[0], generator=torch.Generator().manual_seed(3), **args)
+        report(f"sdxl micro-conditioning latents (zeroed negative, {n} picture(s), {sorted(extra) or 'no negative sizes'})",
+               mine, expected, 1e-3)
+    plain = ours(PROMPTS[0], generator=torch.Generator().manual_seed(3), num_images_per_prompt=2, **common)
+    assert (plain - mine).abs().max() > 1e-3  # the size and crop ids change the picture
+
+
+def test_empty_negative_prompt_is_encoded_not_zeroed(base):
+    ours, _ = base
+    cond, zeroed = ours.encode_prompt_xl(PROMPTS[0])
+    _, encoded = ours.encode_prompt_xl(PROMPTS[0], negative_prompt="")
+    assert zeroed[0].abs().max() == 0 and zeroed[1].abs().max() == 0
+    assert encoded[0].abs().max() > 0 and cond[0].shape == (1, 77, 64) and cond[1].shape == (1, 24)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "ddim"])
+def test_base_then_refiner_matches_diffusers(sampler, base, refiner):
+    """denoising_end=0.8 on the base, its latents part-way into the refiner with denoising_start=0.8
+    (aesthetic scores in the refiner's time ids; its unconditional branch encodes "")."""
+    (ours_base, base_folder), (ours_refiner, refiner_folder) = base, refiner
+    ref_base = reference("StableDiffusionXLPipeline", base_folder, sampler)
+    ref_refiner = reference("StableDiffusionXLImg2ImgPipeline", refiner_folder, sampler)
+    common = dict(num_inference_steps=10, guidance_scale=5.0, height=SIZE, width=SIZE)
+    handed = ref_base(PROMPTS, latents=noise((2, 4, 8, 8), 2), denoising_end=0.8, output_type="latent", **common).images
+    mine_handed = ours_base(PROMPTS, latents=noise((2, 4, 8, 8), 2), denoising_end=0.8, output_type="latent",
+                            sampler=sampler, **common)
+    report(f"sdxl base {sampler} latents at denoising_end=0.8", mine_handed, handed, 1e-3)
+    refined = dict(num_inference_steps=10, guidance_scale=5.0, denoising_start=0.8, output_type="pt",
+                   aesthetic_score=7.0, negative_aesthetic_score=2.0)
+    expected = ref_refiner(PROMPTS, image=handed, **refined).images
+    mine = ours_refiner(PROMPTS, latents=mine_handed, sampler=sampler, **refined)
+    report(f"sdxl base -> refiner {sampler} images (split at 0.8)", mine, expected, 1e-3)
+
+
+def test_split_schedule_errors(base):
+    ours, _ = base
+    with pytest.raises(ValueError, match="denoising_end must be a number strictly between 0 and 1"):
+        ours(PROMPTS[0], num_inference_steps=2, height=SIZE, width=SIZE, denoising_end=1.5)
+    with pytest.raises(ValueError, match="denoising_start continues from latents of shape"):
+        ours(PROMPTS[0], num_inference_steps=2, height=SIZE, width=SIZE, denoising_start=0.5)
+
+
+def test_folder_and_single_file_load_back(base, tmp_path):
+    """from_pretrained returns StableDiffusionXL for an SDXL folder and for its single file; same image."""
+    ours, folder = base
+    args = dict(num_inference_steps=3, height=SIZE, width=SIZE, seed=5, output_type="pt")
+    expected = ours(PROMPTS[0], **args)
+    from_folder = StableDiffusion.from_pretrained(folder, device="cpu")
+    save_single_file(ours, tmp_path / "small_xl.safetensors")
+    from_file = StableDiffusion.from_pretrained(tmp_path / "small_xl.safetensors", device="cpu",
+                                                tokenizer=ours.tokenizer)
+    assert isinstance(from_folder, StableDiffusionXL) and isinstance(from_file, StableDiffusionXL)
+    from_folder.progress = from_file.progress = False
+    report("sdxl save_pretrained -> from_pretrained images", from_folder(PROMPTS[0], **args), expected, 1e-5)
+    # one tokenizer given for both: bigG's pads with EOS here, so compare the networks, not the picture
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        mine, back = getattr(ours, name).state_dict(), getattr(from_file, name).state_dict()
+        assert mine.keys() == back.keys() and all(torch.equal(v, back[k]) for k, v in mine.items()), name
