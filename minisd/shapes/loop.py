@@ -69,6 +69,41 @@ def resume(path: Path, log: Log, **objects) -> tuple[int, list[float]]:
     return ck["step"], ck["losses"].tolist() if "losses" in ck else []
 
 
+class Steps:
+    """The bookkeeping around a fine-tuning loop's steps, the same for every kind: a progress bar with the
+    running loss, a log line every 100 steps (and at the last), a checkpoint every `minutes` and at the end
+    holding the state and every loss so far (so a resumed curve is whole).
+
+        steps = Steps("lora", step0, cfg.steps, log, work / "lora.pt", cfg.checkpoint_minutes, losses)
+        for step in steps:
+            ...
+            steps.record(step, loss.item(), opt.param_groups[0]["lr"], state)   # state() -> dict to save
+        steps.finish(state)
+    """
+
+    def __init__(self, name: str, start: int, total: int, log: Log, path: Path, minutes: float, losses: list[float]):
+        self.name, self.start, self.total, self.log, self.path = name, start, total, log, path
+        self.minutes, self.losses, self.last_save = minutes, losses, time.time()
+        self.bar = tqdm(range(start, total), desc=name, initial=start, total=total)
+
+    def __iter__(self):
+        return iter(self.bar)
+
+    def record(self, step: int, loss: float, lr: float, state) -> None:
+        self.losses.append(loss)
+        if step % 25 == 0:
+            self.bar.set_postfix(loss=f"{sum(self.losses[-25:]) / len(self.losses[-25:]):.4f}")
+        if step % 100 == 0 or step == self.total - 1:
+            recent = self.losses[-100:]
+            self.log(f"{self.name} step {step}: loss {sum(recent) / len(recent):.4f}, lr {lr:.2e}")
+        if time.time() - self.last_save > self.minutes * 60:
+            save_checkpoint(self.path, self.losses, **state(), step=step + 1)
+            self.last_save = time.time()
+
+    def finish(self, state) -> None:
+        save_checkpoint(self.path, self.losses, **state(), step=self.total)
+
+
 def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
 

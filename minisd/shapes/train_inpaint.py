@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import world
 from .adapter_config import AdapterConfig, draw_captions, finish, latent_batch, render_and_encode, start
-from .loop import diffusion_loss, lr_at, optimiser_step, resume, save_checkpoint, seeded, use_bf16
+from .loop import Steps, diffusion_loss, lr_at, optimiser_step, resume, seeded, use_bf16
 from ..models.unet import UNet
 
 
@@ -97,9 +96,9 @@ def train_inpaint(cfg: AdapterConfig, force: bool = False) -> Path:
     bf16 = use_bf16(cfg.bf16, device)
     log(f"inpaint: {'bfloat16 autocast' if bf16 else 'float32'}")
     f = pipe.vae.config.downsampling
-    last_save = time.time()
-    bar = tqdm(range(step0, cfg.steps), desc="inpaint", initial=step0, total=cfg.steps)
-    for step in bar:
+    state = lambda: dict(model=unet.state_dict(), opt=opt.state_dict())  # noqa: E731  what a checkpoint holds
+    steps = Steps("inpaint", step0, cfg.steps, log, work / "inpaint.pt", cfg.checkpoint_minutes, losses)
+    for step in steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup) * group["lr_scale"]
         idx = torch.randint(0, len(scenes), (cfg.batch,), generator=g)
@@ -117,15 +116,8 @@ def train_inpaint(cfg: AdapterConfig, force: bool = False) -> Path:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # the weights stay fp32
             loss = diffusion_loss(model, z0, t, eps, context, alpha_bar, cfg.min_snr_gamma)
         optimiser_step(loss, opt, params)
-        losses.append(loss.item())
-        if step % 25 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-25:]):.4f}")
-        if step % 100 == 0 or step == cfg.steps - 1:
-            log(f"inpaint step {step}: loss {np.mean(losses[-100:]):.4f}, lr {opt.param_groups[0]['lr']:.2e}")
-        if time.time() - last_save > cfg.checkpoint_minutes * 60:
-            save_checkpoint(work / "inpaint.pt", losses, model=unet.state_dict(), opt=opt.state_dict(), step=step + 1)
-            last_save = time.time()
-    save_checkpoint(work / "inpaint.pt", losses, model=unet.state_dict(), opt=opt.state_dict(), step=cfg.steps)
+        steps.record(step, loss.item(), opt.param_groups[0]["lr"], state)
+    steps.finish(state)
 
     pipe.unet = unet.eval()
     pipe.to(dtype=torch.float16)  # shipped in fp16, as the base model
