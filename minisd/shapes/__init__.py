@@ -8,6 +8,7 @@
     finetune.py   `minisd train lora|controlnet|inpaint`: train_lora.py, train_controlnet.py,
                   train_inpaint.py, one loop each, on adapter_config.py (their config, the frozen base)
     course.py     what the notebooks share: the model to use, seeds
+    pixel_ddpm.py notebook 02's pixel-space DDPM at 16×16 (no text, no VAE) and its shipped checkpoint
 
 It builds on the library (minisd.models, minisd.pipeline, ...); nothing in the library imports it.
 `from minisd import shapes` gives the world's vocabulary and rendering (the names of world.py).
