@@ -95,6 +95,9 @@ def make_schedule(sampler: str, steps: int, config: SchedulerConfig, karras: boo
     s = get_sampler(sampler)
     if steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
+    if s.kind == "discrete" and steps > config.num_train_timesteps:  # diffusers refuses too: every t would repeat
+        raise ValueError(f"num_inference_steps {steps} is more than the model's {config.num_train_timesteps} training "
+                         f"timesteps; {sampler} can take at most {config.num_train_timesteps}")
     if karras and s.kind != "sigma":
         raise ValueError(f"karras=True needs a noise-level sampler ({', '.join(k for k, v in SAMPLERS.items() if v.kind == 'sigma')}), not {sampler!r}")
     if config.rescale_betas_zero_snr and not s.zero_snr:
