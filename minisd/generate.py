@@ -56,13 +56,16 @@ def generate(pipe: StableDiffusion, prompt: str | list[str], *, negative_prompt:
     x_image = image_to_tensor(image, height, width) if image is not None else None
     if x_image is not None:
         height, width = x_image.shape[-2:]
-    height, width = height or pipe.image_size, width or pipe.image_size
+    height = pipe.image_size if height is None else height  # 0 is an impossible size, not "the default"
+    width = pipe.image_size if width is None else width
     check_arguments(sampler, output_type, num_inference_steps, height, width, strength, guidance_scale, eta,
                     mask_image is not None, x_image is not None, keep_unmasked)
     check_inpaint_options(masked_content, mask_blur)
     _number("guidance_rescale", guidance_rescale, 0.0, "a finite number in [0, 1]")
     if guidance_rescale > 1.0:
         raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     if generator is None and seed is not None:
         generator = torch.Generator("cpu").manual_seed(seed)
 
@@ -269,8 +272,8 @@ def fill_masked(x: Tensor, mask: Tensor) -> Tensor:
     filled = torch.zeros_like(x * known)
     cells = 1
     while cells <= min(H, W):
-        spread = lambda a: F.interpolate(F.adaptive_avg_pool2d(a, cells), size=(H, W), mode="bilinear")  # noqa: E731
-        weight, total = spread(known), spread(x * known)
+        weight, total = (F.interpolate(F.adaptive_avg_pool2d(a, cells), size=(H, W), mode="bilinear")
+                         for a in (known, x * known))
         filled = torch.where(weight > 0.05, total / weight.clamp_min(1e-6), filled)  # 5%: enough known pixels
         cells *= 2
     return known * x + (1 - known) * filled

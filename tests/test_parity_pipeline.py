@@ -13,6 +13,7 @@ from PIL import Image
 
 from minisd import StableDiffusion
 from minisd.diffusion.samplers import SAMPLERS
+from minisd.generate import DIFFUSERS_INPAINT
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -142,7 +143,8 @@ def test_inpaint_with_one_picture_and_mask_per_prompt_matches_diffusers(ours, re
     masks = [mask_picture(), mask_picture().transpose(Image.FLIP_LEFT_RIGHT)]
     common = dict(strength=0.7, num_inference_steps=8, output_type="pt")
     ref = pipe(PROMPTS, image=pictures, mask_image=masks, generator=torch.Generator().manual_seed(9), **common).images
-    mine = ours.inpaint(PROMPTS, pictures, masks, generator=torch.Generator().manual_seed(9), **common)
+    mine = ours.inpaint(PROMPTS, pictures, masks, generator=torch.Generator().manual_seed(9), keep_unmasked=False,
+                        masked_content="original", **common)
     report("inpaint (4-channel U-Net, blending), two pictures and masks for two prompts", mine, ref, 1e-3)
 
 
@@ -155,7 +157,8 @@ def test_inpaint_standard_unet_matches_diffusers(name, strength, ours, ref_pipe,
     ref = pipe(PROMPTS[1], image=picture(), mask_image=mask_picture(), strength=strength, num_inference_steps=8,
                output_type="pt", generator=torch.Generator().manual_seed(9)).images
     mine = ours.inpaint(PROMPTS[1], picture(), mask_picture(), strength=strength, num_inference_steps=8,
-                        output_type="pt", sampler=name, generator=torch.Generator().manual_seed(9))
+                        output_type="pt", sampler=name, generator=torch.Generator().manual_seed(9),
+                        keep_unmasked=False, masked_content="original")  # diffusers' way, not the default
     report(f"inpaint (4-channel U-Net, blending) {name} strength {strength}", mine, ref, 1e-3)
 
 
@@ -178,7 +181,7 @@ def test_inpaint_nine_channel_unet_matches_diffusers(name, inpaint_folder):
     ref = pipe(PROMPTS[0], image=picture(), mask_image=mask_picture(), num_inference_steps=8, output_type="pt",
                generator=torch.Generator().manual_seed(4)).images
     mine = ours.inpaint(PROMPTS[0], picture(), mask_picture(), num_inference_steps=8, output_type="pt", sampler=name,
-                        generator=torch.Generator().manual_seed(4))
+                        generator=torch.Generator().manual_seed(4), **DIFFUSERS_INPAINT)
     report(f"inpaint (9-channel U-Net) {name}", mine, ref, 1e-3)
 
 

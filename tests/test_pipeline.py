@@ -113,7 +113,7 @@ def test_a_list_of_pictures_gives_one_picture_per_prompt(pipe):
     left, right = np.zeros((64, 64), np.uint8), np.zeros((64, 64), np.uint8)
     left[:, :32], right[:, 32:] = 255, 255
     out = pipe.inpaint(["a red circle"] * 2, dark, [Image.fromarray(left), Image.fromarray(right)],
-                       keep_unmasked=True, num_inference_steps=2, output_type="pt", seed=0)
+                       keep_unmasked=True, mask_blur=0, num_inference_steps=2, output_type="pt", seed=0)
     assert torch.allclose(out[0, :, :, 32:], torch.full_like(out[0, :, :, 32:], 20 / 255), atol=1e-6)
     assert torch.allclose(out[1, :, :, :32], torch.full_like(out[1, :, :, :32], 20 / 255), atol=1e-6)
 

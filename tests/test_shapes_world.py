@@ -143,8 +143,9 @@ def test_inpainting_repaints_inside_the_mask_and_keeps_the_rest(tiny):
     assert torch.equal(z[0, :, :, :32 // f], z[1, :, :, :32 // f])
     assert (z[0, :, :, 32 // f:] - z[1, :, :, 32 // f:]).abs().mean() > 0.1
     # in pixels: the decoder is not local, so the kept half changes a little unless pasted back
-    out = tiny.inpaint(prompt, image, mask, output_type="pt", **kw)[0]
-    kept = tiny.inpaint(prompt, image, mask, output_type="pt", keep_unmasked=True, **kw)[0]
+    diffusers = dict(strength=1.0, masked_content="original")  # not the default (tests/test_inpaint_keeps.py)
+    out = tiny.inpaint(prompt, image, mask, output_type="pt", keep_unmasked=False, **diffusers, **kw)[0]
+    kept = tiny.inpaint(prompt, image, mask, output_type="pt", keep_unmasked=True, mask_blur=0, **diffusers, **kw)[0]
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
     with torch.no_grad():  # the VAE's own error on this picture
         rec = (tiny.vae.decode(tiny.vae.encode(x[None] * 2 - 1).mode())[0] / 2 + 0.5).clamp(0, 1)
