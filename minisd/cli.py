@@ -53,7 +53,7 @@ SAMPLER_LABELS = {name: s.label for name, s in {**SAMPLERS, **FLOW_SAMPLERS}.ite
 DEFAULTS = {"prompt": None, "negative": None, "steps": 25, "cfg": 7.5, "seed": None, "sampler": "ddim",
             "karras": False, "eta": 0.0, "width": None, "height": None, "num_images": 1, "clip_skip": 0,
             "model": "tiny", "controlnet_scale": 1.0, "canny": False}
-MODE_DEFAULTS = {"generate": {}, "img2img": {"strength": 0.75}, "inpaint": {"strength": 1.0, "keep_unmasked": False}}
+MODE_DEFAULTS = {"generate": {}, "img2img": {"strength": 0.75}, "inpaint": {"strength": 0.75, "keep_unmasked": True}}
 
 
 # ─── careless input: argparse types that refuse it with one line ──────────────────────────────────
@@ -575,9 +575,10 @@ def build_parser() -> Parser:
     add_generation_args(inp, "inpaint")
     inp.add_argument("--image", required=True, help="the picture")
     inp.add_argument("--mask", required=True, help="same size as the image; white = repaint")
-    inp.add_argument("--strength", type=UNIT, default=None, help="how much to change the masked part (default 1)")
+    inp.add_argument("--strength", type=UNIT, default=None,
+                     help="how much to change the masked part (default 0.75; the masked area is first filled from around it)")
     inp.add_argument("--keep-unmasked", action=argparse.BooleanOptionalAction, default=None,
-                     help="paste the original pixels back outside the mask (the VAE changes them a little)")
+                     help="paste the original pixels back outside the mask (default on; --no-keep-unmasked: as diffusers)")
     sub.add_parser("train", help="train the shapes-world model (minisd train --help)")
     sub.add_parser("eval", help="prompt adherence on the shapes world (minisd eval --help)")
     b = sub.add_parser("bench", help="seconds per image on this machine")
