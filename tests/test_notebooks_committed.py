@@ -15,7 +15,7 @@ import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").rglob("*.ipynb"))
 NOTEBOOKS = [p for p in NOTEBOOKS if ".ipynb_checkpoints" not in p.parts]
-NEEDS_WEIGHTS = {"14_real_sd15.ipynb"}  # runs its cells only with real SD 1.5 weights and a GPU
+NEEDS_WEIGHTS = {"14_real_sd15.ipynb", "14_real_sd15_solutions.ipynb"}  # run their cells only with real SD 1.5 weights and a GPU
 DRAWS = re.compile(r"(^|[^\w.])show\(|plt\.show\(")
 
 
