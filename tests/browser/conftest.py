@@ -107,6 +107,8 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
+    if os.environ.get("MINISD_BROWSER") != "1":  # they take minutes: opt in
+        pytest.skip("the browser tests run with MINISD_BROWSER=1 (JupyterLab + Chromium, several minutes)")
     pytest.importorskip("playwright.sync_api", reason="the browser tests need the playwright package (pip install playwright)")
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"the browser tests need Chromium at {CHROMIUM} (apt-get install chromium)")
