@@ -18,6 +18,7 @@ itself is right (≥ 99%) on rendered pictures before its numbers are trusted.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -416,11 +417,21 @@ class InpaintTask:
     kept: int           # which object (0 or 1, reading order) must stay as it was
 
 
+def replacement(scene: Scene, k: int, rng: np.random.Generator, size: tuple[int, int]) -> tuple[ShapeObject, Image.Image]:
+    """Object k of a rendered two-object scene redrawn in a colour no object has and another shape, and the
+    mask to inpaint it: its box grown by 4 px."""
+    old = scene.objects[k]
+    new = copy.copy(old)
+    new.colour = str(rng.choice([c for c in COLOURS if c not in {o.colour for o in scene.objects}]))
+    new.shape = str(rng.choice([sh for sh in BASE_SHAPES if sh != old.shape]))
+    x0, y0, x1, y1 = old.bbox
+    mask = Image.new("L", size, 0)
+    mask.paste(255, (max(x0 - 4, 0), max(y0 - 4, 0), min(x1 + 4, size[0]), min(y1 + 4, size[1])))
+    return new, mask
+
+
 def inpaint_tasks(n: int = 60, seed: int = 9_000_000) -> list[InpaintTask]:
     """Held-out two-object scenes (seeds no training run uses), alternately replacing the first and second object."""
-    import copy
-
-
     rng = np.random.default_rng(seed)
     tasks, i = [], 0
     while len(tasks) < n:
@@ -430,13 +441,7 @@ def inpaint_tasks(n: int = 60, seed: int = 9_000_000) -> list[InpaintTask]:
             continue
         image = render(scene)
         k = len(tasks) % 2
-        old = scene.objects[k]
-        new = copy.copy(old)
-        new.colour = str(rng.choice([c for c in COLOURS if c not in {o.colour for o in scene.objects}]))
-        new.shape = str(rng.choice([sh for sh in BASE_SHAPES if sh != old.shape]))
-        x0, y0, x1, y1 = old.bbox
-        mask = Image.new("L", image.size, 0)
-        mask.paste(255, (max(x0 - 4, 0), max(y0 - 4, 0), min(x1 + 4, image.width), min(y1 + 4, image.height)))
+        new, mask = replacement(scene, k, rng, image.size)
         objects = [new if j == k else o for j, o in enumerate(scene.objects)]
         prompt = " and ".join(o.phrase(True, True) for o in objects)  # sizes too: the two never overlap
         tasks.append(InpaintTask(image, mask, prompt, 1 - k))

@@ -12,7 +12,6 @@ with diffusers' settings and with `pipe.inpaint`'s defaults and writes `docs/res
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,8 +20,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..generate import DIFFUSERS_INPAINT
-from .analyser import InpaintTask, analyse, parse
-from .world import BACKGROUNDS, BASE_SHAPES, COLOURS, make_scene, render
+from .analyser import InpaintTask, analyse, parse, replacement
+from .world import BACKGROUNDS, make_scene, render
 
 MARGIN = 4  # px: pixels this close to the mask may take part in the feathered seam
 RIM = 3     # px: the mask's inner rim, background in every task (masks are object boxes grown by 4 px)
@@ -50,14 +49,8 @@ def background_inpaint_tasks(n: int = 60, seed: int = 9_100_000) -> list[Backgro
         j = len(tasks)
         scene.background, named = names[j % 3], (j // 3) % 2 == 0  # objects never take a background's colour
         k = (j // 6) % 2
-        old = scene.objects[k]
-        new = copy.copy(old)
-        new.colour = str(rng.choice([c for c in COLOURS if c not in {o.colour for o in scene.objects}]))
-        new.shape = str(rng.choice([sh for sh in BASE_SHAPES if sh != old.shape]))
         image = render(scene)
-        x0, y0, x1, y1 = old.bbox
-        mask = Image.new("L", image.size, 0)
-        mask.paste(255, (max(x0 - 4, 0), max(y0 - 4, 0), min(x1 + 4, image.width), min(y1 + 4, image.height)))
+        new, mask = replacement(scene, k, rng, image.size)
         prompt = " and ".join(o.phrase(True, True) for o in (new if m == k else o for m, o in enumerate(scene.objects)))
         if named:
             prompt += f" on a {scene.background} background"

@@ -3,7 +3,7 @@
 Small enough to train a whole Stable Diffusion on two CPU cores, rich enough to show what a
 text-to-image model does: colour, shape, position, size, two-object composition, new concepts
 (`star`, held out of base training and taught by LoRA) and spatial control (ControlNet maps).
-The palette, vocabulary and grammar are fixed (COURSE.md), because evaluators rely on them:
+The palette, vocabulary and grammar are fixed, because evaluators rely on them:
 
     a [small|large] <colour> <shape> [<position phrase>] [on a <background> background]
     ... and a [small|large] <colour> <shape> <position phrase>
