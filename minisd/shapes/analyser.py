@@ -21,7 +21,9 @@ from __future__ import annotations
 import copy
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import count, islice
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +31,22 @@ from PIL import Image
 
 from ..diffusion.samplers import get_sampler
 from ..pipeline import StableDiffusion
-from .world import (BACKGROUNDS, BASE_SHAPES, COLOURS, PHRASES, POSITIONS, SHAPES, SIZES, Scene, ShapeObject,
-                     control_map, convex_hull, make_scene, render, to_tensor)
+from .world import (
+    BACKGROUNDS,
+    BASE_SHAPES,
+    COLOURS,
+    PHRASES,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    ShapeObject,
+    control_map,
+    convex_hull,
+    make_scene,
+    render,
+    to_tensor,
+)
 
 MIN_AREA = 20  # px; a small triangle covers ~98, a small star ~60
 
@@ -417,6 +433,14 @@ class InpaintTask:
     kept: int           # which object (0 or 1, reading order) must stay as it was
 
 
+def two_object_scenes(seed: int) -> Iterator[Scene]:
+    """The two-object scenes among make_scene(seed), make_scene(seed + 1), …, in order (endless)."""
+    for i in count():
+        scene = make_scene(seed + i, p_two=1.0)
+        if len(scene.objects) == 2:
+            yield scene
+
+
 def replacement(scene: Scene, k: int, rng: np.random.Generator, size: tuple[int, int]) -> tuple[ShapeObject, Image.Image]:
     """Object k of a rendered two-object scene redrawn in a colour no object has and another shape, and the
     mask to inpaint it: its box grown by 4 px."""
@@ -433,12 +457,8 @@ def replacement(scene: Scene, k: int, rng: np.random.Generator, size: tuple[int,
 def inpaint_tasks(n: int = 60, seed: int = 9_000_000) -> list[InpaintTask]:
     """Held-out two-object scenes (seeds no training run uses), alternately replacing the first and second object."""
     rng = np.random.default_rng(seed)
-    tasks, i = [], 0
-    while len(tasks) < n:
-        scene = make_scene(seed + i, p_two=1.0)
-        i += 1
-        if len(scene.objects) != 2:
-            continue
+    tasks = []
+    for scene in islice(two_object_scenes(seed), n):
         image = render(scene)
         k = len(tasks) % 2
         new, mask = replacement(scene, k, rng, image.size)

@@ -13,6 +13,7 @@ with diffusers' settings and with `pipe.inpaint`'s defaults and writes `docs/res
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 import torch
@@ -20,8 +21,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..generate import DIFFUSERS_INPAINT
-from .analyser import InpaintTask, analyse, parse, replacement
-from .world import BACKGROUNDS, make_scene, render
+from .analyser import InpaintTask, analyse, parse, replacement, two_object_scenes
+from .world import BACKGROUNDS, render
 
 MARGIN = 4  # px: pixels this close to the mask may take part in the feathered seam
 RIM = 3     # px: the mask's inner rim, background in every task (masks are object boxes grown by 4 px)
@@ -40,12 +41,8 @@ def background_inpaint_tasks(n: int = 60, seed: int = 9_100_000) -> list[Backgro
     background named in the prompt for tasks 0-2, 6-8, …: n = 60 gives 10 of each (background, named)."""
     names = list(BACKGROUNDS)
     rng = np.random.default_rng(seed)
-    tasks, i = [], 0
-    while len(tasks) < n:
-        scene = make_scene(seed + i, p_two=1.0)
-        i += 1
-        if len(scene.objects) != 2:
-            continue
+    tasks = []
+    for scene in islice(two_object_scenes(seed), n):
         j = len(tasks)
         scene.background, named = names[j % 3], (j // 3) % 2 == 0  # objects never take a background's colour
         k = (j // 6) % 2
