@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from ..diffusion.samplers import get_sampler
+from ..generate import DIFFUSERS_INPAINT
 from ..pipeline import StableDiffusion
 from .world import (
     BACKGROUNDS,
@@ -469,16 +470,19 @@ def inpaint_tasks(n: int = 60, seed: int = 9_000_000) -> list[InpaintTask]:
 
 
 def evaluate_inpaint(pipes: dict, tasks: list[InpaintTask] | None = None, steps: int = 25,
-                     guidance_scale: float = 7.5) -> dict[str, dict[str, float]]:
+                     guidance_scale: float = 7.5, settings: dict | None = None) -> dict[str, dict[str, float]]:
     """For each pipeline ({label: pipe}): how often the new object appears right (colour, shape,
-    position), the other one is still right, and both. The same seed for every pipeline."""
+    position), the other one is still right, and both. The same seed for every pipeline. `settings` go
+    to `pipe.inpaint`; by default diffusers' (`generate.DIFFUSERS_INPAINT`: noise from strength 1,
+    nothing pasted back), so what is kept is the model's doing, not the paste-back's."""
+    settings = DIFFUSERS_INPAINT if settings is None else settings
     tasks = tasks if tasks is not None else inpaint_tasks()
     out = {}
     for label, pipe in pipes.items():
         new_ok, kept_ok = [], []
         for i, task in enumerate(tasks):
             image = pipe.inpaint(task.prompt, task.image, task.mask, num_inference_steps=steps,
-                                 guidance_scale=guidance_scale, seed=i)[0]
+                                 guidance_scale=guidance_scale, seed=i, **settings)[0]
             wanted, _ = parse(task.prompt)
             a = analyse(image)
             right = [(o := a.find(w.colour)) is not None and o.shape == w.shape and o.position == w.position
@@ -556,7 +560,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--controlnet", default=None, help="evaluate this ControlNet: layout IoU without and with it")
     ap.add_argument("--control", default="edges", help="the ControlNet's map kind: edges or mask")
     ap.add_argument("--inpaint", default=None, help="compare mask blending (--model) with this 9-channel "
-                    "inpainting model on 60 held-out object replacements")
+                    "inpainting model on 60 held-out object replacements (diffusers' settings: nothing pasted back)")
     ap.add_argument("--breakdown", action="store_true", help="how the two-object prompts fail (at the first --cfg)")
     ap.add_argument("--vae", action="store_true", help="the VAE's ceiling: shape accuracy of ground-truth renders "
                     "after an encode-decode round trip")
