@@ -35,7 +35,7 @@ from PIL import Image, PngImagePlugin
 
 from . import __version__
 from .canny import canny
-from .diffusion.samplers import FLOW_SAMPLERS, SAMPLERS, get_sampler
+from .diffusion.samplers import FLOW_SAMPLERS, SAMPLERS, default_sampler, get_sampler
 from .formats.files import atomic_write
 from .pipeline import StableDiffusion
 from .shapes import analyser, train
@@ -272,6 +272,17 @@ def _sampler_from(path: str, label: str, schedule: str) -> dict:
 
 # ─── settings: flags, then the picture's, then defaults; every check before any work ──────────────
 
+def model_sampler(model: str) -> str:
+    """The sampler a model folder calls for when none is named (flow_euler for a flow model, read from its
+    scheduler config before anything is loaded; DDIM otherwise, and for anything loading will judge)."""
+    config = Path(model) / "scheduler" / "scheduler_config.json"
+    try:
+        flow = str(json.loads(config.read_text()).get("_class_name", "")).startswith("FlowMatch")
+    except (OSError, ValueError, AttributeError):
+        flow = False
+    return default_sampler("flow" if flow else "epsilon")
+
+
 def resolve(args: argparse.Namespace, mode: str) -> dict:
     """Fill every setting of `args` in place; returns the recipe read from --from ({} without)."""
     if args.source_image is not None:
@@ -281,7 +292,7 @@ def resolve(args: argparse.Namespace, mode: str) -> dict:
         args.width, args.height = args.width or args.size, args.height or args.size
     for key, default in {**DEFAULTS, **MODE_DEFAULTS[mode]}.items():
         if getattr(args, key) is None:
-            setattr(args, key, recipe.get(key, default))
+            setattr(args, key, recipe.get(key, model_sampler(args.model) if key == "sampler" else default))
     if args.seed is None or args.seed == -1:
         args.seed = random.randrange(2**32)  # A1111's range for a drawn seed
     if args.prompt is None:
@@ -532,7 +543,7 @@ def add_generation_args(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--seed", type=SEED, default=None,
                    help="random seed; image i of -n uses seed+i (default, or -1: a random one, recorded)")
     p.add_argument("--sampler", type=sampler_name, default=None,
-                   help=f"one of: {', '.join(SAMPLER_LABELS)} (default {d['sampler']})")
+                   help=f"one of: {', '.join(SAMPLER_LABELS)} (default {d['sampler']}; flow_euler for a flow model)")
     p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
                    help="Karras sigma spacing (euler, euler_a, heun, lms, dpmpp_2m)")
     p.add_argument("--eta", type=UNIT, default=None, help="DDIM stochasticity, 0..1 (default 0)")

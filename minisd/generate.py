@@ -40,7 +40,7 @@ DIFFUSERS_INPAINT = dict(strength=1.0, keep_unmasked=False, masked_content="orig
 @torch.inference_mode()
 def generate(pipe: StableDiffusion, prompt: str | list[str], *, negative_prompt: str | list[str] | None = None,
              num_inference_steps: int = 50, guidance_scale: float = 7.5, height: int | None = None,
-             width: int | None = None, sampler: str = "ddim", karras: bool = False, eta: float = 0.0,
+             width: int | None = None, sampler: str | None = None, karras: bool = False, eta: float = 0.0,
              seed: int | None = None, generator: torch.Generator | None = None, latents: Tensor | None = None,
              num_images_per_prompt: int = 1, callback=None, output_type: str = "pil", clip_skip: int = 0,
              image: ImageInput | None = None, strength: float = 1.0, mask_image: ImageInput | None = None,
@@ -53,6 +53,7 @@ def generate(pipe: StableDiffusion, prompt: str | list[str], *, negative_prompt:
     context (SDXL, `pipeline_xl`) passes its prompt `encoded` as (cond, uncond) and the `added` conditions
     (see `denoisers.unet_backbone`); `denoising_end`/`denoising_start` split one schedule between two models
     (see `split_schedule`); `upcast_vae` decodes in float32 whatever the VAE's dtype."""
+    sampler = samplers.default_sampler(pipe.scheduler.prediction_type) if sampler is None else sampler
     x_image = image_to_tensor(image, height, width) if image is not None else None
     if x_image is not None:
         height, width = x_image.shape[-2:]

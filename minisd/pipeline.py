@@ -208,7 +208,7 @@ class StableDiffusion:
     # ─── generation (the loop itself: generate.py) ─────────────────────────────────────────────────
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, height: int | None = None,
-                 width: int | None = None, sampler: str = "ddim", karras: bool = False, eta: float = 0.0,
+                 width: int | None = None, sampler: str | None = None, karras: bool = False, eta: float = 0.0,
                  seed: int | None = None, generator: torch.Generator | None = None, latents: Tensor | None = None,
                  num_images_per_prompt: int = 1, callback=None, output_type: str = "pil", clip_skip: int = 0, *,
                  control_image=None, controlnet_scale: float | list[float] | None = None,
@@ -220,7 +220,7 @@ class StableDiffusion:
         guidance_scale 1 turns classifier-free guidance off (one U-Net pass per step); a negative
         prompt replaces the empty prompt of the unconditional branch. `latents`: the initial noise
         (B, 4, h, w) before scaling by the sampler's initial σ. `callback(step, t, latents)` runs after
-        every step. Samplers: see `minisd.diffusion.samplers.SAMPLERS`. guidance_rescale φ in [0, 1]
+        every step. Samplers: see `minisd.diffusion.samplers.SAMPLERS` (default: DDIM; `flow_euler` for a flow model). guidance_rescale φ in [0, 1]
         (Lin et al. 2024; 0.7 with a zero-terminal-SNR model) pulls the guided prediction's spread back to
         the conditional one's, against over-exposure at high guidance.
 

@@ -567,3 +567,8 @@ def get_sampler(name: str) -> Sampler:
     if name not in SAMPLERS and name not in FLOW_SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; known samplers: {', '.join([*SAMPLERS, *FLOW_SAMPLERS])}")
     return SAMPLERS[name] if name in SAMPLERS else FLOW_SAMPLERS[name]
+
+
+def default_sampler(prediction_type: str) -> str:
+    """What a model samples with when no sampler is named: DDIM, or Euler along the flow for a flow model."""
+    return "flow_euler" if prediction_type == "flow" else "ddim"

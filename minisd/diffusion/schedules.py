@@ -73,7 +73,17 @@ class SchedulerConfig:
                    set_alpha_to_one=cfg.get("set_alpha_to_one"),
                    rescale_betas_zero_snr=cfg.get("rescale_betas_zero_snr", False), shift=cfg.get("shift", 1.0))
 
-    def to_diffusers(self, class_name: str = "PNDMScheduler") -> dict:
+    def diffusers_class(self) -> str:
+        """The diffusers scheduler a saved model names: its own defaults read this config as minisd does
+        (PNDM is SD 1.x's; PNDM has no zero-terminal-SNR option, DDIM has; a flow model's is FlowMatchEuler)."""
+        if self.prediction_type == "flow":
+            return "FlowMatchEulerDiscreteScheduler"
+        return "DDIMScheduler" if self.rescale_betas_zero_snr else "PNDMScheduler"
+
+    def to_diffusers(self, class_name: str | None = None) -> dict:
+        class_name = self.diffusers_class() if class_name is None else class_name
+        if self.prediction_type == "flow":  # FlowMatchEulerDiscreteScheduler's fields: no betas, no ᾱ
+            return {"_class_name": class_name, "num_train_timesteps": self.num_train_timesteps, "shift": self.shift}
         out = {"_class_name": class_name, "num_train_timesteps": self.num_train_timesteps,
                "beta_start": self.beta_start, "beta_end": self.beta_end, "beta_schedule": self.beta_schedule,
                "prediction_type": self.prediction_type, "steps_offset": self.steps_offset,

@@ -626,10 +626,11 @@ def _parse_config(path: Path, parse, *args):
 
 def write_diffusers_folder(folder: Path, unet: tuple[UNetConfig, StateDict], vae: tuple[VAEConfig, StateDict],
                            text: tuple[TextEncoderConfig, StateDict], scheduler: SchedulerConfig,
-                           scheduler_class: str = "PNDMScheduler") -> None:
+                           scheduler_class: str | None = None) -> None:
     """The diffusers layout, readable by diffusers' `StableDiffusionPipeline.from_pretrained` too.
-    (The tokenizer folder is written by the caller.)"""
+    (The tokenizer folder is written by the caller.) The scheduler class: the config's own by default."""
     folder.mkdir(parents=True, exist_ok=True)
+    scheduler_class = scheduler.diffusers_class() if scheduler_class is None else scheduler_class
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
              "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
              "scheduler": ["diffusers", scheduler_class], "text_encoder": ["transformers", "CLIPTextModel"],

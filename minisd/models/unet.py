@@ -50,7 +50,7 @@ class UNetConfig:
     flip_sin_to_cos: bool = True           # timestep embedding as [cos, sin]
     freq_shift: float = 0.0
     sample_size: int = 64                  # native latent size (×8 = 512 px for SD 1.5)
-    prediction_type: str = "epsilon"       # what the model predicts: "epsilon" or "v_prediction" (SD 2.x 768)
+    prediction_type: str = "epsilon"       # what the model predicts: "epsilon", "v_prediction" (SD 2.x 768), "sample" or "flow"
     transformer_depth: int | tuple[int, ...] = 1  # transformer blocks per Transformer2D: all levels, or one per
     #                                             level (SDXL base: 1, 2, 10; the mid block takes the last level's)
     addition_embed_type: str | None = None  # "text_time" (SDXL): pooled text + size/crop ids added to emb
@@ -79,7 +79,7 @@ class UNetConfig:
             check_bool(name, field, getattr(self, field))
         check_float(name, "freq_shift", self.freq_shift, -1000.0, 1000.0)
         check_int(name, "sample_size", self.sample_size, 1, 1024)
-        check_choice(name, "prediction_type", self.prediction_type, ("epsilon", "v_prediction", "sample"))
+        check_choice(name, "prediction_type", self.prediction_type, ("epsilon", "v_prediction", "sample", "flow"))
         if not isinstance(self.transformer_depth, int):
             check_levels(name, "transformer_depth", self.transformer_depth, n, n)
         for depth in self.depths:

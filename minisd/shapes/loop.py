@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..diffusion.schedules import snr
+from ..diffusion import objectives
 from ..formats.files import atomic_write
 from ..models.unet import UNet
 
@@ -171,23 +171,21 @@ def check_config(cfg, *, at_least_1=(), at_least_0=(), above_0=(), not_negative=
 
 def diffusion_loss(unet: UNet, z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, context: torch.Tensor,
                    alpha_bar: torch.Tensor, min_snr_gamma: float | None = 5.0, control=None,
-                   weight: torch.Tensor | None = None) -> torch.Tensor:
-    """The training objective: noise z₀ to z_t in one jump, predict ε, weighted squared error.
+                   weight: torch.Tensor | None = None, prediction_type: str = "epsilon") -> torch.Tensor:
+    """The training objective: noise z₀ in one jump, predict the target, weighted squared error.
 
         z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε                      (the forward process, schedules.py eq. 2)
-        L   = mean_b  w(t_b) · ‖ε_b − ε_θ(z_t, t_b, c_b)‖² / D
-        w(t) = min(SNR(t), γ) / SNR(t)                  (Min-SNR-γ, Hang et al. 2023; None: w = 1, DDPM's)
+        L   = mean_b  w(t_b) · ‖y_b − f_θ(z_t, t_b, c_b)‖² / D,   y = ε, v or the flow's velocity
+        w(t) = Min-SNR-γ (Hang et al. 2023; None: w = 1, DDPM's)  (`diffusion.objectives`)
 
-    `weight` (B, 1, h, w), optional: a weight per latent cell inside the norm (the star LoRA's notches).
+    `t` comes from `objectives.draw_timesteps` (N·σ for flow). `weight` (B, 1, h, w), optional: a weight
+    per latent cell inside the norm (the star LoRA's notches).
     """
-    a = alpha_bar[t].view(-1, 1, 1, 1)
-    z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
-    err = (unet(z_t, t, context, control=control) - eps).pow(2)
+    z_t, target = objectives.noised_and_target(prediction_type, z0, eps, t, alpha_bar, len(alpha_bar))
+    err = (unet(z_t, t, context, control=control) - target).pow(2)
     per_sample = (err if weight is None else weight * err).mean(dim=(1, 2, 3))
-    if min_snr_gamma is None:
-        return per_sample.mean()
-    s = snr(alpha_bar)[t]
-    return (s.clamp(max=min_snr_gamma) / s * per_sample).mean()
+    w = objectives.loss_weights(prediction_type, t, alpha_bar, min_snr_gamma)
+    return per_sample.mean() if w is None else (w * per_sample).mean()
 
 
 @torch.no_grad()

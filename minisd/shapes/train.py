@@ -42,6 +42,8 @@ from . import finetune, world
 from .clip import CLIP
 from .loop import (Log, check_config, diffusion_loss, edge_map, ema_update, load_checkpoint, lr_at,
                    optimiser_step, refuse_overwrite, resume, save_checkpoint, seeded, use_bf16, write_json)
+from ..diffusion.objectives import OBJECTIVES, draw_timesteps
+from ..diffusion.schedules import SchedulerConfig
 from ..models.configs import TINY, ModelConfig
 from ..models.text_encoder import TextEncoder
 from ..models.tokenizer import Tokenizer, build_word_tokenizer
@@ -87,6 +89,11 @@ class TrainConfig:
     bf16: str = "auto"                # U-Net steps under bfloat16 autocast: "yes", "no", or "auto" (CUDA, or a CPU with avx512_bf16/AMX)
     checkpoint_minutes: float = 5.0
     sample_steps: int = 25            # sampling steps of the sample grids written during training
+    # the objective (diffusion.objectives), and where to start from
+    prediction_type: str = "epsilon"  # "epsilon", "v_prediction" (with a zero-terminal-SNR schedule) or "flow"
+    flow_shift: float = 1.0           # flow: σ -> sσ/(1 + (s−1)σ) in training and sampling (SD 3: 3.0 at 128² latents)
+    init_from: str = ""               # a finished model folder: its VAE, text encoder and tokenizer are used as they
+                                      #   are (no vae/clip stage) and its U-Net's weights start the U-Net stage
 
     def __post_init__(self):  # careless input is refused before any work
         check_config(self, at_least_1=("n_images", "vae_steps", "vae_batch", "clip_steps", "clip_batch", "unet_steps",
@@ -96,7 +103,11 @@ class TrainConfig:
                               "checkpoint_minutes"),
                      not_negative=("kl_weight", "vae_edge_weight"),
                      shares=("vae_clutter", "vae_spiky", "caption_dropout", "unet_two_share", "ema_decay"),
-                     choices={"bf16": ("yes", "no", "auto")})
+                     choices={"bf16": ("yes", "no", "auto"), "prediction_type": OBJECTIVES})
+        if not 0 < self.flow_shift <= 100:
+            raise ValueError(f"--flow-shift must be in (0, 100], got {self.flow_shift!r}")
+        if self.init_from and not (Path(self.init_from) / "model_index.json").is_file():
+            raise ValueError(f"--init-from {self.init_from!r}: not a model folder (no model_index.json there)")
         if self.vae_contrast < 1:
             raise ValueError(f"--vae-contrast must be at least 1 (1: no change), got {self.vae_contrast!r}")
 
@@ -117,9 +128,22 @@ def grid(images: torch.Tensor, nrow: int = 8):
     return Image.fromarray(canvas.permute(1, 2, 0).numpy())
 
 
-def model_config(tokenizer: Tokenizer) -> ModelConfig:
-    """TINY, with the text encoder's vocabulary sized to the tokenizer."""
-    return replace(TINY, text_encoder=replace(TINY.text_encoder, vocab_size=len(tokenizer)))
+def model_config(tokenizer: Tokenizer, cfg: TrainConfig | None = None) -> ModelConfig:
+    """TINY, with the text encoder's vocabulary sized to the tokenizer and the schedule of the objective."""
+    return replace(TINY, text_encoder=replace(TINY.text_encoder, vocab_size=len(tokenizer)),
+                   scheduler=schedule_for(cfg.prediction_type if cfg else "epsilon", cfg.flow_shift if cfg else 1.0))
+
+
+def schedule_for(prediction_type: str, flow_shift: float = 1.0) -> SchedulerConfig:
+    """The training schedule of each objective: SD 1.x's for ε; for v, the same betas rescaled to zero
+    terminal SNR with trailing timesteps (Lin et al. 2024: both are needed to start sampling from pure
+    noise); for flow, the straight path and its shift."""
+    if prediction_type == "v_prediction":
+        return replace(TINY.scheduler, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                       timestep_spacing="trailing")
+    if prediction_type == "flow":
+        return SchedulerConfig(prediction_type="flow", shift=flow_shift)
+    return TINY.scheduler
 
 
 # ─── data ──────────────────────────────────────────────────────────────────────────────────────────
@@ -334,11 +358,13 @@ def batch_indices(two: torch.Tensor, batch: int, two_share: float, g: torch.Gene
 
 def train_unet(cfg: TrainConfig, mcfg: ModelConfig, tok: Tokenizer, text_encoder: TextEncoder,
                latents: tuple[torch.Tensor, torch.Tensor], scenes, scaling_factor: float,
-               sample_fn, log: Log) -> UNet:
+               sample_fn, log: Log, init: UNet | None = None) -> UNet:
     work = Path(cfg.work)
     device = torch.device(cfg.device)
     with seeded(cfg.seed + 4, device):
         unet = UNet(mcfg.unet).to(device)
+    if init is not None:  # --init-from: a finished model's U-Net, whatever it predicted, starts this one
+        unet.load_state_dict(init.state_dict())
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
     start, losses = resume(work / "unet.pt", log, model=unet, ema=ema, opt=opt)  # losses: every step's so far
@@ -370,10 +396,11 @@ def train_unet(cfg: TrainConfig, mcfg: ModelConfig, tok: Tokenizer, text_encoder
         with torch.no_grad():
             ids = tok(captions, warn=False).to(device)
             context = text_encoder(ids)  # (B, 77, E): frozen, as SD freezes CLIP
-        t = torch.randint(0, len(alpha_bar), (cfg.unet_batch,), generator=g).to(device)
+        t = draw_timesteps(cfg.prediction_type, cfg.unet_batch, len(alpha_bar), g, cfg.flow_shift).to(device)
         eps = torch.randn(z0.shape, generator=g).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # weights, loss, Adam stay fp32
-            loss = diffusion_loss(unet, z0, t, eps, context, alpha_bar, cfg.min_snr_gamma)
+            loss = diffusion_loss(unet, z0, t, eps, context, alpha_bar, cfg.min_snr_gamma,
+                                  prediction_type=cfg.prediction_type)
         optimiser_step(loss, opt, unet.parameters())
         ema_update(ema, unet, step, cfg.ema_decay)
         losses.append(loss.item())
@@ -447,11 +474,44 @@ def train_model(cfg: TrainConfig, stage: str = "all", force: bool = False, fresh
         log(f"{name}: {timings[name] / 60:.1f} min")
         return out
 
-    device = torch.device(cfg.device)
-    tok = build_word_tokenizer(world.VOCABULARY, work / "tokenizer")
-    mcfg = model_config(tok)
     images, scenes = timed("data", make_data, cfg, log)
+    if cfg.init_from:
+        tok, mcfg, vae, text_encoder, init = reused_from(cfg, log)
+    else:
+        tok, mcfg, vae, text_encoder = trained_vae_and_clip(cfg, stage, images, scenes, timed, log)
+        init = None
+    scaling_factor = mcfg.vae.scaling_factor
 
+    def assemble(unet: UNet) -> StableDiffusion:
+        pipe = StableDiffusion(unet, vae, text_encoder, tok, mcfg.scheduler, name="tiny")
+        pipe.vae.config = mcfg.vae
+        pipe.progress = False
+        return pipe
+
+    def sample_fn(unet: UNet, name: str) -> None:
+        pipe = assemble(unet.eval())
+        imgs = pipe(SAMPLE_PROMPTS, num_inference_steps=cfg.sample_steps, seed=0, output_type="pt",
+                    num_images_per_prompt=2)
+        grid(imgs * 2 - 1).save(work / name)
+        unet.train()
+
+    latents = timed("cache", cache_latents, vae, images, torch.device(cfg.device), log)
+    unet = timed("unet", train_unet, cfg, mcfg, tok, text_encoder, latents, scenes, scaling_factor, sample_fn, log, init)
+    pipe = assemble(unet)
+    sample_fn(unet, "unet_samples_final.png")
+    pipe.to("cpu", torch.float16)  # shipped in fp16: half the size, and CPU loads it back as fp32
+    pipe.save_pretrained(cfg.out)
+    write_training_record(cfg, timings, work, Path(cfg.out), stage)
+    log(f"saved the model to {cfg.out}; total {sum(timings.values()) / 60:.1f} min: {json.dumps(timings)}")
+    return Path(cfg.out)
+
+
+def trained_vae_and_clip(cfg: TrainConfig, stage: str, images, scenes, timed, log: Log):
+    """Stages 2-4: the VAE, its latent scaling factor and the text encoder, each trained unless `stage`
+    is a later one and its checkpoint is in --work. Returns (tokenizer, model config, vae, text encoder)."""
+    work, device = Path(cfg.work), torch.device(cfg.device)
+    tok = build_word_tokenizer(world.VOCABULARY, work / "tokenizer")
+    mcfg = model_config(tok, cfg)
     with seeded(cfg.seed, device):  # the VAE's first weights and posterior draws, then the scaling factor's
         if stage in ("all", "vae") or not (work / "vae.pt").is_file():
             vae = timed("vae", train_vae, cfg, mcfg, images, log)
@@ -470,35 +530,29 @@ def train_model(cfg: TrainConfig, stage: str = "all", force: bool = False, fresh
         clip.load_state_dict(load_checkpoint(work / "clip.pt")["model"])
         text_encoder = clip.text_encoder.eval()
     text_encoder.requires_grad_(False)
-
-    def assemble(unet: UNet) -> StableDiffusion:
-        pipe = StableDiffusion(unet, vae, text_encoder, tok, mcfg.scheduler, name="tiny")
-        pipe.vae.config = mcfg.vae
-        pipe.progress = False
-        return pipe
-
-    def sample_fn(unet: UNet, name: str) -> None:
-        pipe = assemble(unet.eval())
-        imgs = pipe(SAMPLE_PROMPTS, num_inference_steps=cfg.sample_steps, seed=0, output_type="pt",
-                    num_images_per_prompt=2)
-        grid(imgs * 2 - 1).save(work / name)
-        unet.train()
-
-    latents = timed("cache", cache_latents, vae, images, device, log)
-    unet = timed("unet", train_unet, cfg, mcfg, tok, text_encoder, latents, scenes, scaling_factor, sample_fn, log)
-    pipe = assemble(unet)
-    sample_fn(unet, "unet_samples_final.png")
-    pipe.to("cpu", torch.float16)  # shipped in fp16: half the size, and CPU loads it back as fp32
-    pipe.save_pretrained(cfg.out)
-    write_training_record(cfg, timings, work, Path(cfg.out))
-    log(f"saved the model to {cfg.out}; total {sum(timings.values()) / 60:.1f} min: {json.dumps(timings)}")
-    return Path(cfg.out)
+    return tok, mcfg, vae, text_encoder
 
 
-def write_training_record(cfg: TrainConfig, timings: dict, work: Path, out: Path) -> None:
+def reused_from(cfg: TrainConfig, log: Log):
+    """--init-from: a finished model's tokenizer, VAE (and scaling factor) and text encoder as they are,
+    and its U-Net to start from; the schedule is the new objective's. Returns (tokenizer, model config,
+    vae, text encoder, the U-Net to start from)."""
+    base = StableDiffusion.from_pretrained(cfg.init_from, device=cfg.device, dtype=torch.float32)
+    mcfg = ModelConfig(unet=base.unet.config, vae=base.vae.config, text_encoder=base.text_encoder.config,
+                       scheduler=schedule_for(cfg.prediction_type, cfg.flow_shift))
+    if base.unet.config.in_channels != 4:
+        raise ValueError(f"--init-from {cfg.init_from!r}: its U-Net takes {base.unet.config.in_channels} channels; "
+                         f"a text-to-image U-Net (4) is needed")
+    log(f"from {cfg.init_from}: its tokenizer, VAE (scaling factor {mcfg.vae.scaling_factor}) and text encoder; "
+        f"its U-Net ({base.scheduler.prediction_type}) starts the {cfg.prediction_type} U-Net")
+    base.vae.eval(), base.text_encoder.eval().requires_grad_(False)
+    return base.tokenizer, mcfg, base.vae, base.text_encoder, base.unet
+
+
+def write_training_record(cfg: TrainConfig, timings: dict, work: Path, out: Path, stage: str = "all") -> None:
     """training.json beside the weights: the config, the minutes per stage, the machine, the loss curve."""
     losses = json.loads((work / "unet_losses.json").read_text()) if (work / "unet_losses.json").is_file() else []
-    record = {"command": "minisd train all", "config": asdict(cfg),
+    record = {"command": f"minisd train {stage}", "config": asdict(cfg),
               "minutes": {k: round(v / 60, 2) for k, v in timings.items()},
               "total_minutes": round(sum(timings.values()) / 60, 1),
               "machine": {"device": cfg.device, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
