@@ -38,7 +38,7 @@ from .canny import canny
 from .diffusion.samplers import FLOW_SAMPLERS, SAMPLERS, default_sampler, get_sampler
 from .formats.files import atomic_write
 from .pipeline import StableDiffusion
-from .shapes import analyser, train
+from .shapes import analyser, scoreboard, train
 from .viz import image_grid
 
 MAX_SIZE = 4096        # px; SD 1.x at 2048 already needs tiling, beyond 4096 is a typo
@@ -273,14 +273,15 @@ def _sampler_from(path: str, label: str, schedule: str) -> dict:
 # ─── settings: flags, then the picture's, then defaults; every check before any work ──────────────
 
 def model_sampler(model: str) -> str:
-    """The sampler a model folder calls for when none is named (flow_euler for a flow model, read from its
-    scheduler config before anything is loaded; DDIM otherwise, and for anything loading will judge)."""
+    """The sampler a model folder calls for when none is named (flow_euler for a flow model, lcm for a
+    latent consistency model, read from its scheduler config before anything is loaded; DDIM otherwise,
+    and for anything loading will judge)."""
     config = Path(model) / "scheduler" / "scheduler_config.json"
     try:
-        flow = str(json.loads(config.read_text()).get("_class_name", "")).startswith("FlowMatch")
+        name = str(json.loads(config.read_text()).get("_class_name", ""))
     except (OSError, ValueError, AttributeError):
-        flow = False
-    return default_sampler("flow" if flow else "epsilon")
+        name = ""
+    return "lcm" if name == "LCMScheduler" else default_sampler("flow" if name.startswith("FlowMatch") else "epsilon")
 
 
 def resolve(args: argparse.Namespace, mode: str) -> dict:
@@ -292,7 +293,8 @@ def resolve(args: argparse.Namespace, mode: str) -> dict:
         args.width, args.height = args.width or args.size, args.height or args.size
     for key, default in {**DEFAULTS, **MODE_DEFAULTS[mode]}.items():
         if getattr(args, key) is None:
-            setattr(args, key, recipe.get(key, model_sampler(args.model) if key == "sampler" else default))
+            setattr(args, key, recipe.get(key, model_sampler(args.model or recipe.get("model", DEFAULTS["model"]))
+                                         if key == "sampler" else default))
     if args.seed is None or args.seed == -1:
         args.seed = random.randrange(2**32)  # A1111's range for a drawn seed
     if args.prompt is None:
@@ -543,7 +545,7 @@ def add_generation_args(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--seed", type=SEED, default=None,
                    help="random seed; image i of -n uses seed+i (default, or -1: a random one, recorded)")
     p.add_argument("--sampler", type=sampler_name, default=None,
-                   help=f"one of: {', '.join(SAMPLER_LABELS)} (default {d['sampler']}; flow_euler for a flow model)")
+                   help=f"one of: {', '.join(SAMPLER_LABELS)} (default {d['sampler']}; flow_euler for a flow model, lcm for an LCM)")
     p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
                    help="Karras sigma spacing (euler, euler_a, heun, lms, dpmpp_2m)")
     p.add_argument("--eta", type=UNIT, default=None, help="DDIM stochasticity, 0..1 (default 0)")
@@ -604,8 +606,8 @@ def build_parser() -> Parser:
 def run(argv: list[str]) -> None:
     if argv and argv[0] == "train":  # the training script has its own options
         train.main(argv[1:])
-    elif argv and argv[0] == "eval":
-        analyser.main(argv[1:])
+    elif argv and argv[0] == "eval":  # --fid's features read pictures with the analyser: it cannot import them
+        analyser.main(argv[1:], fid=scoreboard.fid_table)
     else:
         args = build_parser().parse_args(argv)
         if args.command == "bench":

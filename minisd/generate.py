@@ -5,6 +5,7 @@
     3. the schedule, and where on it to start (img2img and inpainting start part-way)
     4. the initial latents: pure noise z_T (txt2img), or the image's latents noised to the first step
     5. the denoiser, built from wrappers (`diffusion.denoisers`): U-Net, extra channels, ControlNet, CFG, ε
+       (an LCM-distilled U-Net reads the guidance scale as an input instead: one pass per step, no CFG)
     6. the sampler calls it once (or twice) per step
     7. decode: x = vae.decode(z_0 / scaling_factor), mapped from [-1, 1] to [0, 1]
 
@@ -53,7 +54,9 @@ def generate(pipe: StableDiffusion, prompt: str | list[str], *, negative_prompt:
     context (SDXL, `pipeline_xl`) passes its prompt `encoded` as (cond, uncond) and the `added` conditions
     (see `denoisers.unet_backbone`); `denoising_end`/`denoising_start` split one schedule between two models
     (see `split_schedule`); `upcast_vae` decodes in float32 whatever the VAE's dtype."""
-    sampler = samplers.default_sampler(pipe.scheduler.prediction_type) if sampler is None else sampler
+    distilled = embedded_guidance_dim(pipe) is not None
+    if sampler is None:  # an LCM U-Net samples with its own sampler, as LatentConsistencyModelPipeline does
+        sampler = "lcm" if distilled else samplers.default_sampler(pipe.scheduler.prediction_type)
     x_image = image_to_tensor(image, height, width) if image is not None else None
     if x_image is not None:
         height, width = x_image.shape[-2:]
@@ -69,9 +72,11 @@ def generate(pipe: StableDiffusion, prompt: str | list[str], *, negative_prompt:
         raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     if generator is None and seed is not None:
         generator = torch.Generator("cpu").manual_seed(seed)
+    if distilled:
+        check_distilled_guidance(negative_prompt, guidance_rescale, encoded)
 
     cond, uncond = encoded if encoded is not None else \
-        encode(pipe, prompt, negative_prompt, guidance_scale, num_images_per_prompt, clip_skip)
+        encode(pipe, prompt, negative_prompt, 1.0 if distilled else guidance_scale, num_images_per_prompt, clip_skip)
     schedule = start_schedule(pipe, sampler, num_inference_steps, karras, strength if x_image is not None else None)
     schedule = split_schedule(schedule, pipe.scheduler.num_train_timesteps, denoising_start, denoising_end)
     f = pipe.vae.config.downsampling
@@ -126,6 +131,24 @@ def check_arguments(sampler: str, output_type: str, steps: int, height: int, wid
         raise ValueError("inpainting needs an image as well as a mask_image")
     if keep_unmasked and not has_mask:
         raise ValueError("keep_unmasked pastes the image back outside the mask: it needs a mask_image")
+
+
+def embedded_guidance_dim(pipe: StableDiffusion) -> int | None:
+    """W, the width of the guidance-scale embedding an LCM-distilled U-Net reads; None for any other backbone."""
+    return getattr(pipe.unet.config, "time_cond_proj_dim", None)
+
+
+def check_distilled_guidance(negative_prompt, guidance_rescale: float, encoded) -> None:
+    """An LCM U-Net has guidance built in: there is no unconditional branch for a negative prompt to replace,
+    nor a guided output to rescale (diffusers' LatentConsistencyModelPipeline takes neither)."""
+    if negative_prompt is not None:
+        raise ValueError("this U-Net is LCM-distilled: guidance is built into it (one pass per step, no "
+                         "unconditional branch), so a negative_prompt has nothing to replace; leave it out")
+    if guidance_rescale:
+        raise ValueError(f"guidance_rescale={guidance_rescale} rescales classifier-free guidance, which an "
+                         f"LCM-distilled U-Net does not run; leave it at 0")
+    if encoded is not None and encoded[1] is not None:
+        raise ValueError("an LCM-distilled U-Net runs the conditional branch alone: pass encoded=(cond, None)")
 
 
 def check_inpaint_options(masked_content: str, mask_blur: float) -> None:
@@ -306,7 +329,11 @@ def build_denoiser(pipe: StableDiffusion, cond: Tensor, uncond: Tensor | None, g
                    check: dn.FiniteCheck, added: dict[str, Tensor] | None = None,
                    guidance_rescale: float = 0.0) -> dn.Guided:
     """(z_t, t) -> the guided network output, from the wrappers of `diffusion.denoisers`, innermost first;
-    the sampler turns it into ε̂ or ẑ₀ by the scheduler's prediction type."""
+    the sampler turns it into ε̂ or ẑ₀ by the scheduler's prediction type. An LCM-distilled U-Net gets the
+    guidance scale as an added condition (its embedding) and runs the conditional branch alone."""
+    dim = embedded_guidance_dim(pipe)
+    if dim is not None:
+        added = {**(added or {}), **dn.guidance_condition(guidance_scale, cond.shape[0], dim, cond.device, cond.dtype)}
     net = dn.unet_backbone(pipe.unet, dn.timesteps_on_device(schedule.timesteps, cond.device), added)
     if pipe.compile_mode in CUDA_GRAPH_MODES:  # the graph's output buffer is overwritten by the next replay
         net = dn.copy_output(net)
@@ -317,6 +344,8 @@ def build_denoiser(pipe: StableDiffusion, cond: Tensor, uncond: Tensor | None, g
         residuals = control_function(pipe.controlnets, control, schedule.timesteps, cond.shape[0], uncond is not None,
                                      *size, pipe.device, pipe.dtype)
         net = dn.with_controlnet(net, check.control(residuals, "ControlNet"))
+    if dim is not None:
+        return dn.with_embedded_guidance(net, cond)
     return dn.with_cfg(net, cond, uncond, guidance_scale, guidance_rescale)
 
 

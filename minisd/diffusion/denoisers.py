@@ -4,12 +4,14 @@ The innermost layer has the U-Net's own signature, `net(z, t, context, control=N
 wrapper takes such a callable and returns one, adding one idea:
 
     unet_backbone       the network itself: dtypes in and out, the timestep already on the device, SDXL's
-                        added conditions (pooled text, size ids) riding along with the context
+                        added conditions (pooled text, size ids) and an LCM U-Net's embedded guidance scale
+                        (`guidance_condition`) riding along with the context
     copy_output         a copy of the output (CUDA graphs overwrite their output buffer on the next replay)
     with_extra_channels [z, mask, masked-image latents] on channels (a 9-channel inpainting U-Net)
     with_controlnet     ControlNet residuals computed from (z, t, context) and handed to the U-Net
     FiniteCheck.net     stop (or warn) at the first NaN/inf a component produces, naming it and the step
     with_cfg            classifier-free guidance: one batch of [∅, c], extrapolated (and rescaled); -> (z, t) -> output
+    with_embedded_guidance  guidance distilled into the network (LCM): [c] alone, the scale an input; -> (z, t) -> out
     as_eps              whatever the network predicts (ε, v, ẑ₀) as ε̂;                -> (z, t, ᾱ_t) -> ε̂
 
 Classifier-free guidance (Ho & Salimans 2021, eq. 6):
@@ -26,12 +28,18 @@ standard deviation (over-exposed, washed-out pictures, worst with a zero-termina
 
     ε̃_rescaled = φ · ε̃ · std(ε(z_t, c)) / std(ε̃) + (1 − φ) · ε̃,   std over each sample's C, H, W
 
+Guidance distilled into the network (latent consistency models, Luo et al. 2023, §4.2): the student learnt
+to give in one pass what the teacher gave with guidance at scale s, and reads s itself, as an embedding of
+w = s − 1 added to its time embedding (LCM writes guidance as ε(z_t, c) + w·(ε(z_t, c) − ε(z_t, ∅)), the same
+extrapolation with s = 1 + w). No unconditional branch runs, and no negative prompt has a place.
+
 `samplers.run` takes the guided `(z_t, t) -> output` with the prediction type and turns the output into
 what its sampler calls (`to_eps`, `to_x0`; a flow model's velocity goes to the flow samplers as it is).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
@@ -112,6 +120,39 @@ def with_cfg(net: Net, cond: Tensor, uncond: Tensor | None, scale: float, rescal
         return rescale_guidance(out, out_cond, rescale) if rescale > 0 else out
 
     return guided
+
+
+def guidance_scale_embedding(w: Tensor, dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """w (B,) -> (B, dim): the sinusoidal embedding of 1000·w (Kingma et al. 2021, VDM's code), sin half first,
+    frequencies 10000^(−i/(dim/2 − 1)); zero-padded to an odd dim. Computed in diffusers' order of operations
+    (`LatentConsistencyModelPipeline.get_guidance_scale_embedding`): at 1000·w the angles reach thousands of
+    radians, where one rounding more in a frequency moves a sine by 1e-3."""
+    if w.ndim != 1:
+        raise ValueError(f"w must be one guidance scale per sample, shape (B,), got {tuple(w.shape)}")
+    w = w * 1000.0
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=dtype) * -step)
+    angles = w.to(dtype)[:, None] * freqs[None, :]  # (B, dim/2)
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 == 1 else emb
+
+
+def guidance_condition(scale: float, rows: int, dim: int, device: torch.device | str,
+                       dtype: torch.dtype) -> dict[str, Tensor]:
+    """What a guidance-distilled (LCM) U-Net reads besides the context, as an added condition of `unet_backbone`:
+    `timestep_cond`, the embedding of w = scale − 1 (W wide) for each of the `rows` rows, as diffusers'
+    LatentConsistencyModelPipeline feeds it (its default guidance_scale 8.5 is w = 7.5)."""
+    if not math.isfinite(scale):
+        raise ValueError(f"guidance_scale must be finite, got {scale!r}")
+    w = torch.full((rows,), float(scale) - 1.0)
+    return {"timestep_cond": guidance_scale_embedding(w, dim).to(device, dtype)}
+
+
+def with_embedded_guidance(net: Net, cond: Tensor) -> Guided:
+    """Guidance distilled into the network: the conditional branch alone, one pass a step; the scale reaches
+    the network through its backbone's `guidance_condition`. cond: text embeddings (B, T, E)."""
+    return lambda z, t: net(z, t, cond)
 
 
 def rescale_guidance(guided: Tensor, cond: Tensor, phi: float) -> Tensor:

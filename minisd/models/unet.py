@@ -1,7 +1,8 @@
 """The denoising U-Net of Stable Diffusion: ε_θ(z_t, t, context).
 
 Legend: B batch, C channels, H,W latent height/width, L = H·W image tokens, T text tokens (77),
-D time-embedding width (4·C₀), E context width (768 for SD 1.x, 2048 for SDXL), P pooled text width.
+D time-embedding width (4·C₀), E context width (768 for SD 1.x, 2048 for SDXL), P pooled text width,
+W guidance-embedding width (LCM's time_cond_proj_dim).
 
     z_t (B,4,H,W) ─ conv_in ─ down path ─ mid block ─ up path ─ norm, SiLU, conv_out ─ ε̂ (B,4,H,W)
                                │ skip connections ────────┘
@@ -19,6 +20,12 @@ level 0 has no attention (`cross_attention[0] = False`), proj_in/proj_out are Li
 `addition_embed_type="text_time"` adds a second vector to emb ("micro-conditioning", §2.2):
 
     emb = MLP_t(sin(t)) + MLP_add([pooled text (B,P), sin(size and crop ids) (B, n_ids·256)])
+
+A latent consistency model (Luo et al. 2023, §4.2) has the guidance scale distilled into it: one more
+input, an embedding of w (`denoisers.guidance_scale_embedding`, (B, W)), projected by `cond_proj` and added
+to the sinusoidal timestep embedding before the time MLP (`time_cond_proj_dim`, diffusers' name):
+
+    emb = MLP_t(sin(t) + W_cond · emb(w))
 """
 
 from __future__ import annotations
@@ -56,6 +63,8 @@ class UNetConfig:
     addition_embed_type: str | None = None  # "text_time" (SDXL): pooled text + size/crop ids added to emb
     addition_time_embed_dim: int = 256      # SDXL: sinusoidal width of each size/crop id
     projection_class_embeddings_input_dim: int = 2816  # SDXL: P + n_ids·256 (base 1280 + 6·256; refiner 1280 + 5·256)
+    time_cond_proj_dim: int | None = None   # W: LCM's guidance-scale embedding width (256 in LCM_Dreamshaper_v7 and
+    #                                         the LCM distillation script); None: no guidance input
 
     def __post_init__(self):
         """Sane ranges before any module is built (a config file is input like any other)."""
@@ -87,6 +96,8 @@ class UNetConfig:
         check_choice(name, "addition_embed_type", self.addition_embed_type, (None, "text_time"))
         check_int(name, "addition_time_embed_dim", self.addition_time_embed_dim, 2, 8192)
         check_int(name, "projection_class_embeddings_input_dim", self.projection_class_embeddings_input_dim, 1, 65536)
+        if self.time_cond_proj_dim is not None:
+            check_int(name, "time_cond_proj_dim", self.time_cond_proj_dim, 1, 8192)
         for c, h in zip(self.block_out_channels, self.num_heads):
             if c % h or c % self.norm_num_groups:
                 raise ValueError(f"channels {c} must divide by heads {h} and groups {self.norm_num_groups}")
@@ -107,7 +118,7 @@ class UNetConfig:
         """Read a diffusers `unet/config.json`, applying its class defaults for absent keys."""
         unsupported = {
             "class_embed_type": None, "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None,
-            "time_cond_proj_dim": None, "time_embedding_type": "positional",
+            "time_embedding_type": "positional",
             "resnet_time_scale_shift": "default", "act_fn": "silu", "center_input_sample": False,
             "dual_cross_attention": False, "only_cross_attention": False, "conv_in_kernel": 3,
             "mid_block_type": "UNetMidBlock2DCrossAttn", "attention_type": "default",
@@ -154,21 +165,24 @@ class UNetConfig:
             addition_embed_type=cfg.get("addition_embed_type"),
             addition_time_embed_dim=cfg.get("addition_time_embed_dim") or 256,
             projection_class_embeddings_input_dim=cfg.get("projection_class_embeddings_input_dim") or 2816,
+            time_cond_proj_dim=cfg.get("time_cond_proj_dim"),
         )
 
     def to_diffusers(self) -> dict:
         down = ["CrossAttnDownBlock2D" if c else "DownBlock2D" for c in self.cross_attention]
         up = ["CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(self.cross_attention)]
         heads = self.num_heads[0] if len(set(self.num_heads)) == 1 else list(self.num_heads)
-        sdxl = {}  # written only when used, so SD 1.x configs stay as diffusers writes them
+        extra = {}  # SDXL's and LCM's fields, written only when used: SD 1.x configs stay as they were
         if self.transformer_depth != 1:
             d = self.transformer_depth
-            sdxl["transformer_layers_per_block"] = d if isinstance(d, int) else list(d)
+            extra["transformer_layers_per_block"] = d if isinstance(d, int) else list(d)
         if self.addition_embed_type is not None:
-            sdxl.update(addition_embed_type=self.addition_embed_type, addition_embed_type_num_heads=64,
-                        addition_time_embed_dim=self.addition_time_embed_dim,
-                        projection_class_embeddings_input_dim=self.projection_class_embeddings_input_dim)
-        return sdxl | {
+            extra.update(addition_embed_type=self.addition_embed_type, addition_embed_type_num_heads=64,
+                         addition_time_embed_dim=self.addition_time_embed_dim,
+                         projection_class_embeddings_input_dim=self.projection_class_embeddings_input_dim)
+        if self.time_cond_proj_dim is not None:
+            extra["time_cond_proj_dim"] = self.time_cond_proj_dim
+        return extra | {
             "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": heads,
             "block_out_channels": list(self.block_out_channels), "center_input_sample": False,
             "cross_attention_dim": self.cross_attention_dim, "down_block_types": down, "downsample_padding": 1,
@@ -178,6 +192,24 @@ class UNetConfig:
             "out_channels": self.out_channels, "sample_size": self.sample_size, "up_block_types": up,
             "use_linear_projection": self.use_linear_projection, "upcast_attention": self.upcast_attention,
         }
+
+
+class TimeEmbedding(TimestepEmbedding):
+    """The time MLP (Linear, SiLU, Linear), with LCM's guidance input when `cond_dim` is set: the embedded
+    guidance scale (B, W), projected to the sinusoid's width with no bias, is added before the MLP (diffusers'
+    `TimestepEmbedding(cond_proj_dim=...)`). Without it, plain `TimestepEmbedding`, key for key."""
+
+    def __init__(self, in_dim: int, time_dim: int, cond_dim: int | None = None):
+        super().__init__(in_dim, time_dim)
+        self.cond_proj = nn.Linear(cond_dim, in_dim, bias=False) if cond_dim is not None else None
+
+    def forward(self, emb: Tensor, cond: Tensor | None = None) -> Tensor:
+        if cond is not None:
+            if self.cond_proj is None:
+                raise ValueError("timestep_cond given, but this U-Net has no guidance embedding (time_cond_proj_dim "
+                                 "is None; an LCM-distilled U-Net has one)")
+            emb = emb + self.cond_proj(cond.to(self.cond_proj.weight.dtype))  # (B, C₀)
+        return super().forward(emb)
 
 
 class FeedForward(nn.Module):
@@ -320,7 +352,7 @@ class UNet(nn.Module):
         chs = cfg.block_out_channels
         n = len(chs)
         self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(chs[0], cfg.time_dim)
+        self.time_embedding = TimeEmbedding(chs[0], cfg.time_dim, cfg.time_cond_proj_dim)
         if cfg.addition_embed_type == "text_time":  # SDXL; diffusers' add_time_proj is the parameter-free sinusoid
             self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_dim)
         depths = cfg.depths
@@ -347,20 +379,23 @@ class UNet(nn.Module):
 
     def forward(self, z_t: Tensor, t: Tensor | float, context: Tensor,
                 control: tuple[list[Tensor], Tensor] | None = None, *,
-                pooled: Tensor | None = None, time_ids: Tensor | None = None) -> Tensor:
+                pooled: Tensor | None = None, time_ids: Tensor | None = None,
+                timestep_cond: Tensor | None = None) -> Tensor:
         """z_t (B, C_in, H, W), t scalar or (B,), context (B, T, E) -> (B, C_out, H, W).
 
         `control`: ControlNet residuals (one per skip tensor, plus one for the mid block), added to
         the skip connections and the bottleneck (Zhang et al. 2023, eq. 4).
         `pooled` (B, P) and `time_ids` (B, n_ids): SDXL's added conditions (diffusers' `text_embeds` and
         `time_ids`), required exactly when `config.addition_embed_type == "text_time"`.
+        `timestep_cond` (B, W): an LCM U-Net's embedded guidance scale (`config.time_cond_proj_dim`); without it
+        the U-Net runs unguided, as diffusers' does.
         """
         B = z_t.shape[0]
         t = torch.as_tensor(t, device=z_t.device).reshape(-1)
         t = t.expand(B) if t.numel() == 1 else t  # one timestep for the batch, or one per sample
         emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                  self.config.freq_shift)
-        emb = self.time_embedding(emb.to(z_t.dtype))  # (B, D)
+        emb = self.time_embedding(emb.to(z_t.dtype), timestep_cond)  # (B, D)
         if self.config.addition_embed_type == "text_time":
             emb = emb + self.added_embedding(pooled, time_ids, B)
         elif pooled is not None or time_ids is not None:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import finetune, world
+from . import finetune, train_lcm, world
 from .clip import CLIP
 from .loop import (Log, check_config, diffusion_loss, edge_map, ema_update, load_checkpoint, lr_at,
                    optimiser_step, refuse_overwrite, resume, save_checkpoint, seeded, use_bf16, write_json)
@@ -436,6 +436,8 @@ def main(argv: list[str] | None = None) -> Path:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in finetune.KINDS:  # trained on the finished model: finetune.py
         return finetune.main(argv)
+    if argv and argv[0] == "lcm":  # distilled from the finished model: train_lcm.py
+        return train_lcm.main(argv[1:])
     parser = argparse.ArgumentParser(prog="minisd train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", nargs="?", default="all", choices=STAGES,
