@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..diffusion.samplers import get_sampler
+from ..diffusion.samplers import default_sampler, get_sampler
 from ..generate import DIFFUSERS_INPAINT
 from ..pipeline import StableDiffusion
 from .world import (
@@ -325,9 +325,10 @@ def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
 
 # ─── evaluating a model ────────────────────────────────────────────────────────────────────────────
 
-def generate_for(pipe, prompts: list[str], guidance_scale: float = 7.5, steps: int = 25, sampler: str = "ddim",
+def generate_for(pipe, prompts: list[str], guidance_scale: float = 7.5, steps: int = 25, sampler: str | None = None,
                  seed: int = 0, batch: int = 40, output_type: str = "pil") -> list:
     """One picture per prompt; prompt i starts from the noise of seed `seed + i`, whatever the batch size.
+    sampler None: the model's own (`samplers.default_sampler`: DDIM, flow_euler for a flow model).
     output_type "latent": the final latents instead, one (4, h, w) tensor per prompt."""
     import torch
 
@@ -368,7 +369,7 @@ def two_object_breakdown(pipe, guidance_scale: float = 7.5, steps: int = 25, see
 
 
 def evaluate(pipe, prompts: list[str] | None = None, guidance_scale: float = 7.5, steps: int = 25,
-             sampler: str = "ddim", seed: int = 0, draws: int = 1) -> dict[str, dict[str, float]]:
+             sampler: str | None = None, seed: int = 0, draws: int = 1) -> dict[str, dict[str, float]]:
     """Prompt adherence of `pipe` on the fixed prompt list (default) — per-factor accuracy.
 
     `draws` > 1 scores every prompt under that many noise draws (seeds `seed`, `seed` + 1000, ...):
@@ -534,19 +535,17 @@ def _report(results: dict, first: str, fmt, json_path: str | None) -> dict:
     return _save_json(results, json_path)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """`minisd eval`: prompt adherence of a model at one or more guidance scales."""
+def eval_parser():
+    """The flags of `minisd eval`."""
     import argparse
-    import json
-    import time
-
 
     ap = argparse.ArgumentParser(prog="minisd eval", description="Prompt adherence on the shapes world: "
                                  "per-factor accuracy over the fixed prompt list (240 prompts).")
     ap.add_argument("--model", default="tiny", help="tiny (default), a folder or a file")
     ap.add_argument("--cfg", type=float, nargs="+", default=[7.5, 1.0], help="guidance scales to compare")
     ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--sampler", default="ddim")
+    ap.add_argument("--sampler", default=None, help="default: the model's own (ddim; flow_euler for a flow model, "
+                    "lcm for an LCM)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--draws", type=int, default=1, help="score each prompt under this many noise draws (seeds "
                     "seed, seed+1000, ...): less noise, proportionally slower")
@@ -564,29 +563,56 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--breakdown", action="store_true", help="how the two-object prompts fail (at the first --cfg)")
     ap.add_argument("--vae", action="store_true", help="the VAE's ceiling: shape accuracy of ground-truth renders "
                     "after an encode-decode round trip")
-    args = ap.parse_args(argv)
+    ap.add_argument("--fid", action="store_true", help="FID and KID (shapes-world features) of --fid-n pictures "
+                    "against renders of the same prompts, beside the floor: renders against renders")
+    ap.add_argument("--fid-n", type=int, default=1000, help="pictures for --fid (default 1000, at least 50): the "
+                    "evaluation prompts cycled, prompt i from the noise of seed + i")
+    return ap
+
+
+def _fid_cell(column: str, value) -> str:
+    if value is None:
+        return "–"
+    return str(value) if column == "N" else f"{value:.5f}" if column.startswith("KID") else f"{value:.3f}"
+
+
+def main(argv: list[str] | None = None, fid=None) -> dict:
+    """`minisd eval`: prompt adherence of a model at one or more guidance scales.
+
+    `fid`: what --fid runs, `scoreboard.fid_table` (`minisd eval` passes it in: it computes
+    `features.features`, which reads pictures with this module, so this module cannot import it)."""
+    import json
+    import time
+
+    args = eval_parser().parse_args(argv)
     check_eval_args(args)
+    if args.fid and fid is None:
+        raise ValueError("--fid needs the shapes-world features: run it as `minisd eval --fid`")
     if args.inpaint:
         pipes = {"blending (standard U-Net)": StableDiffusion.from_pretrained(args.model, device=args.device),
                  "9-channel inpainting U-Net": StableDiffusion.from_pretrained(args.inpaint, device=args.device)}
         for p in pipes.values():
             p.progress = False
         return _report(evaluate_inpaint(pipes, steps=args.steps), "method", lambda c, v: f"{100 * v:.0f}%", args.json)
-    if args.breakdown:
+    pipe = None
+    if not args.ground_truth:
         pipe = StableDiffusion.from_pretrained(args.model, device=args.device)
         pipe.progress = False
+    if args.fid:
+        sampler = args.sampler or default_sampler(pipe.scheduler.prediction_type)
+        print(f"FID and KID on {args.fid_n} pictures: {args.model}, {sampler}, {args.steps} steps", flush=True)
+        return _report(fid(pipe, args.fid_n, args.cfg, args.steps, sampler, args.seed), "pictures", _fid_cell,
+                       args.json)
+    if args.breakdown:
         results = two_object_breakdown(pipe, args.cfg[0], args.steps, args.seed)
         print(f"two-object prompts at CFG {args.cfg[0]:g}, {args.steps} steps:")
         for kind, count in results.items():
             print(f"  {count:3d}  {kind}")
         return _save_json(results, args.json)
     if args.vae:
-        pipe = StableDiffusion.from_pretrained(args.model, device=args.device)
         return _report(evaluate_vae(pipe), "shape", lambda c, v: f"{v:.3f}" if "error" in c else f"{100 * v:.0f}%",
                        args.json)
     if args.lora or args.controlnet:
-        pipe = StableDiffusion.from_pretrained(args.model, device=args.device)
-        pipe.progress = False
         results = evaluate_lora(pipe, args.lora, args.concept, steps=args.steps) if args.lora else \
             evaluate_controlnet(pipe, args.controlnet, args.control, steps=args.steps)
         return _report(results, "setting", lambda c, v: f"{100 * v:.0f}%" if "IoU" not in c or "placed" in c
@@ -595,8 +621,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.ground_truth:
         results = {"ground truth renders": check_on_ground_truth(prompts)}
     else:
-        pipe = StableDiffusion.from_pretrained(args.model, device=args.device)
-        pipe.progress = False
         results = {}
         for scale in args.cfg:
             t0 = time.time()
@@ -615,7 +639,10 @@ def check_eval_args(args) -> None:
 
     import torch
 
-    get_sampler(args.sampler)
+    if args.sampler is not None:
+        get_sampler(args.sampler)
+    if args.fid_n < 50:  # fewer pictures than features (59) make the covariance of FID's Gaussians singular
+        raise ValueError(f"--fid-n must be at least 50, got {args.fid_n}")
     for flag, value in (("--steps", args.steps), ("--draws", args.draws), ("--limit", args.limit)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value}")
@@ -630,7 +657,7 @@ def check_eval_args(args) -> None:
         raise ValueError(f"--control must be edges or mask, got {args.control!r}")
     modes = [flag for flag, on in (("--inpaint", args.inpaint), ("--breakdown", args.breakdown), ("--vae", args.vae),
                                    ("--lora", args.lora), ("--controlnet", args.controlnet),
-                                   ("--ground-truth", args.ground_truth)) if on]
+                                   ("--ground-truth", args.ground_truth), ("--fid", args.fid)) if on]
     if len(modes) > 1:
         raise ValueError(f"{' and '.join(modes)} are separate evaluations: give one at a time")
     for flag, path in (("--lora", args.lora), ("--controlnet", args.controlnet)):
