@@ -6,7 +6,7 @@
 steps: adherence against the number of steps for two samplers, on 60 prompts of the evaluation
 list (every 4th: 45 one-object, 15 two-object), one noise draw each, CFG 7.5, DDIM and Euler ancestral.
 guidance: adherence and diversity against the guidance scale, on the 36 `open_prompts` (position
-and background left open) and 24 two-object prompts, two noise draws each, DDIM 8 steps.
+and background left open) and 24 two-object prompts, four noise draws each, DDIM 8 steps.
 Each file holds every picture's record (`minisd.shapes.sweeps.picture_records`), written after each
 setting, so the notebooks can recompute any rate and check a part live.
 """
@@ -27,8 +27,8 @@ OUT = Path(__file__).resolve().parent.parent / "docs" / "results"
 
 STEPS = {"prompts": ev.eval_prompts()[::4], "seeds": [0], "guidance_scale": 7.5,
          "samplers": ["ddim", "euler_a"], "steps": [4, 8, 16]}
-GUIDANCE = {"prompts": open_prompts() + [p for p in ev.eval_prompts() if " and " in p][:24], "seeds": [0, 1000],
-            "sampler": "ddim", "steps": 8, "scales": [1.0, 3.0, 7.5, 15.0]}
+GUIDANCE = {"prompts": open_prompts() + [p for p in ev.eval_prompts() if " and " in p][:24], "seeds": [0, 1000, 2000, 3000],
+            "sampler": "ddim", "steps": 8, "scales": [1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0]}
 
 
 def _write(path: Path, data: dict) -> None:
