@@ -134,3 +134,14 @@ def test_init_from_must_be_a_model_folder(tmp_path):
     with pytest.raises(ValueError, match=r"^--flow-shift must be in \(0, 100\], got 0.0"):
         train_main(["unet", "--flow-shift", "0", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")])
     assert not (tmp_path / "w").exists()
+
+
+def test_train_help_says_what_each_flag_does(capsys):
+    for argv in (["--help"], ["lcm", "--help"]):
+        with pytest.raises(SystemExit) as info:
+            train_main(argv)
+        assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--prediction-type" in out and '"v_prediction" (with a zero-terminal-SNR' in out
+    assert "(default: 'epsilon')" in out and "(default: 5.0)" in out
+    assert "pseudo-Huber's c" in out and "cosine to 10%" in out  # the comment in the config, % kept as written

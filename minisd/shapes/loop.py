@@ -8,8 +8,10 @@ for what is trained on it) import from here; nothing here imports them.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import fields
@@ -126,6 +128,32 @@ def seeded(seed: int, device: torch.device | str = "cpu"):
         if cuda:
             torch.cuda.manual_seed(seed)
         yield
+
+
+def field_help(cls) -> dict[str, str]:
+    """Each field of a config dataclass -> its comment in the class's source and its default: the `--help`
+    of a training command says what the code says. A comment that goes on over the next lines (a comment
+    line indented past the fields, or a field's comment starting "#   ") describes the fields it spans
+    together; a comment line at the fields' indentation heads a section and belongs to no field."""
+    names, groups, group = {f.name for f in fields(cls)}, [], None
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        field = re.match(r"(\s+)(\w+): [^=]+=\s*[^#]*?(?:#(\s*)(.*))?$", line)
+        alone = re.match(r"(\s+)#\s*(.*)$", line)
+        if field and field[2] in names:
+            if group is not None and field[3] is not None and len(field[3]) >= 3:  # "#   ..." continues the last
+                group[0].append(field[2])
+                group[1].append(field[4])
+            else:
+                group = ([field[2]], [field[4] or ""])
+                groups.append(group)
+        elif alone and group is not None and len(alone[1]) > 4:  # indented past the fields: the comment above goes on
+            group[1].append(alone[2])
+        else:
+            group = None
+    defaults = {f.name: f.default for f in fields(cls)}
+    helps = {name: " ".join(t for t in texts if t).strip() for members, texts in groups for name in members}
+    return {name: ((f"{text} " if text else "") + f"(default: {defaults[name]!r})").replace("%", "%%")  # argparse's
+            for name, text in helps.items()}
 
 
 # ─── refusing careless input ──────────────────────────────────────────────────────────────────────

@@ -3,6 +3,9 @@
     minisd train all                       # the recipe of the shipped model, into runs/tiny/model
     minisd train unet                      # continue one stage from its checkpoint in --work
     minisd train lora|controlnet|inpaint   # what is trained on the finished model (finetune.py)
+    minisd train lcm                       # a latent consistency model distilled from it (train_lcm.py)
+    minisd train unet --init-from data/tiny --prediction-type v_prediction|flow --out runs/tiny_v/model
+                                           # the same model with another objective (diffusion.objectives)
 
 The recipe, in the order SD itself was built:
   1. data   — scenes rendered by `minisd.shapes` (the base shapes only: `star` is held out)
@@ -15,6 +18,11 @@ The recipe, in the order SD itself was built:
               (Min-SNR-5 weighted), 10% of captions dropped to "" for classifier-free guidance, EMA weights
   6. save   — the diffusers folder layout under --out (fp16 safetensors), read by `StableDiffusion.from_pretrained`,
               with training.json (config, minutes per stage, machine, loss curve) beside it
+
+Another objective (--prediction-type, `diffusion.objectives`): v-prediction on the same betas rescaled to
+zero terminal SNR (Lin et al. 2024), or flow matching (x_σ = (1−σ) z₀ + σ ε, target ε − z₀, σ logit-normal
+and shifted; SD 3). --init-from starts it from a finished model: its VAE, text encoder and tokenizer as they
+are, its U-Net's weights as the first ones (as SD 2's v models were fine-tuned from ε ones).
 
 Every stage logs to <work>/log.txt, writes sample pictures, checkpoints every few minutes and
 resumes from its checkpoint. Timings are measured and written to <work>/timings.json. An existing
@@ -40,7 +48,7 @@ from tqdm.auto import tqdm
 
 from . import finetune, train_lcm, world
 from .clip import CLIP
-from .loop import (Log, check_config, diffusion_loss, edge_map, ema_update, load_checkpoint, lr_at,
+from .loop import (Log, check_config, diffusion_loss, edge_map, ema_update, field_help, load_checkpoint, lr_at,
                    optimiser_step, refuse_overwrite, resume, save_checkpoint, seeded, use_bf16, write_json)
 from ..diffusion.objectives import OBJECTIVES, draw_timesteps
 from ..diffusion.schedules import SchedulerConfig
@@ -442,9 +450,11 @@ def main(argv: list[str] | None = None) -> Path:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", nargs="?", default="all", choices=STAGES,
                         help="what to train (default: the whole recipe); `minisd train lora|controlnet|inpaint "
-                             "--help` trains adapters (and the inpainting model) on the finished model")
+                             "--help` trains adapters (and the inpainting model) on the finished model, "
+                             "`minisd train lcm --help` distils it")
+    helps = field_help(TrainConfig)
     for f, v in asdict(TrainConfig()).items():
-        parser.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
+        parser.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v, help=helps.get(f))
     parser.add_argument("--fresh", action="store_true", help="ignore checkpoints in --work and start over")
     parser.add_argument("--force", action="store_true", help="overwrite a model already in --out")
     args = parser.parse_args(argv)

@@ -45,7 +45,7 @@ import torch
 
 from . import world
 from .adapter_config import draw_captions, latent_batch, render_and_encode
-from .loop import (Log, Steps, check_config, lr_at, optimiser_step, refuse_overwrite, resume, seeded, use_bf16,
+from .loop import (Log, Steps, check_config, field_help, lr_at, optimiser_step, refuse_overwrite, resume, seeded, use_bf16,
                    write_json)
 from ..diffusion.denoisers import guidance_scale_embedding, to_x0
 from ..diffusion.samplers import LCM_ORIGINAL_STEPS, LCM_TIMESTEP_SCALING, lcm_scalings
@@ -254,8 +254,9 @@ def main(argv: list[str] | None = None) -> Path:
     """`minisd train lcm [--flags]`: distil the finished model (--base) into a latent consistency model."""
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="minisd train lcm", description=__doc__.split("\n\n")[0])
+    helps = field_help(LCMConfig)
     for f, v in asdict(LCMConfig()).items():
-        parser.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
+        parser.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v, help=helps.get(f))
     parser.add_argument("--fresh", action="store_true", help="ignore the checkpoint in --work and start over")
     parser.add_argument("--force", action="store_true", help="overwrite a model already in --out")
     args = parser.parse_args(argv)
