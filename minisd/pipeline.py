@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import families, fast
+from . import editing, families, fast
 from .formats import weights
 from .adapters import lora as lora_lib
 from .adapters import textual_inversion
@@ -273,6 +273,23 @@ class StableDiffusion:
         return generate(self, prompt, image=image, mask_image=mask_image, strength=strength,
                         keep_unmasked=keep_unmasked, masked_content=masked_content, mask_blur=mask_blur,
                         control=control, **kwargs)
+
+    # ─── editing a real picture (editing.py) ───────────────────────────────────────────────────────
+    def invert(self, image, prompt: str | list[str], num_inference_steps: int = 50, guidance_scale: float = 1.0, *,
+               seed: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """DDIM inversion: the latents z_T (B, 4, h, w) from which `pipe(prompt, latents=z_T, sampler="ddim",
+        guidance_scale=1.0, num_inference_steps=n)` redraws `image`. See `editing.invert`."""
+        return editing.invert(self, image, prompt, num_inference_steps, guidance_scale, seed, generator)
+
+    def edit(self, image, prompt: str, target_prompt: str, num_inference_steps: int = 50, seed: int | None = 0,
+             cross_replace: float = 0.8, self_replace: float = 0.4, guidance_scale: float = 7.5, *,
+             generator: torch.Generator | None = None, output_type: str = "pil"):
+        """Prompt-to-prompt on a real picture ("a red circle" -> "a blue circle"): invert with `prompt`, then
+        sample both prompts, the target's attention maps replaced by the source's for the first
+        `cross_replace` (cross-attention) and `self_replace` (self-attention) share of the steps. Returns
+        the edited picture (a list of one PIL image, or (1, 3, H, W) in [0, 1]). See `editing.edit`."""
+        return editing.edit(self, image, prompt, target_prompt, num_inference_steps, seed, cross_replace,
+                            self_replace, guidance_scale, generator, output_type)
 
     def _control(self, image, scale, start, end, guess_mode) -> ControlOptions | None:
         """The ControlNet arguments given (None: not given) as one object, defaults filled in; None when

@@ -17,7 +17,7 @@ LAYERS = [
     ("models",),
     ("formats",),
     ("adapters",),
-    ("images", "canny", "viz", "fast", "metrics", "families", "generate", "pipeline", "pipeline_xl", "sds"),
+    ("images", "canny", "viz", "fast", "metrics", "families", "generate", "editing", "pipeline", "pipeline_xl", "sds"),
     ("shapes",),
     ("cli", "__main__"),
 ]
