@@ -1,5 +1,6 @@
 """What the loops that train on the finished model share: their config, the base model loaded frozen,
-the data rendered and encoded once, a batch of latents and captions, the record written at the end.
+the data rendered and encoded once, a batch of latents and captions, the record written at the end, and
+the processes they run on (dist.py: --batch is global, each of N processes takes an equal share).
 
 The loops themselves: train_lora.py, train_controlnet.py, train_inpaint.py; `finetune.py` starts them.
 """
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from . import world
+from .dist import Dist
 from .loop import Log, check_config, refuse_overwrite, write_json
 from ..pipeline import StableDiffusion
 
@@ -83,18 +85,20 @@ class AdapterConfig:
         return Path(self.out or work / name), work
 
 
-def start(cfg: AdapterConfig, force: bool) -> tuple[Path, Path, Log, StableDiffusion]:
-    """Before any loop: refuse to overwrite a result (unless `force`), open the log, load the base model
-    frozen (fp32, eval mode, no gradients). Returns (out, work, log, pipe)."""
+def start(cfg: AdapterConfig, force: bool) -> tuple[Path, Path, Log, StableDiffusion, Dist]:
+    """Before any loop: refuse to overwrite a result (unless `force`), join the other processes if torchrun
+    started several (a --batch they cannot share equally is refused), open the log (rank 0's), load the base
+    model frozen (fp32, eval mode, no gradients). Returns (out, work, log, pipe, dist)."""
     out, work = cfg.paths()
     refuse_overwrite(out, force)
-    log = Log(work)
+    dist = Dist.from_env(cfg.device, {"--batch": cfg.batch})
+    log = Log(work, dist.is_main)
     log(f"config: {json.dumps(asdict(cfg))}")
     pipe = StableDiffusion.from_pretrained(cfg.model, device=torch.device(cfg.device), dtype=torch.float32)
     pipe.progress = False
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         m.requires_grad_(False).eval()
-    return out, work, log, pipe
+    return out, work, log, pipe, dist
 
 
 @torch.no_grad()
@@ -129,8 +133,11 @@ def draw_captions(scenes: list[world.Scene], idx: torch.Tensor, rng: np.random.G
             for i in idx.tolist()]
 
 
-def finish(cfg: AdapterConfig, out: Path, work: Path, log: Log, t0: float) -> Path:
-    timings = {"train_minutes": round((time.time() - t0) / 60, 1), "steps": cfg.steps, "batch": cfg.batch}
-    write_json(work / "timings.json", timings)
-    log(f"saved to {out}; {timings}")
+def finish(cfg: AdapterConfig, out: Path, work: Path, log: Log, t0: float, dist: Dist) -> Path:
+    """After the loop (rank 0 has saved the result): the timings, and every process waits until it is all written."""
+    if dist.is_main:
+        timings = {"train_minutes": round((time.time() - t0) / 60, 1), "steps": cfg.steps, "batch": cfg.batch}
+        write_json(work / "timings.json", timings)
+        log(f"saved to {out}; {timings}")
+    dist.barrier()
     return out

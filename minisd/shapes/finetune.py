@@ -9,7 +9,9 @@ Each kind is one flat loop in its own file — train_lora.py, train_controlnet.p
 pieces every loop shares (loop.py) and those the three share (adapter_config.py). Each writes checkpoints
 and resumes, logs to <work>/log.txt, and saves what the course ships: the LoRA in diffusers/PEFT and kohya
 layouts, the ControlNet as a diffusers ControlNetModel folder, the inpainting model as a whole diffusers
-pipeline folder. An existing result in --out is replaced only with --force.
+pipeline folder. An existing result in --out is replaced only with --force. Under
+`torchrun --nproc_per_node N -m minisd train lora ...` --batch is the global batch, each process takes an
+equal share of it, and the result is the one process's (dist.py, docs/training.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """What every training loop of the shapes world shares: the log, the learning-rate schedule, checkpoints
 and files written atomically, the diffusion loss, EMA, bfloat16 autocast, and the checks that refuse a
-careless config before any work.
+careless config before any work. Under several processes (dist.py) the log, the progress bar and the
+checkpoints are rank 0's alone, and the optimiser step averages the gradients over the processes.
 
 The loops themselves (train.py for the base model; train_lora.py, train_controlnet.py, train_inpaint.py
 for what is trained on it) import from here; nothing here imports them.
@@ -21,21 +22,32 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .dist import SINGLE, Dist
 from ..diffusion import objectives
 from ..formats.files import atomic_write
 from ..models.unet import UNet
 
 
 class Log:
-    def __init__(self, work: Path):
+    """Lines with the time, printed and appended to <work>/log.txt; silent where not `main` (rank 0 logs)."""
+
+    def __init__(self, work: Path, main: bool = True):
         work.mkdir(parents=True, exist_ok=True)
-        self.path = work / "log.txt"
+        self.path, self.main = work / "log.txt", main
 
     def __call__(self, msg: str) -> None:
+        if not self.main:
+            return
         line = f"{time.strftime('%H:%M:%S')} {msg}"
         tqdm.write(line)
         with open(self.path, "a") as f:
             f.write(line + "\n")
+
+
+def progress(start: int, total: int, name: str, main: bool = True) -> tqdm:
+    """A progress bar over the steps start .. total − 1; a silent one where not `main` (rank 0 shows it).
+    (Only a hidden bar passes `disable`: tqdm's TQDM_DISABLE=1 applies to bars that leave it unset.)"""
+    return tqdm(range(start, total), desc=name, initial=start, total=total, **({} if main else {"disable": True}))
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -74,19 +86,21 @@ def resume(path: Path, log: Log, **objects) -> tuple[int, list[float]]:
 class Steps:
     """The bookkeeping around a fine-tuning loop's steps, the same for every kind: a progress bar with the
     running loss, a log line every 100 steps (and at the last), a checkpoint every `minutes` and at the end
-    holding the state and every loss so far (so a resumed curve is whole).
+    holding the state and every loss so far (so a resumed curve is whole). Not `main` (a process other than
+    rank 0): no bar, no log, no checkpoint.
 
-        steps = Steps("lora", step0, cfg.steps, log, work / "lora.pt", cfg.checkpoint_minutes, losses)
+        steps = Steps("lora", step0, cfg.steps, log, work / "lora.pt", cfg.checkpoint_minutes, losses, dist.is_main)
         for step in steps:
             ...
-            steps.record(step, loss.item(), opt.param_groups[0]["lr"], state)   # state() -> dict to save
+            steps.record(step, dist.all_mean(loss).item(), opt.param_groups[0]["lr"], state)  # state() -> dict to save
         steps.finish(state)
     """
 
-    def __init__(self, name: str, start: int, total: int, log: Log, path: Path, minutes: float, losses: list[float]):
+    def __init__(self, name: str, start: int, total: int, log: Log, path: Path, minutes: float, losses: list[float],
+                 main: bool = True):
         self.name, self.start, self.total, self.log, self.path = name, start, total, log, path
-        self.minutes, self.losses, self.last_save = minutes, losses, time.time()
-        self.bar = tqdm(range(start, total), desc=name, initial=start, total=total)
+        self.minutes, self.losses, self.last_save, self.main = minutes, losses, time.time(), main
+        self.bar = progress(start, total, name, main)
 
     def __iter__(self):
         return iter(self.bar)
@@ -98,12 +112,13 @@ class Steps:
         if step % 100 == 0 or step == self.total - 1:
             recent = self.losses[-100:]
             self.log(f"{self.name} step {step}: loss {sum(recent) / len(recent):.4f}, lr {lr:.2e}")
-        if time.time() - self.last_save > self.minutes * 60:
+        if self.main and time.time() - self.last_save > self.minutes * 60:
             save_checkpoint(self.path, self.losses, **state(), step=step + 1)
             self.last_save = time.time()
 
     def finish(self, state) -> None:
-        save_checkpoint(self.path, self.losses, **state(), step=self.total)
+        if self.main:
+            save_checkpoint(self.path, self.losses, **state(), step=self.total)
 
 
 def write_json(path: Path, obj) -> None:
@@ -244,10 +259,14 @@ def use_bf16(setting: str, device: torch.device) -> bool:
     return device.type == "cpu" and ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
-def optimiser_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params, clip: float | None = 1.0) -> None:
-    """Backward, clip the gradient norm (None: no clipping), step."""
+def optimiser_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params, clip: float | None = 1.0,
+                   dist: Dist = SINGLE) -> None:
+    """Backward, average the gradients over the processes (dist.py; one process: nothing), clip the
+    gradient norm (None: no clipping), step."""
+    params = list(params)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    dist.average_gradients(params)
     if clip is not None:
         torch.nn.utils.clip_grad_norm_(params, clip)
     opt.step()

@@ -27,6 +27,11 @@ are, its U-Net's weights as the first ones (as SD 2's v models were fine-tuned f
 Every stage logs to <work>/log.txt, writes sample pictures, checkpoints every few minutes and
 resumes from its checkpoint. Timings are measured and written to <work>/timings.json. An existing
 model in --out is replaced only with --force (the shipped one: --out data/tiny --force).
+
+Under `torchrun --nproc_per_node N -m minisd train ...` (or `accelerate launch`) the VAE and U-Net stages
+split every global batch among the N processes and give the model one process gives (dist.py); the
+CLIP stage is trained whole by each process alike (its contrastive loss compares every caption of the
+batch with every picture), and rank 0's weights are kept. docs/training.md.
 """
 
 from __future__ import annotations
@@ -44,12 +49,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import finetune, train_lcm, world
 from .clip import CLIP
+from .dist import SINGLE, Dist, end
 from .loop import (Log, check_config, diffusion_loss, edge_map, ema_update, field_help, load_checkpoint, lr_at,
-                   optimiser_step, refuse_overwrite, resume, save_checkpoint, seeded, use_bf16, write_json)
+                   optimiser_step, progress, refuse_overwrite, resume, save_checkpoint, seeded, use_bf16, write_json)
 from ..diffusion.objectives import OBJECTIVES, draw_timesteps
 from ..diffusion.schedules import SchedulerConfig
 from ..models.configs import TINY, ModelConfig
@@ -204,30 +209,58 @@ def captions_with_negatives(scenes, idx, rng: np.random.Generator) -> tuple[list
 
 # ─── stages ────────────────────────────────────────────────────────────────────────────────────────
 
-def reconstruction_loss(x_hat: torch.Tensor, x: torch.Tensor, edge_weight: float = 0.0) -> torch.Tensor:
+def reconstruction_loss(x_hat: torch.Tensor, x: torch.Tensor, edge_weight: float = 0.0,
+                        dist: Dist = SINGLE) -> torch.Tensor:
     """L1 + MSE per pixel, averaged with weight 1 + edge_weight on outlines. A small star's points are
     a few dozen of the 4,096 pixels: with plain averaging the VAE can round them off for almost no
-    loss; weighting the outlines makes shapes, not backgrounds, what the reconstruction is judged on."""
+    loss; weighting the outlines makes shapes, not backgrounds, what the reconstruction is judged on.
+    Under several processes the weights are normalised by their mean over the whole batch, so the
+    processes' losses average to the whole batch's."""
     err = (x_hat - x).abs() + (x_hat - x).pow(2)
     if not edge_weight:
         return err.mean()
     w = 1 + edge_weight * edge_map(x)
-    return (w * err).mean() / w.mean()
+    return (w * err).mean() / dist.all_mean(w.mean())
 
 
-def over_contrast(z: torch.Tensor, k_max: float, g: torch.Generator, share: float = 0.5) -> torch.Tensor:
+def over_contrast(z: torch.Tensor, k_max: float, g: torch.Generator, share: float = 0.5,
+                  dist: Dist = SINGLE) -> torch.Tensor:
     """A `share` of the latents with their spatial contrast raised: z' = m + k·(z − m), k ~ U(1, k_max), m the
     mean of each channel over the picture. Guidance (CFG 7.5) overshoots like this: a decoder that has only
     seen the encoder's latents draws small shapes round and splits their colours; the target stays the clean
-    picture, so this decoder learns to draw an over-contrasted latent as the shape it stands for."""
-    n = len(z)
-    k = (1 + (k_max - 1) * torch.rand(n, 1, 1, 1, generator=g)).to(z)
-    chosen = (torch.rand(n, 1, 1, 1, generator=g) < share).to(z.device)
+    picture, so this decoder learns to draw an over-contrasted latent as the shape it stands for.
+    Under several processes `z` is this one's share: k and the choice are drawn for the whole batch."""
+    n = len(z) * dist.world
+    k = dist.share(1 + (k_max - 1) * torch.rand(n, 1, 1, 1, generator=g)).to(z)
+    chosen = (dist.share(torch.rand(n, 1, 1, 1, generator=g)) < share).to(z.device)
     m = z.mean((2, 3), keepdim=True)
     return torch.where(chosen, m + k * (z - m), z)
 
 
-def train_vae(cfg: TrainConfig, mcfg: ModelConfig, images, log: Log) -> AutoencoderKL:
+def vae_losses(vae: AutoencoderKL, x: torch.Tensor, batch: int, decoder_only: bool, contrast: float | None,
+               edge_weight: float, g: torch.Generator, dist: Dist) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reconstruction loss, KL) of this process's share `x` of a batch of `batch` pictures. Every
+    posterior draw is made for the whole batch, as one process makes it, and this process takes its rows:
+    joint training draws from the global generator (as `vae(x)` does), the decoder phases from `g`.
+    `contrast`: the over-contrast's k_max (over_contrast), None for none."""
+    if decoder_only:
+        with torch.no_grad():
+            posterior = vae.encode(x)
+            eps = torch.randn((batch, *posterior.mean.shape[1:]), generator=g)
+            z = posterior.mean + posterior.std * dist.share(eps).to(x.device)
+            if contrast is not None:
+                z = over_contrast(z, contrast, g, dist=dist)
+        x_hat, kl = vae.decode(z), torch.zeros((), device=x.device)
+    else:
+        posterior = vae.encode(x)
+        mean = posterior.mean
+        eps = torch.randn((batch, *mean.shape[1:]), device=mean.device, dtype=mean.dtype)
+        x_hat = vae.decode(mean + posterior.std * dist.share(eps))  # vae(x), its draw the whole batch's
+        kl = posterior.kl().mean()  # summed over the latent, averaged over the batch
+    return reconstruction_loss(x_hat, x, edge_weight, dist), kl
+
+
+def train_vae(cfg: TrainConfig, mcfg: ModelConfig, images, log: Log, dist: Dist = SINGLE) -> AutoencoderKL:
     """The VAE stage. Its first weights and posterior draws come from the global generators: train_model
     runs it under loop.seeded(cfg.seed)."""
     work = Path(cfg.work)
@@ -244,7 +277,7 @@ def train_vae(cfg: TrainConfig, mcfg: ModelConfig, images, log: Log) -> Autoenco
     last_save = time.time()
     contrast_from = cfg.vae_steps + cfg.vae_decoder_steps
     total = contrast_from + cfg.vae_contrast_steps
-    bar = tqdm(range(start, total), desc="vae", initial=start, total=total)
+    bar = progress(start, total, "vae", dist.is_main)
     for step in bar:
         decoder_only = step >= cfg.vae_steps  # phases 2 and 3: the encoder is frozen (Adam skips gradient-less weights)
         contrast = step >= contrast_from
@@ -261,31 +294,27 @@ def train_vae(cfg: TrainConfig, mcfg: ModelConfig, images, log: Log) -> Autoenco
         batch = images[idx]
         if n_clutter:
             batch = torch.cat([batch, extra[torch.randint(0, len(extra), (n_clutter,), generator=g)]])
-        x = to_float(batch, device)
-        if decoder_only:
-            with torch.no_grad():
-                posterior = vae.encode(x)
-                z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(device)
-                if contrast:
-                    z = over_contrast(z, cfg.vae_contrast, g)
-            x_hat, kl = vae.decode(z), torch.zeros(())
-        else:
-            x_hat, posterior = vae(x, generator=None)
-            kl = posterior.kl().mean()  # summed over the latent, averaged over the batch
-        rec = reconstruction_loss(x_hat, x, cfg.vae_edge_weight)
-        optimiser_step(rec + cfg.kl_weight * kl, opt, vae.parameters())
+        x = to_float(dist.share(batch), device)
+        rec, kl = vae_losses(vae, x, cfg.vae_batch, decoder_only, cfg.vae_contrast if contrast else None,
+                             cfg.vae_edge_weight, g, dist)
+        optimiser_step(rec + cfg.kl_weight * kl, opt, vae.parameters(), dist=dist)
+        logged = step % 500 == 0 or step in (cfg.vae_steps - 1, contrast_from - 1, total - 1)
+        if step % 50 == 0 or logged:
+            rec, kl = dist.all_mean(rec).item(), dist.all_mean(kl).item()  # the whole batch's
         if step % 50 == 0:
-            bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.0f}")
-        if step % 500 == 0 or step in (cfg.vae_steps - 1, contrast_from - 1, total - 1):
-            log(f"vae step {step}: rec {rec.item():.4f} (L1+MSE), kl {kl.item():.0f} nats per image")
-        if time.time() - last_save > cfg.checkpoint_minutes * 60:
+            bar.set_postfix(rec=f"{rec:.4f}", kl=f"{kl:.0f}")
+        if logged:
+            log(f"vae step {step}: rec {rec:.4f} (L1+MSE), kl {kl:.0f} nats per image")
+        if dist.is_main and time.time() - last_save > cfg.checkpoint_minutes * 60:
             save_checkpoint(work / "vae.pt", model=vae.state_dict(), opt=opt.state_dict(), step=step + 1)
             last_save = time.time()
-    save_checkpoint(work / "vae.pt", model=vae.state_dict(), opt=opt.state_dict(), step=max(start, total))
+    if dist.is_main:
+        save_checkpoint(work / "vae.pt", model=vae.state_dict(), opt=opt.state_dict(), step=max(start, total))
     vae.requires_grad_(True).eval()
     with torch.no_grad():
         x = to_float(images[:16], device)
-        grid(torch.cat([x, vae.decode(vae.encode(x).mode())])).save(work / "vae_reconstructions.png")
+        if dist.is_main:
+            grid(torch.cat([x, vae.decode(vae.encode(x).mode())])).save(work / "vae_reconstructions.png")
     return vae.to(memory_format=torch.contiguous_format)
 
 
@@ -296,17 +325,24 @@ def measure_scaling_factor(vae: AutoencoderKL, images, device, n: int = 2000) ->
     return float(1.0 / torch.cat(zs).std())
 
 
-def train_clip(cfg: TrainConfig, mcfg: ModelConfig, tok: Tokenizer, images, scenes, log: Log) -> TextEncoder:
+def train_clip(cfg: TrainConfig, mcfg: ModelConfig, tok: Tokenizer, images, scenes, log: Log,
+               dist: Dist = SINGLE) -> TextEncoder:
+    """The CLIP stage. Not split among processes: its loss compares every caption of a batch with every
+    picture of it, so each process trains the whole of it alike, and rank 0's weights are kept."""
     work = Path(cfg.work)
     device = torch.device(cfg.device)
     with seeded(cfg.seed + 2, device):
         clip = CLIP(mcfg.text_encoder).to(device)
     opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=0.1)
     start, _ = resume(work / "clip.pt", log, model=clip, opt=opt)
+    if dist.world > 1:
+        log(f"clip: not split among the {dist.world} processes (its contrastive loss needs every caption and "
+            f"picture of the batch): each trains it on the whole batch alike; rank 0's weights are kept")
+    dist.barrier()  # every process has read the checkpoint before rank 0 writes one
     rng = np.random.default_rng(cfg.seed + 3)
     g = torch.Generator().manual_seed(cfg.seed + 3)
     last_save = time.time()
-    bar = tqdm(range(start, cfg.clip_steps), desc="clip", initial=start, total=cfg.clip_steps)
+    bar = progress(start, cfg.clip_steps, "clip", dist.is_main)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.clip_steps, cfg.clip_lr, 100)
@@ -318,13 +354,15 @@ def train_clip(cfg: TrainConfig, mcfg: ModelConfig, tok: Tokenizer, images, scen
         optimiser_step(loss, opt, clip.parameters(), clip=None)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % 300 == 0 or step == cfg.clip_steps - 1:
+        if dist.is_main and (step % 300 == 0 or step == cfg.clip_steps - 1):
             log(f"clip step {step}: contrastive loss {loss.item():.3f} (chance: {math.log(cfg.clip_batch):.2f}), "
                 f"binding {binding_accuracy(clip, tok, images, scenes, device):.0%} (chance: 50%)")
-        if time.time() - last_save > cfg.checkpoint_minutes * 60:
+        if dist.is_main and time.time() - last_save > cfg.checkpoint_minutes * 60:
             save_checkpoint(work / "clip.pt", model=clip.state_dict(), opt=opt.state_dict(), step=step + 1)
             last_save = time.time()
-    save_checkpoint(work / "clip.pt", model=clip.state_dict(), opt=opt.state_dict(), step=cfg.clip_steps)
+    dist.same(clip)  # the processes' runs can differ in the last bits (on GPUs): rank 0's
+    if dist.is_main:
+        save_checkpoint(work / "clip.pt", model=clip.state_dict(), opt=opt.state_dict(), step=cfg.clip_steps)
     return clip.text_encoder.eval()
 
 
@@ -364,9 +402,26 @@ def batch_indices(two: torch.Tensor, batch: int, two_share: float, g: torch.Gene
     return torch.cat([pool[torch.randint(0, len(pool), (n,), generator=g)] for pool, n in zip(pools, (n_two, batch - n_two))])
 
 
+def unet_batch(cfg: TrainConfig, scenes, two: torch.Tensor, latents: tuple[torch.Tensor, torch.Tensor],
+               n_timesteps: int, rng: np.random.Generator, g: torch.Generator, dist: Dist):
+    """One global batch of the U-Net stage, drawn exactly as one process draws it — scene indices, captions
+    (some dropped), posterior draws z₀ (unscaled), timesteps t, noise ε — and this process's share of each:
+    (captions, z0, t, eps), on the CPU."""
+    means, stds = latents
+    idx = batch_indices(two, cfg.unet_batch, cfg.unet_two_share, g)
+    captions = captions_for(scenes, idx.tolist(), rng, cfg.caption_dropout)
+    if cfg.unet_two_share > 0:  # the unconditional branch of CFG learns the data as it is, not the reweighted mix
+        empty = torch.tensor([c == "" for c in captions])
+        idx[empty] = torch.randint(0, len(means), (int(empty.sum()),), generator=g)
+    z0 = means[idx].float() + stds[idx].float() * torch.randn(means[idx].shape, generator=g)
+    t = draw_timesteps(cfg.prediction_type, cfg.unet_batch, n_timesteps, g, cfg.flow_shift)
+    eps = torch.randn(z0.shape, generator=g)
+    return dist.share(captions), dist.share(z0), dist.share(t), dist.share(eps)
+
+
 def train_unet(cfg: TrainConfig, mcfg: ModelConfig, tok: Tokenizer, text_encoder: TextEncoder,
                latents: tuple[torch.Tensor, torch.Tensor], scenes, scaling_factor: float,
-               sample_fn, log: Log, init: UNet | None = None) -> UNet:
+               sample_fn, log: Log, init: UNet | None = None, dist: Dist = SINGLE) -> UNet:
     work = Path(cfg.work)
     device = torch.device(cfg.device)
     with seeded(cfg.seed + 4, device):
@@ -377,7 +432,6 @@ def train_unet(cfg: TrainConfig, mcfg: ModelConfig, tok: Tokenizer, text_encoder
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
     start, losses = resume(work / "unet.pt", log, model=unet, ema=ema, opt=opt)  # losses: every step's so far
     alpha_bar = mcfg.scheduler.alphas_cumprod().to(device)
-    means, stds = latents
     rng = np.random.default_rng(cfg.seed + 5 + start)
     g = torch.Generator().manual_seed(cfg.seed + 5 + start)
     last_save = time.time()
@@ -385,7 +439,7 @@ def train_unet(cfg: TrainConfig, mcfg: ModelConfig, tok: Tokenizer, text_encoder
     bf16 = use_bf16(cfg.bf16, device)
     log(f"unet: {'bfloat16 autocast' if bf16 else 'float32'}")
     total = cfg.unet_steps + cfg.unet_refine_steps
-    bar = tqdm(range(start, total), desc="unet", initial=start, total=total)
+    bar = progress(start, total, "unet", dist.is_main)
     for step in bar:
         if step == cfg.unet_steps and cfg.unet_refine_steps:  # phase 2 starts from the averaged weights
             unet.load_state_dict(ema.state_dict())
@@ -394,37 +448,30 @@ def train_unet(cfg: TrainConfig, mcfg: ModelConfig, tok: Tokenizer, text_encoder
         for group in opt.param_groups:
             group["lr"] = (lr_at(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup) if step < cfg.unet_steps
                            else cfg.unet_refine_lr * min(1.0, (step - cfg.unet_steps + 1) / 50))
-        idx = batch_indices(two, cfg.unet_batch, cfg.unet_two_share, g)
-        captions = captions_for(scenes, idx.tolist(), rng, cfg.caption_dropout)
-        if cfg.unet_two_share > 0:  # the unconditional branch of CFG learns the data as it is, not the reweighted mix
-            empty = torch.tensor([c == "" for c in captions])
-            idx[empty] = torch.randint(0, len(means), (int(empty.sum()),), generator=g)
-        z0 = (means[idx].float() + stds[idx].float() * torch.randn(means[idx].shape, generator=g)).to(device)
-        z0 = z0 * scaling_factor
+        captions, z0, t, eps = unet_batch(cfg, scenes, two, latents, len(alpha_bar), rng, g, dist)
+        z0, t, eps = z0.to(device) * scaling_factor, t.to(device), eps.to(device)
         with torch.no_grad():
-            ids = tok(captions, warn=False).to(device)
-            context = text_encoder(ids)  # (B, 77, E): frozen, as SD freezes CLIP
-        t = draw_timesteps(cfg.prediction_type, cfg.unet_batch, len(alpha_bar), g, cfg.flow_shift).to(device)
-        eps = torch.randn(z0.shape, generator=g).to(device)
+            context = text_encoder(tok(captions, warn=False).to(device))  # (B, 77, E): frozen, as SD freezes CLIP
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # weights, loss, Adam stay fp32
             loss = diffusion_loss(unet, z0, t, eps, context, alpha_bar, cfg.min_snr_gamma,
                                   prediction_type=cfg.prediction_type)
-        optimiser_step(loss, opt, unet.parameters())
+        optimiser_step(loss, opt, unet.parameters(), dist=dist)
         ema_update(ema, unet, step, cfg.ema_decay)
-        losses.append(loss.item())
+        losses.append(dist.all_mean(loss).item())  # the whole batch's
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if step % 250 == 0 or step == total - 1:
             log(f"unet step {step}: loss {np.mean(losses[-250:]):.4f}, lr {opt.param_groups[0]['lr']:.2e}")
-        if step > 0 and step % 1000 == 0:
+        if dist.is_main and step > 0 and step % 1000 == 0:
             sample_fn(ema, f"unet_samples_{step:05d}.png")
-        if time.time() - last_save > cfg.checkpoint_minutes * 60:
+        if dist.is_main and time.time() - last_save > cfg.checkpoint_minutes * 60:
             save_checkpoint(work / "unet.pt", losses, model=unet.state_dict(), ema=ema.state_dict(),
                             opt=opt.state_dict(), step=step + 1)
             last_save = time.time()
-    save_checkpoint(work / "unet.pt", losses, model=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                    step=total)
-    write_json(work / "unet_losses.json", losses[::10])  # every 10th loss, from step 0 however often it resumed
+    if dist.is_main:
+        save_checkpoint(work / "unet.pt", losses, model=unet.state_dict(), ema=ema.state_dict(),
+                        opt=opt.state_dict(), step=total)
+        write_json(work / "unet_losses.json", losses[::10])  # every 10th loss, from step 0 however often it resumed
     return ema.eval()
 
 
@@ -439,9 +486,16 @@ STAGES = ("all", "vae", "clip", "unet")
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """`minisd train <stage|lora|controlnet|inpaint>`: the one place every kind of training is started from.
-    Returns where the result was saved."""
-    argv = sys.argv[1:] if argv is None else argv
+    """`minisd train <stage|lora|controlnet|inpaint|lcm>`: the one place every kind of training is started
+    from, on one process or under torchrun (dist.py). Returns where the result was saved."""
+    try:
+        return start_training(sys.argv[1:] if argv is None else argv)
+    finally:
+        end()  # leave the process group, if torchrun started this process among others
+
+
+def start_training(argv: list[str]) -> Path:
+    """The kind of training `argv` names, with its flags."""
     if argv and argv[0] in finetune.KINDS:  # trained on the finished model: finetune.py
         return finetune.main(argv)
     if argv and argv[0] == "lcm":  # distilled from the finished model: train_lcm.py
@@ -469,10 +523,12 @@ def train_model(cfg: TrainConfig, stage: str = "all", force: bool = False, fresh
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     refuse_overwrite(Path(cfg.out), force)
     work = Path(cfg.work)
-    if fresh and work.exists():
+    dist = Dist.from_env(cfg.device, split_batches(cfg, stage, fresh))
+    if fresh and work.exists() and dist.is_main:
         for p in [*work.glob("*.pt"), work / "timings.json"]:
             p.unlink(missing_ok=True)
-    log = Log(work)
+    dist.barrier()  # no process reads a checkpoint that --fresh removes
+    log = Log(work, dist.is_main)
     log(f"config: {json.dumps(asdict(cfg))}")
     timings_path = work / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
@@ -482,7 +538,8 @@ def train_model(cfg: TrainConfig, stage: str = "all", force: bool = False, fresh
         resumed = name in ("vae", "clip", "unet") and (work / f"{name}.pt").is_file()
         out = fn(*a)
         timings[name] = (timings.get(name, 0.0) if resumed else 0.0) + time.time() - t0
-        write_json(timings_path, timings)
+        if dist.is_main:
+            write_json(timings_path, timings)
         log(f"{name}: {timings[name] / 60:.1f} min")
         return out
 
@@ -490,7 +547,7 @@ def train_model(cfg: TrainConfig, stage: str = "all", force: bool = False, fresh
     if cfg.init_from:
         tok, mcfg, vae, text_encoder, init = reused_from(cfg, log)
     else:
-        tok, mcfg, vae, text_encoder = trained_vae_and_clip(cfg, stage, images, scenes, timed, log)
+        tok, mcfg, vae, text_encoder = trained_vae_and_clip(cfg, stage, images, scenes, timed, log, dist)
         init = None
     scaling_factor = mcfg.vae.scaling_factor
 
@@ -508,35 +565,47 @@ def train_model(cfg: TrainConfig, stage: str = "all", force: bool = False, fresh
         unet.train()
 
     latents = timed("cache", cache_latents, vae, images, torch.device(cfg.device), log)
-    unet = timed("unet", train_unet, cfg, mcfg, tok, text_encoder, latents, scenes, scaling_factor, sample_fn, log, init)
-    pipe = assemble(unet)
-    sample_fn(unet, "unet_samples_final.png")
-    pipe.to("cpu", torch.float16)  # shipped in fp16: half the size, and CPU loads it back as fp32
-    pipe.save_pretrained(cfg.out)
-    write_training_record(cfg, timings, work, Path(cfg.out), stage)
-    log(f"saved the model to {cfg.out}; total {sum(timings.values()) / 60:.1f} min: {json.dumps(timings)}")
+    unet = timed("unet", train_unet, cfg, mcfg, tok, text_encoder, latents, scenes, scaling_factor, sample_fn, log,
+                 init, dist)
+    if dist.is_main:
+        pipe = assemble(unet)
+        sample_fn(unet, "unet_samples_final.png")
+        pipe.to("cpu", torch.float16)  # shipped in fp16: half the size, and CPU loads it back as fp32
+        pipe.save_pretrained(cfg.out)
+        write_training_record(cfg, timings, work, Path(cfg.out), stage, dist.world)
+        log(f"saved the model to {cfg.out}; total {sum(timings.values()) / 60:.1f} min: {json.dumps(timings)}")
+    dist.barrier()  # the model is in --out when any process returns
     return Path(cfg.out)
 
 
-def trained_vae_and_clip(cfg: TrainConfig, stage: str, images, scenes, timed, log: Log):
+def split_batches(cfg: TrainConfig, stage: str, fresh: bool = False) -> dict[str, int]:
+    """The batches that `stage` splits among processes ({flag: size}): the U-Net's, and the VAE's if it is trained."""
+    trains_vae = not cfg.init_from and (fresh or stage in ("all", "vae") or not (Path(cfg.work) / "vae.pt").is_file())
+    return {"--unet-batch": cfg.unet_batch, **({"--vae-batch": cfg.vae_batch} if trains_vae else {})}
+
+
+def trained_vae_and_clip(cfg: TrainConfig, stage: str, images, scenes, timed, log: Log, dist: Dist = SINGLE):
     """Stages 2-4: the VAE, its latent scaling factor and the text encoder, each trained unless `stage`
     is a later one and its checkpoint is in --work. Returns (tokenizer, model config, vae, text encoder)."""
     work, device = Path(cfg.work), torch.device(cfg.device)
-    tok = build_word_tokenizer(world.VOCABULARY, work / "tokenizer")
+    tok = build_word_tokenizer(world.VOCABULARY, work / "tokenizer") if dist.is_main else None
+    dist.barrier()  # rank 0 has written the tokenizer's files
+    if tok is None:
+        tok = Tokenizer(work / "tokenizer")
     mcfg = model_config(tok, cfg)
     with seeded(cfg.seed, device):  # the VAE's first weights and posterior draws, then the scaling factor's
         if stage in ("all", "vae") or not (work / "vae.pt").is_file():
-            vae = timed("vae", train_vae, cfg, mcfg, images, log)
+            vae = timed("vae", train_vae, cfg, mcfg, images, log, dist)
         else:
             vae = AutoencoderKL(mcfg.vae).to(device)
             vae.load_state_dict(load_checkpoint(work / "vae.pt")["model"])
         vae.eval()
-        scaling_factor = measure_scaling_factor(vae, images, device)
+        scaling_factor = dist.same_value(measure_scaling_factor(vae, images, device))  # rank 0's, to the last bit
     log(f"latent scaling factor: {scaling_factor:.4f} (SD 1.x: 0.18215)")
     mcfg = replace(mcfg, vae=replace(mcfg.vae, scaling_factor=round(scaling_factor, 5)))
 
     if stage in ("all", "clip") or not (work / "clip.pt").is_file():
-        text_encoder = timed("clip", train_clip, cfg, mcfg, tok, images, scenes, log)
+        text_encoder = timed("clip", train_clip, cfg, mcfg, tok, images, scenes, log, dist)
     else:
         clip = CLIP(mcfg.text_encoder).to(device)
         clip.load_state_dict(load_checkpoint(work / "clip.pt")["model"])
@@ -561,14 +630,16 @@ def reused_from(cfg: TrainConfig, log: Log):
     return base.tokenizer, mcfg, base.vae, base.text_encoder, base.unet
 
 
-def write_training_record(cfg: TrainConfig, timings: dict, work: Path, out: Path, stage: str = "all") -> None:
-    """training.json beside the weights: the config, the minutes per stage, the machine, the loss curve."""
+def write_training_record(cfg: TrainConfig, timings: dict, work: Path, out: Path, stage: str = "all",
+                          processes: int = 1) -> None:
+    """training.json beside the weights: the config, the minutes per stage, the machine (and how many
+    processes trained), the loss curve."""
     losses = json.loads((work / "unet_losses.json").read_text()) if (work / "unet_losses.json").is_file() else []
     record = {"command": f"minisd train {stage}", "config": asdict(cfg),
               "minutes": {k: round(v / 60, 2) for k, v in timings.items()},
               "total_minutes": round(sum(timings.values()) / 60, 1),
               "machine": {"device": cfg.device, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "torch": torch.__version__, "platform": platform.platform()},
+                          "torch": torch.__version__, "platform": platform.platform(), "processes": processes},
               "unet_loss_every_10_steps": [round(x, 5) for x in losses]}
     write_json(out / "training.json", record)
 

@@ -4,6 +4,7 @@
     data       (control map, picture, caption); captions that never say where things are, half of them
                dropped to "" (Zhang et al. 2023, §3.3): only the map can tell the layout
     saved      a diffusers ControlNetModel folder
+    processes  one, or N under torchrun: each batch drawn whole, each process its share (dist.py)
 
 config → data → model → loop → save, in `train_controlnet`.
 """
@@ -42,7 +43,7 @@ class _Controlled(torch.nn.Module):
 
 def train_controlnet(cfg: AdapterConfig, force: bool = False) -> Path:
     """The ControlNet loop; returns the folder the ControlNet was saved to."""
-    out, work, log, pipe = start(cfg, force)
+    out, work, log, pipe, dist = start(cfg, force)
     device, t0 = pipe.device, time.time()
     scenes = controlnet_scenes(cfg)
     _, means, stds = render_and_encode(pipe, scenes, log, t0)
@@ -63,23 +64,26 @@ def train_controlnet(cfg: AdapterConfig, force: bool = False) -> Path:
     bf16 = use_bf16(cfg.bf16, device)
     log(f"controlnet: {'bfloat16 autocast' if bf16 else 'float32'}")
     state = lambda: dict(model=controlnet.state_dict(), opt=opt.state_dict())  # noqa: E731  what a checkpoint holds
-    steps = Steps("controlnet", step0, cfg.steps, log, work / "controlnet.pt", cfg.checkpoint_minutes, losses)
+    steps = Steps("controlnet", step0, cfg.steps, log, work / "controlnet.pt", cfg.checkpoint_minutes, losses,
+                  dist.is_main)
     for step in steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup) * group["lr_scale"]
+        # the whole batch drawn as one process draws it, then this process's share of every draw
         idx = torch.randint(0, len(scenes), (cfg.batch,), generator=g)
-        z0 = latent_batch(pipe, means, stds, idx, g)
+        z0 = dist.share(latent_batch(pipe, means, stds, idx, g))
         captions = draw_captions(scenes, idx, rng, CAPTION_DROPOUT, positions=False)  # only the map knows where
         with torch.no_grad():
-            context = pipe.text_encoder(pipe.tokenizer(captions, warn=False).to(device))
-        t = torch.randint(0, len(alpha_bar), (cfg.batch,), generator=g).to(device)
-        eps = torch.randn(z0.shape, generator=g).to(device)
-        controlled = _Controlled(pipe.unet, controlnet, controls[idx].to(device))  # it sees the U-Net's z_t
+            context = pipe.text_encoder(pipe.tokenizer(dist.share(captions), warn=False).to(device))
+        t = dist.share(torch.randint(0, len(alpha_bar), (cfg.batch,), generator=g)).to(device)
+        eps = dist.share(torch.randn((cfg.batch, *z0.shape[1:]), generator=g)).to(device)
+        controlled = _Controlled(pipe.unet, controlnet, controls[dist.share(idx)].to(device))  # it sees the U-Net's z_t
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # the weights stay fp32
             loss = diffusion_loss(controlled, z0, t, eps, context, alpha_bar, cfg.min_snr_gamma)
-        optimiser_step(loss, opt, params)
-        steps.record(step, loss.item(), opt.param_groups[0]["lr"], state)
+        optimiser_step(loss, opt, params, dist=dist)
+        steps.record(step, dist.all_mean(loss).item(), opt.param_groups[0]["lr"], state)
     steps.finish(state)
 
-    save_controlnet(controlnet.eval(), out)
-    return finish(cfg, out, work, log, t0)
+    if dist.is_main:
+        save_controlnet(controlnet.eval(), out)
+    return finish(cfg, out, work, log, t0, dist)

@@ -5,6 +5,7 @@
                runwayml's SD inpainting model was made from SD 1.2)
     data       pictures with random masks (boxes, an object's box, or everything: 25%)
     saved      a whole diffusers pipeline folder, fp16
+    processes  one, or N under torchrun: each batch drawn whole, each process its share (dist.py)
 
 config → data → model → loop → save, in `train_inpaint`.
 """
@@ -74,7 +75,7 @@ class _Inpainting(torch.nn.Module):
 
 def train_inpaint(cfg: AdapterConfig, force: bool = False) -> Path:
     """The inpainting loop; returns the folder the inpainting pipeline was saved to."""
-    out, work, log, pipe = start(cfg, force)
+    out, work, log, pipe, dist = start(cfg, force)
     device, t0 = pipe.device, time.time()
     scenes = inpaint_scenes(cfg)
     images, means, stds = render_and_encode(pipe, scenes, log, t0)
@@ -97,29 +98,35 @@ def train_inpaint(cfg: AdapterConfig, force: bool = False) -> Path:
     log(f"inpaint: {'bfloat16 autocast' if bf16 else 'float32'}")
     f = pipe.vae.config.downsampling
     state = lambda: dict(model=unet.state_dict(), opt=opt.state_dict())  # noqa: E731  what a checkpoint holds
-    steps = Steps("inpaint", step0, cfg.steps, log, work / "inpaint.pt", cfg.checkpoint_minutes, losses)
+    steps = Steps("inpaint", step0, cfg.steps, log, work / "inpaint.pt", cfg.checkpoint_minutes, losses, dist.is_main)
     for step in steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup) * group["lr_scale"]
+        # the whole batch drawn as one process draws it, then this process's share of every draw
         idx = torch.randint(0, len(scenes), (cfg.batch,), generator=g)
-        z0 = latent_batch(pipe, means, stds, idx, g)
+        z0 = dist.share(latent_batch(pipe, means, stds, idx, g))
         captions = draw_captions(scenes, idx, rng, cfg.caption_dropout)
         with torch.no_grad():
-            context = pipe.text_encoder(pipe.tokenizer(captions, warn=False).to(device))
-        t = torch.randint(0, len(alpha_bar), (cfg.batch,), generator=g).to(device)
-        eps = torch.randn(z0.shape, generator=g).to(device)
-        mask = random_masks(scenes, idx.tolist(), rng)  # what the pipeline feeds it: the mask, the masked latents
+            context = pipe.text_encoder(pipe.tokenizer(dist.share(captions), warn=False).to(device))
+        t = dist.share(torch.randint(0, len(alpha_bar), (cfg.batch,), generator=g)).to(device)
+        eps = dist.share(torch.randn((cfg.batch, *z0.shape[1:]), generator=g)).to(device)
+        # what the pipeline feeds it: the mask, and a draw of the masked picture's latents (post.sample(g), drawn
+        # for the whole batch)
+        mask = dist.share(random_masks(scenes, idx.tolist(), rng))
         with torch.no_grad():
-            masked = pipe.vae.encode((images[idx] * (mask < 0.5)).to(device)).sample(g)
+            post = pipe.vae.encode((images[dist.share(idx)] * (mask < 0.5)).to(device))
+            noise = torch.randn((cfg.batch, *post.mean.shape[1:]), generator=g)
+            masked = post.mean + post.std * dist.share(noise).to(post.mean)
         mask_latent = F.interpolate(mask, size=(world.SIZE // f, world.SIZE // f)).to(device)
         model = _Inpainting(unet, torch.cat([mask_latent, masked * pipe.vae.scaling_factor], dim=1))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # the weights stay fp32
             loss = diffusion_loss(model, z0, t, eps, context, alpha_bar, cfg.min_snr_gamma)
-        optimiser_step(loss, opt, params)
-        steps.record(step, loss.item(), opt.param_groups[0]["lr"], state)
+        optimiser_step(loss, opt, params, dist=dist)
+        steps.record(step, dist.all_mean(loss).item(), opt.param_groups[0]["lr"], state)
     steps.finish(state)
 
-    pipe.unet = unet.eval()
-    pipe.to(dtype=torch.float16)  # shipped in fp16, as the base model
-    pipe.save_pretrained(out)
-    return finish(cfg, out, work, log, t0)
+    if dist.is_main:
+        pipe.unet = unet.eval()
+        pipe.to(dtype=torch.float16)  # shipped in fp16, as the base model
+        pipe.save_pretrained(out)
+    return finish(cfg, out, work, log, t0, dist)

@@ -20,6 +20,9 @@ One step, as diffusers' examples/consistency_distillation/train_lcm_distill_sd_w
     f_θ(z, t, s) = c_skip(t) z + c_out(t) x̂₀_θ(z, t, s)                  the boundary condition: f = z at t = 0
     L = mean √((f_θ(z, t_{n+k}, s) − f_θ⁻(ẑ_n, t_n, s))² + c²) − c       pseudo-Huber, c = 0.001; θ⁻ the EMA
 
+Under torchrun each batch is drawn whole and each of the N processes takes its share (dist.py): the same
+student as one process trains.
+
 The script's w is the embedded w = s − 1 (its ε_c + w(ε_c − ε_∅) is the same extrapolation), so its
 w_min = 5, w_max = 15 for SD 1.5 are s in [6, 16]. Here s ~ U[3, 9]: the tiny model's default 7.5 sits
 inside, and so does 3, where it followed prompts best (docs/results/guidance_scale.json: 82% of pictures
@@ -45,6 +48,7 @@ import torch
 
 from . import world
 from .adapter_config import draw_captions, latent_batch, render_and_encode
+from .dist import Dist
 from .loop import (Log, Steps, check_config, field_help, lr_at, optimiser_step, refuse_overwrite, resume, seeded, use_bf16,
                    write_json)
 from ..diffusion.denoisers import guidance_scale_embedding, to_x0
@@ -161,7 +165,8 @@ def train_lcm(cfg: LCMConfig, force: bool = False) -> Path:
     """The distillation loop (this module's docstring); returns the folder the LCM pipeline was saved to."""
     out, work = Path(cfg.out), Path(cfg.work)
     refuse_overwrite(out, force)
-    log, t0 = Log(work), time.time()
+    dist = Dist.from_env(cfg.device, {"--batch": cfg.batch})
+    log, t0 = Log(work, dist.is_main), time.time()
     log(f"config: {json.dumps(asdict(cfg))}")
     pipe = StableDiffusion.from_pretrained(cfg.base, device=torch.device(cfg.device), dtype=torch.float32)
     if pipe.scheduler.prediction_type != "epsilon" or pipe.unet.config.time_cond_proj_dim is not None:
@@ -192,32 +197,36 @@ def train_lcm(cfg: LCMConfig, force: bool = False) -> Path:
     log(f"lcm: {'bfloat16 autocast' if bf16 else 'float32'}; k = {solver.k}, guidance scale s ~ "
         f"U[{cfg.guidance_min:g}, {cfg.guidance_max:g}], EMA target decay {cfg.ema_decay:g}")
     state = lambda: dict(model=student.state_dict(), ema=target.state_dict(), opt=opt.state_dict())  # noqa: E731
-    steps = Steps("lcm", step0, cfg.steps, log, work / "lcm.pt", cfg.checkpoint_minutes, losses)
+    steps = Steps("lcm", step0, cfg.steps, log, work / "lcm.pt", cfg.checkpoint_minutes, losses, dist.is_main)
     for step in steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+        # the whole batch drawn as one process draws it, then this process's share of every draw
         idx = torch.randint(0, len(scenes), (cfg.batch,), generator=g)
-        z0 = latent_batch(pipe, means, stds, idx, g)
+        z0 = dist.share(latent_batch(pipe, means, stds, idx, g))
+        captions = dist.share(draw_captions(scenes, idx, rng, 0.0))
         with torch.no_grad():
-            cond = pipe.text_encoder(pipe.tokenizer(draw_captions(scenes, idx, rng, 0.0), warn=False).to(device))
-        n = torch.randint(0, LCM_ORIGINAL_STEPS, (cfg.batch,), generator=g)
+            cond = pipe.text_encoder(pipe.tokenizer(captions, warn=False).to(device))
+        n = dist.share(torch.randint(0, LCM_ORIGINAL_STEPS, (cfg.batch,), generator=g))
         t, t_end = solver.start[n].to(device), solver.end[n].to(device)
-        s = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(cfg.batch, generator=g)
+        s = dist.share(cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(cfg.batch, generator=g))
         w_emb = guidance_scale_embedding(s - 1, cfg.time_cond_proj_dim).to(device)
-        eps = torch.randn(z0.shape, generator=g).to(device)
+        eps = dist.share(torch.randn((cfg.batch, *z0.shape[1:]), generator=g)).to(device)
         z = bcast(alpha_bar[t], z0).sqrt() * z0 + (1 - bcast(alpha_bar[t], z0)).sqrt() * eps  # eq. 2 at t_{n+k}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # the weights stay fp32
             z_end = teacher_step(teacher, solver, z, t, t_end, cond, uncond.expand(len(z), -1, -1), s.to(device))
             with torch.no_grad():
                 goal = consistency_output(target, z_end, t_end, cond, w_emb, alpha_bar)
             loss = pseudo_huber(consistency_output(student, z, t, cond, w_emb, alpha_bar), goal, cfg.huber_c)
-        optimiser_step(loss, opt, list(student.parameters()))
+        optimiser_step(loss, opt, list(student.parameters()), dist=dist)
         ema_track(target, student, cfg.ema_decay)
-        steps.record(step, loss.item(), opt.param_groups[0]["lr"], state)
+        steps.record(step, dist.all_mean(loss).item(), opt.param_groups[0]["lr"], state)
     steps.finish(state)
-    save_lcm_pipeline(pipe, student.eval(), out)
-    write_record(cfg, out, work, losses, time.time() - t0, step0)
-    log(f"saved the LCM pipeline to {out}; {(time.time() - t0) / 60:.1f} min")
+    if dist.is_main:
+        save_lcm_pipeline(pipe, student.eval(), out)
+        write_record(cfg, out, work, losses, time.time() - t0, step0, dist.world)
+        log(f"saved the LCM pipeline to {out}; {(time.time() - t0) / 60:.1f} min")
+    dist.barrier()  # the pipeline is in --out when any process returns
     return out
 
 
@@ -236,16 +245,17 @@ def save_lcm_pipeline(pipe: StableDiffusion, student: UNet, out: Path) -> None:
     write_json(out / "model_index.json", index)
 
 
-def write_record(cfg: LCMConfig, out: Path, work: Path, losses: list[float], seconds: float, step0: int) -> None:
+def write_record(cfg: LCMConfig, out: Path, work: Path, losses: list[float], seconds: float, step0: int,
+                 processes: int = 1) -> None:
     """training.json beside the weights: the config, the minutes (of this run; it resumed at `step0`), the
-    machine, every 10th loss; and the same timings in <work>/timings.json."""
+    machine (and how many processes trained), every 10th loss; and the same timings in <work>/timings.json."""
     run_steps = max(cfg.steps - step0, 1)
     timings = {"train_minutes": round(seconds / 60, 2), "seconds_per_step": round(seconds / run_steps, 3),
                "steps_this_run": cfg.steps - step0, "resumed_at": step0}
     write_json(work / "timings.json", timings)
     record = {"command": "minisd train lcm", "config": asdict(cfg), "minutes": timings,
               "machine": {"device": cfg.device, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "torch": torch.__version__, "platform": platform.platform()},
+                          "torch": torch.__version__, "platform": platform.platform(), "processes": processes},
               "loss_every_10_steps": [round(x, 6) for x in losses[::10]]}
     write_json(out / "training.json", record)
 

@@ -6,6 +6,7 @@
                does: the other shapes must stay right)
     loss       weighted onto a star's notches and every object's outline (loss_weights)
     saved      fp16, in the diffusers/PEFT and the kohya (A1111) layouts
+    processes  one, or N under torchrun: each batch drawn whole, each process its share (dist.py)
 
 config → data → model → loop → save, in `train_lora`.
 """
@@ -48,7 +49,7 @@ def loss_weights(scenes: list[world.Scene], images: torch.Tensor, side: int, not
 
 def train_lora(cfg: AdapterConfig, force: bool = False) -> Path:
     """The LoRA loop; returns the folder the LoRA was saved to."""
-    out, work, log, pipe = start(cfg, force)
+    out, work, log, pipe, dist = start(cfg, force)
     device, t0 = pipe.device, time.time()
     scenes = lora_scenes(cfg)
     images, means, stds = render_and_encode(pipe, scenes, log, t0)
@@ -79,27 +80,29 @@ def train_lora(cfg: AdapterConfig, force: bool = False) -> Path:
     bf16 = use_bf16(cfg.bf16, device)
     log(f"lora: {'bfloat16 autocast' if bf16 else 'float32'}")
     state = lambda: dict(model=module.state_dict(), opt=opt.state_dict())  # noqa: E731  what a checkpoint holds
-    steps = Steps("lora", step0, cfg.steps, log, work / "lora.pt", cfg.checkpoint_minutes, losses)
+    steps = Steps("lora", step0, cfg.steps, log, work / "lora.pt", cfg.checkpoint_minutes, losses, dist.is_main)
     for step in steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup) * group["lr_scale"]
+        # the whole batch drawn as one process draws it, then this process's share of every draw
         idx = torch.randint(0, len(scenes), (cfg.batch,), generator=g)
-        z0 = latent_batch(pipe, means, stds, idx, g)
-        captions = draw_captions(scenes, idx, rng, cfg.caption_dropout)
+        z0 = dist.share(latent_batch(pipe, means, stds, idx, g))
+        captions = dist.share(draw_captions(scenes, idx, rng, cfg.caption_dropout))
         with torch.set_grad_enabled(bool(te_loras)):  # the text encoder is frozen unless it has LoRAs
             context = pipe.text_encoder(pipe.tokenizer(captions, warn=False).to(device))
-        t = torch.randint(0, len(alpha_bar), (cfg.batch,), generator=g).to(device)
-        eps = torch.randn(z0.shape, generator=g).to(device)
-        weight = None if weights is None else weights[idx].to(device)
+        t = dist.share(torch.randint(0, len(alpha_bar), (cfg.batch,), generator=g)).to(device)
+        eps = dist.share(torch.randn((cfg.batch, *z0.shape[1:]), generator=g)).to(device)
+        weight = None if weights is None else weights[dist.share(idx)].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # the weights stay fp32
             loss = diffusion_loss(pipe.unet, z0, t, eps, context, alpha_bar, cfg.min_snr_gamma, weight=weight)
-        optimiser_step(loss, opt, params)
-        steps.record(step, loss.item(), opt.param_groups[0]["lr"], state)
+        optimiser_step(loss, opt, params, dist=dist)
+        steps.record(step, dist.all_mean(loss).item(), opt.param_groups[0]["lr"], state)
     steps.finish(state)
 
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"minisd_concept": cfg.concept, "ss_base_model_version": "minisd_tiny"}
-    everything = {**loras, **te_loras}  # fp16, as the base model and most LoRA files in circulation are
-    lora_lib.save_lora(everything, out, "peft", meta, torch.float16)                                  # diffusers/PEFT
-    lora_lib.save_lora(everything, out / f"{out.name}_kohya.safetensors", "kohya", meta, torch.float16)  # A1111
-    return finish(cfg, out, work, log, t0)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"minisd_concept": cfg.concept, "ss_base_model_version": "minisd_tiny"}
+        everything = {**loras, **te_loras}  # fp16, as the base model and most LoRA files in circulation are
+        lora_lib.save_lora(everything, out, "peft", meta, torch.float16)                              # diffusers/PEFT
+        lora_lib.save_lora(everything, out / f"{out.name}_kohya.safetensors", "kohya", meta, torch.float16)  # A1111
+    return finish(cfg, out, work, log, t0, dist)
