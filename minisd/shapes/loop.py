@@ -171,6 +171,19 @@ def field_help(cls) -> dict[str, str]:
             for name, text in helps.items()}
 
 
+def config_flags(parser, cls) -> None:
+    """A --flag for each field of the config dataclass `cls`, typed and defaulted as the field, with its
+    comment as help (`field_help`)."""
+    helps = field_help(cls)
+    for f in fields(cls):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default, help=helps.get(f.name))
+
+
+def config_from(args, cls):
+    """The config `cls` from parsed `config_flags` (its checks refuse careless values)."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
 # ─── refusing careless input ──────────────────────────────────────────────────────────────────────
 
 def check_config(cfg, *, at_least_1=(), at_least_0=(), above_0=(), not_negative=(), shares=(),

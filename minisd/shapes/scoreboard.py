@@ -32,9 +32,9 @@ from PIL import Image
 from ..formats.files import atomic_write_text
 from ..metrics import frechet_distance, kid_subsets
 from ..pipeline import DATA, StableDiffusion
-from .analyser import analyse, eval_prompts, generate_for, judge, parse, render_prompt
+from .analyser import eval_prompts, generate_for, render_prompt
 from .features import NAMES, features
-from .sweeps import rate
+from .sweeps import rate, records_of
 
 OUT = DATA.parent / "docs" / "results" / "scoreboard.json"
 REAL_SEED = 1_000_000   # render j of the reference set: unnamed attributes and jitter from this seed + j
@@ -104,19 +104,6 @@ def fid_table(pipe: StableDiffusion, n: int, guidance_scales: list[float], steps
 
 
 # ─── adherence, FID and speed for each model and setting ───────────────────────────────────────────
-
-def records_of(prompts: list[str], images: list, seed: int) -> list[dict]:
-    """`sweeps.picture_records` for pictures already made (prompt i from the noise of seed + i), so
-    that the pictures FID measures are the ones adherence judges, generated once."""
-    records = []
-    for prompt, image in zip(prompts, images):
-        a = analyse(image)
-        wanted, _ = parse(prompt)
-        obj = a.find(wanted[0].colour) if len(wanted) == 1 else None
-        layout = [obj.position, obj.size, a.background] if obj is not None else None
-        records.append({"prompt": prompt, "seed": seed, "ok": judge(prompt, image), "layout": layout})
-    return records
-
 
 def model_kind(folder: str | Path, pipe: StableDiffusion) -> str:
     """What `SETTINGS` to run: "lcm" for a latent consistency model (its scheduler config names

@@ -29,14 +29,19 @@ def picture_records(pipe, prompts: list[str], seeds=(0,), **settings) -> list[di
     """One record per (prompt, seed): `judge`'s verdicts and, for one object, where and how the object
     of the requested colour was drawn. Seed s gives prompt i the noise of seed s + i (`generate_for`);
     `settings` go to `generate_for` (guidance_scale, steps, sampler)."""
+    return [r for seed in seeds for r in records_of(prompts, generate_for(pipe, prompts, seed=seed, **settings), seed)]
+
+
+def records_of(prompts: list[str], images: list, seed: int) -> list[dict]:
+    """`picture_records` for pictures already made (prompt i from the noise of seed + i): the scoreboard
+    judges the very pictures its FID measures, generated once."""
     records = []
-    for seed in seeds:
-        for prompt, image in zip(prompts, generate_for(pipe, prompts, seed=seed, **settings)):
-            a = analyse(image)
-            wanted, _ = parse(prompt)
-            obj = a.find(wanted[0].colour) if len(wanted) == 1 else None
-            layout = [obj.position, obj.size, a.background] if obj is not None else None
-            records.append({"prompt": prompt, "seed": seed, "ok": judge(prompt, image), "layout": layout})
+    for prompt, image in zip(prompts, images):
+        a = analyse(image)
+        wanted, _ = parse(prompt)
+        obj = a.find(wanted[0].colour) if len(wanted) == 1 else None
+        layout = [obj.position, obj.size, a.background] if obj is not None else None
+        records.append({"prompt": prompt, "seed": seed, "ok": judge(prompt, image), "layout": layout})
     return records
 
 

@@ -53,8 +53,9 @@ import torch
 from . import finetune, train_lcm, world
 from .clip import CLIP
 from .dist import SINGLE, Dist, end
-from .loop import (Log, check_config, diffusion_loss, edge_map, ema_update, field_help, load_checkpoint, lr_at,
-                   optimiser_step, progress, refuse_overwrite, resume, save_checkpoint, seeded, use_bf16, write_json)
+from .loop import (Log, check_config, config_flags, config_from, diffusion_loss, edge_map, ema_update, load_checkpoint,
+                   lr_at, optimiser_step, progress, refuse_overwrite, resume, save_checkpoint, seeded, use_bf16,
+                   write_json)
 from ..diffusion.objectives import OBJECTIVES, draw_timesteps
 from ..diffusion.schedules import SchedulerConfig
 from ..models.configs import TINY, ModelConfig
@@ -506,13 +507,11 @@ def start_training(argv: list[str]) -> Path:
                         help="what to train (default: the whole recipe); `minisd train lora|controlnet|inpaint "
                              "--help` trains adapters (and the inpainting model) on the finished model, "
                              "`minisd train lcm --help` distils it")
-    helps = field_help(TrainConfig)
-    for f, v in asdict(TrainConfig()).items():
-        parser.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v, help=helps.get(f))
+    config_flags(parser, TrainConfig)
     parser.add_argument("--fresh", action="store_true", help="ignore checkpoints in --work and start over")
     parser.add_argument("--force", action="store_true", help="overwrite a model already in --out")
     args = parser.parse_args(argv)
-    cfg = TrainConfig(**{f: getattr(args, f) for f in asdict(TrainConfig())})  # refuses careless values
+    cfg = config_from(args, TrainConfig)  # refuses careless values
     return train_model(cfg, args.stage, force=args.force, fresh=args.fresh)
 
 

@@ -49,8 +49,8 @@ import torch
 from . import world
 from .adapter_config import draw_captions, latent_batch, render_and_encode
 from .dist import Dist
-from .loop import (Log, Steps, check_config, field_help, lr_at, optimiser_step, refuse_overwrite, resume, seeded, use_bf16,
-                   write_json)
+from .loop import (Log, Steps, check_config, config_flags, config_from, lr_at, optimiser_step, refuse_overwrite,
+                   resume, seeded, use_bf16, write_json)
 from ..diffusion.denoisers import guidance_scale_embedding, to_x0
 from ..diffusion.samplers import LCM_ORIGINAL_STEPS, LCM_TIMESTEP_SCALING, lcm_scalings
 from ..models.unet import UNet
@@ -264,13 +264,11 @@ def main(argv: list[str] | None = None) -> Path:
     """`minisd train lcm [--flags]`: distil the finished model (--base) into a latent consistency model."""
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="minisd train lcm", description=__doc__.split("\n\n")[0])
-    helps = field_help(LCMConfig)
-    for f, v in asdict(LCMConfig()).items():
-        parser.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v, help=helps.get(f))
+    config_flags(parser, LCMConfig)
     parser.add_argument("--fresh", action="store_true", help="ignore the checkpoint in --work and start over")
     parser.add_argument("--force", action="store_true", help="overwrite a model already in --out")
     args = parser.parse_args(argv)
-    cfg = LCMConfig(**{f: getattr(args, f) for f in asdict(LCMConfig())})  # refuses careless values
+    cfg = config_from(args, LCMConfig)  # refuses careless values
     if args.fresh:
         (Path(cfg.work) / "lcm.pt").unlink(missing_ok=True)
     return train_lcm(cfg, force=args.force)
