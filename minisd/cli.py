@@ -38,7 +38,7 @@ from .canny import canny
 from .diffusion.samplers import FLOW_SAMPLERS, SAMPLERS, default_sampler, get_sampler
 from .formats.files import atomic_write
 from .pipeline import StableDiffusion
-from .shapes import analyser, scoreboard, train
+from .shapes import analyser, concept_eval, scoreboard, train
 from .viz import image_grid
 
 MAX_SIZE = 4096        # px; SD 1.x at 2048 already needs tiling, beyond 4096 is a typo
@@ -607,7 +607,7 @@ def run(argv: list[str]) -> None:
     if argv and argv[0] == "train":  # the training script has its own options
         train.main(argv[1:])
     elif argv and argv[0] == "eval":  # --fid's features read pictures with the analyser: it cannot import them
-        analyser.main(argv[1:], fid=scoreboard.fid_table)
+        analyser.main(argv[1:], fid=scoreboard.fid_table, teaching=concept_eval.compare)
     else:
         args = build_parser().parse_args(argv)
         if args.command == "bench":

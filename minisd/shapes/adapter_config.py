@@ -2,13 +2,16 @@
 the data rendered and encoded once, a batch of latents and captions, the record written at the end, and
 the processes they run on (dist.py: --batch is global, each of N processes takes an equal share).
 
-The loops themselves: train_lora.py, train_controlnet.py, train_inpaint.py; `finetune.py` starts them.
+The loops themselves: train_lora.py, train_controlnet.py, train_inpaint.py, train_ti.py, train_dreambooth.py;
+`finetune.py` starts them.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,17 +19,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..pipeline import StableDiffusion
 from . import world
 from .dist import Dist
 from .loop import Log, check_config, refuse_overwrite, write_json
-from ..pipeline import StableDiffusion
 
-KINDS = ("lora", "controlnet", "inpaint")
+KINDS = ("lora", "controlnet", "inpaint", "textual-inversion", "dreambooth")
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    kind: str = "lora"                # "lora", "controlnet" or "inpaint"
+    kind: str = "lora"                # "lora", "controlnet", "inpaint", "textual-inversion" or "dreambooth"
     model: str = "tiny"               # the frozen base model
     out: str = ""                     # default: runs/<kind>/tiny_star_lora, tiny_controlnet_edges or tiny_inpaint
     work: str = ""                    # default: runs/<kind>
@@ -64,23 +67,35 @@ class AdapterConfig:
     # base shapes 94-97%); notches alone cut notches into triangles too (experiments/star_lora_trials.md)
     notch_weight: float = 300.0
     outline_weight: float = 100.0
+    # textual inversion: a new token <concept>, its vectors learnt, every weight frozen
+    num_vectors: int = 1              # vectors the token stands for (several: <star>, <star>_1, ...)
+    init_word: str = "triangle"       # the vectors start as this word's embedding: the nearest thing the model draws
+    # DreamBooth: the whole U-Net fine-tuned on the concept's pictures, plus (Ruiz et al. 2023) the prior loss on
+    # the base model's own pictures of ordinary prompts, weighted by prior_loss_weight; 0 = no prior preservation
+    prior_loss_weight: float = 1.0
+    n_class_images: int = 400         # the base model's pictures for the prior (DDIM 25 steps, CFG 7.5)
     # ControlNet
     control: str = "edges"            # "edges" or "mask" (world.control_map)
     checkpoint_minutes: float = 5.0
 
     def __post_init__(self):  # careless input is refused before any work
-        check_config(self, at_least_1=("n_images", "steps", "batch", "rank"), at_least_0=("seed", "warmup"),
+        check_config(self, at_least_1=("n_images", "steps", "batch", "rank", "num_vectors", "n_class_images"),
+                     at_least_0=("seed", "warmup"),
                      above_0=("lr", "alpha", "min_snr_gamma", "te_lr_scale", "checkpoint_minutes"),
-                     not_negative=("notch_weight", "outline_weight"), shares=("caption_dropout",),
+                     not_negative=("notch_weight", "outline_weight", "prior_loss_weight"), shares=("caption_dropout",),
                      choices={"kind": KINDS, "bf16": ("yes", "no", "auto"), "concept": world.SHAPES,
                               "control": ("edges", "mask")})
+        if self.kind == "dreambooth" and self.prior_loss_weight > 0 and self.batch < 2:
+            raise ValueError(f"--batch must be at least 2 with prior preservation (half concept, half prior), "
+                             f"got {self.batch}")
         if not self.targets.strip(","):
             raise ValueError(f"--targets must name at least one layer, e.g. 'to_q,to_v', got {self.targets!r}")
 
     def paths(self) -> tuple[Path, Path]:
         """(out, work): where the result goes (never into data/ by default) and the checkpoints and log."""
         name = {"lora": f"tiny_{self.concept}_lora", "controlnet": f"tiny_controlnet_{self.control}",
-                "inpaint": "tiny_inpaint"}[self.kind]
+                "inpaint": "tiny_inpaint", "textual-inversion": f"tiny_{self.concept}_embedding",
+                "dreambooth": f"tiny_{self.concept}_dreambooth"}[self.kind]
         work = Path(self.work or f"runs/{self.kind}")
         return Path(self.out or work / name), work
 
@@ -91,7 +106,10 @@ def start(cfg: AdapterConfig, force: bool) -> tuple[Path, Path, Log, StableDiffu
     model frozen (fp32, eval mode, no gradients). Returns (out, work, log, pipe, dist)."""
     out, work = cfg.paths()
     refuse_overwrite(out, force)
-    dist = Dist.from_env(cfg.device, {"--batch": cfg.batch})
+    shares = {"--batch": cfg.batch}
+    if cfg.kind == "dreambooth" and cfg.prior_loss_weight > 0:  # the concept's half and the prior's, each shared
+        shares["half of --batch"] = cfg.batch // 2
+    dist = Dist.from_env(cfg.device, shares)
     log = Log(work, dist.is_main)
     log(f"config: {json.dumps(asdict(cfg))}")
     pipe = StableDiffusion.from_pretrained(cfg.model, device=torch.device(cfg.device), dtype=torch.float32)
@@ -133,11 +151,22 @@ def draw_captions(scenes: list[world.Scene], idx: torch.Tensor, rng: np.random.G
             for i in idx.tolist()]
 
 
-def finish(cfg: AdapterConfig, out: Path, work: Path, log: Log, t0: float, dist: Dist) -> Path:
-    """After the loop (rank 0 has saved the result): the timings, and every process waits until it is all written."""
+def finish(cfg: AdapterConfig, out: Path, work: Path, log: Log, t0: float, dist: Dist,
+           seconds_per_step: float | None = None) -> Path:
+    """After the loop (rank 0 has saved the result): the timings (`seconds_per_step`: the loop's own, `Steps`),
+    and every process waits until it is all written."""
     if dist.is_main:
         timings = {"train_minutes": round((time.time() - t0) / 60, 1), "steps": cfg.steps, "batch": cfg.batch}
+        if seconds_per_step is not None:
+            timings["seconds_per_step"] = round(seconds_per_step, 4)
         write_json(work / "timings.json", timings)
+        if out.is_dir():  # beside the result: what made it, and in what time on what machine
+            machine = {"device": cfg.device, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                       "processes": dist.world, "torch": torch.__version__, "platform": platform.platform(),
+                       # the other work the machine had: a load above the cores means the minutes were shared
+                       "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]}
+            write_json(out / "training.json", {"command": f"minisd train {cfg.kind}", "config": asdict(cfg),
+                                               "minutes": timings, "machine": machine})
         log(f"saved to {out}; {timings}")
     dist.barrier()
     return out

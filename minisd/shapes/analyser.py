@@ -547,8 +547,9 @@ def eval_parser():
     ap.add_argument("--sampler", default=None, help="default: the model's own (ddim; flow_euler for a flow model, "
                     "lcm for an LCM)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--draws", type=int, default=1, help="score each prompt under this many noise draws (seeds "
-                    "seed, seed+1000, ...): less noise, proportionally slower")
+    ap.add_argument("--draws", type=int, default=None, help="score each prompt under this many noise draws (seeds "
+                    "seed, seed+1000, ...): less noise, proportionally slower (default 1; 3 for --embedding and "
+                    "--dreambooth)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--limit", type=int, default=None, help="only every n-th prompt (quick look)")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -556,6 +557,11 @@ def eval_parser():
     ap.add_argument("--lora", default=None, help="evaluate this LoRA: its concept's prompts and the base shapes, "
                     "without and with it")
     ap.add_argument("--concept", default="star", help="the LoRA's new shape (default star)")
+    ap.add_argument("--embedding", default=None, help="evaluate this textual inversion (a learned_embeds file or "
+                    "folder, an A1111 .pt/.safetensors): the concept's prompts with its token and the base shapes, "
+                    "beside the base model; --draws noise draws (default here 3)")
+    ap.add_argument("--dreambooth", default=None, help="evaluate this fine-tuned model (a DreamBooth folder) beside "
+                    "--model on the concept's prompts and the base shapes; --draws noise draws (default here 3)")
     ap.add_argument("--controlnet", default=None, help="evaluate this ControlNet: layout IoU without and with it")
     ap.add_argument("--control", default="edges", help="the ControlNet's map kind: edges or mask")
     ap.add_argument("--inpaint", default=None, help="compare mask blending (--model) with this 9-channel "
@@ -576,11 +582,12 @@ def _fid_cell(column: str, value) -> str:
     return str(value) if column == "N" else f"{value:.5f}" if column.startswith("KID") else f"{value:.3f}"
 
 
-def main(argv: list[str] | None = None, fid=None) -> dict:
+def main(argv: list[str] | None = None, fid=None, teaching=None) -> dict:
     """`minisd eval`: prompt adherence of a model at one or more guidance scales.
 
-    `fid`: what --fid runs, `scoreboard.fid_table` (`minisd eval` passes it in: it computes
-    `features.features`, which reads pictures with this module, so this module cannot import it)."""
+    `fid`: what --fid runs, `scoreboard.fid_table`; `teaching`: what --embedding and --dreambooth run,
+    `concept_eval.compare` (`minisd eval` passes both in: they judge pictures with this module, so this
+    module cannot import them)."""
     import json
     import time
 
@@ -588,6 +595,8 @@ def main(argv: list[str] | None = None, fid=None) -> dict:
     check_eval_args(args)
     if args.fid and fid is None:
         raise ValueError("--fid needs the shapes-world features: run it as `minisd eval --fid`")
+    if (args.embedding or args.dreambooth) and teaching is None:
+        raise ValueError("--embedding and --dreambooth need concept_eval: run them as `minisd eval`")
     if args.inpaint:
         pipes = {"blending (standard U-Net)": StableDiffusion.from_pretrained(args.model, device=args.device),
                  "9-channel inpainting U-Net": StableDiffusion.from_pretrained(args.inpaint, device=args.device)}
@@ -612,6 +621,10 @@ def main(argv: list[str] | None = None, fid=None) -> dict:
     if args.vae:
         return _report(evaluate_vae(pipe), "shape", lambda c, v: f"{v:.3f}" if "error" in c else f"{100 * v:.0f}%",
                        args.json)
+    if args.embedding or args.dreambooth:
+        results = teaching(pipe, args.embedding, args.dreambooth, args.concept, args.draws or 3, args.steps, args.seed,
+                           args.device)
+        return _report(results, "model", lambda c, v: f"{100 * v:.0f}%", args.json)
     if args.lora or args.controlnet:
         results = evaluate_lora(pipe, args.lora, args.concept, steps=args.steps) if args.lora else \
             evaluate_controlnet(pipe, args.controlnet, args.control, steps=args.steps)
@@ -624,8 +637,9 @@ def main(argv: list[str] | None = None, fid=None) -> dict:
         results = {}
         for scale in args.cfg:
             t0 = time.time()
-            results[f"CFG {scale:g}"] = evaluate(pipe, prompts, scale, args.steps, args.sampler, args.seed, args.draws)
-            print(f"CFG {scale:g}: {len(prompts)} prompts × {args.draws} draw(s) in {time.time() - t0:.0f}s", flush=True)
+            results[f"CFG {scale:g}"] = evaluate(pipe, prompts, scale, args.steps, args.sampler, args.seed, args.draws or 1)
+            print(f"CFG {scale:g}: {len(prompts)} prompts × {args.draws or 1} draw(s) in {time.time() - t0:.0f}s",
+                  flush=True)
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:
@@ -649,18 +663,21 @@ def check_eval_args(args) -> None:
     bad = [c for c in args.cfg if not math.isfinite(c) or c < 0]
     if bad:
         raise ValueError(f"--cfg takes guidance scales of at least 0, got {bad[0]}")
-    if not 0 <= args.seed <= 2**63 - 1 - 1000 * args.draws:  # draw k uses seed + 1000·k
-        raise ValueError(f"--seed must be from 0 to {2**63 - 1 - 1000 * args.draws} here, got {args.seed}")
+    draws = args.draws or 3
+    if not 0 <= args.seed <= 2**63 - 1 - 1000 * draws:  # draw k uses seed + 1000·k
+        raise ValueError(f"--seed must be from 0 to {2**63 - 1 - 1000 * draws} here, got {args.seed}")
     if args.concept not in SHAPES:
         raise ValueError(f"--concept must be one of {', '.join(SHAPES)}, got {args.concept!r}")
     if args.control not in ("edges", "mask"):
         raise ValueError(f"--control must be edges or mask, got {args.control!r}")
     modes = [flag for flag, on in (("--inpaint", args.inpaint), ("--breakdown", args.breakdown), ("--vae", args.vae),
                                    ("--lora", args.lora), ("--controlnet", args.controlnet),
+                                   ("--embedding", args.embedding), ("--dreambooth", args.dreambooth),
                                    ("--ground-truth", args.ground_truth), ("--fid", args.fid)) if on]
     if len(modes) > 1:
         raise ValueError(f"{' and '.join(modes)} are separate evaluations: give one at a time")
-    for flag, path in (("--lora", args.lora), ("--controlnet", args.controlnet)):
+    for flag, path in (("--lora", args.lora), ("--controlnet", args.controlnet), ("--embedding", args.embedding),
+                       ("--dreambooth", args.dreambooth)):
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{flag} not found: {path}")
     if args.json is not None and (Path(args.json).is_dir() or not Path(args.json).absolute().parent.is_dir()):

@@ -4,12 +4,15 @@ a 9-channel inpainting U-Net.
     minisd train lora                      # teach the tiny model `star` (never in its training data)
     minisd train controlnet                # a ControlNet that places objects where an edge map says
     minisd train inpaint                   # a 9-channel inpainting U-Net, as SD's inpainting model was made
+    minisd train textual-inversion         # the frozen model's new word <star>: its vectors alone are learnt
+    minisd train dreambooth                # the whole U-Net fine-tuned on stars, its prior kept by its own pictures
 
-Each kind is one flat loop in its own file — train_lora.py, train_controlnet.py, train_inpaint.py — on the
-pieces every loop shares (loop.py) and those the three share (adapter_config.py). Each writes checkpoints
-and resumes, logs to <work>/log.txt, and saves what the course ships: the LoRA in diffusers/PEFT and kohya
-layouts, the ControlNet as a diffusers ControlNetModel folder, the inpainting model as a whole diffusers
-pipeline folder. An existing result in --out is replaced only with --force. Under
+Each kind is one flat loop in its own file — train_lora.py, train_controlnet.py, train_inpaint.py, train_ti.py,
+train_dreambooth.py — on the pieces every loop shares (loop.py) and those they share (adapter_config.py). Each
+writes checkpoints and resumes, logs to <work>/log.txt, and saves what the course ships: the LoRA in
+diffusers/PEFT and kohya layouts, the ControlNet as a diffusers ControlNetModel folder, the inpainting and
+DreamBooth models as whole diffusers pipeline folders, the textual inversion in diffusers' and A1111's layouts.
+An existing result in --out is replaced only with --force. Under
 `torchrun --nproc_per_node N -m minisd train lora ...` --batch is the global batch, each process takes an
 equal share of it, and the result is the one process's (dist.py, docs/training.md).
 """
@@ -22,23 +25,29 @@ from pathlib import Path
 
 from .adapter_config import KINDS, AdapterConfig
 from .train_controlnet import train_controlnet
+from .train_dreambooth import train_dreambooth
 from .train_inpaint import inpainting_unet, random_masks, train_inpaint
 from .train_lora import loss_weights, train_lora
+from .train_ti import train_textual_inversion
 
 # what `minisd train controlnet|inpaint` changes from AdapterConfig's defaults (those of the star LoRA)
 KIND_DEFAULTS = {"lora": {}, "controlnet": {"steps": 300, "batch": 32, "lr": 1e-3, "warmup": 30, "n_images": 8000},
-                 "inpaint": {"steps": 1500, "batch": 32, "lr": 1e-3, "warmup": 30, "n_images": 8000}}
+                 "inpaint": {"steps": 1500, "batch": 32, "lr": 1e-3, "warmup": 30, "n_images": 8000},
+                 "textual-inversion": {"steps": 600, "lr": 5e-3, "caption_dropout": 0.0},
+                 "dreambooth": {"steps": 800, "lr": 1e-4}}
 
 
 def train_adapter(cfg: AdapterConfig, force: bool = False) -> Path:
     """Train `cfg.kind` on the frozen base model; returns where the result was saved (an existing one is
     replaced only if `force`)."""
-    loop = {"lora": train_lora, "controlnet": train_controlnet, "inpaint": train_inpaint}[cfg.kind]
+    loop = {"lora": train_lora, "controlnet": train_controlnet, "inpaint": train_inpaint,
+            "textual-inversion": train_textual_inversion, "dreambooth": train_dreambooth}[cfg.kind]
     return loop(cfg, force)
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="minisd train lora|controlnet|inpaint", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="minisd train lora|controlnet|inpaint|textual-inversion|dreambooth",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("kind", choices=KINDS)
     for f, v in asdict(AdapterConfig()).items():
         if f != "kind":
@@ -55,4 +64,5 @@ def main(argv: list[str] | None = None) -> Path:
     return train_adapter(cfg, force=args.force)
 
 
-__all__ = ["KINDS", "AdapterConfig", "inpainting_unet", "loss_weights", "main", "random_masks", "train_adapter"]
+__all__ = ["KINDS", "AdapterConfig", "inpainting_unet", "loss_weights", "main", "random_masks", "train_adapter",
+           "train_dreambooth", "train_textual_inversion"]

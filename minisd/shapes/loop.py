@@ -101,9 +101,13 @@ class Steps:
         self.name, self.start, self.total, self.log, self.path = name, start, total, log, path
         self.minutes, self.losses, self.last_save, self.main = minutes, losses, time.time(), main
         self.bar = progress(start, total, name, main)
+        self.seconds_per_step: float | None = None  # measured over this run's steps, when they are done
 
     def __iter__(self):
-        return iter(self.bar)
+        t0 = time.time()
+        yield from self.bar
+        if self.total > self.start:
+            self.seconds_per_step = (time.time() - t0) / (self.total - self.start)
 
     def record(self, step: int, loss: float, lr: float, state) -> None:
         self.losses.append(loss)

@@ -86,4 +86,4 @@ def train_controlnet(cfg: AdapterConfig, force: bool = False) -> Path:
 
     if dist.is_main:
         save_controlnet(controlnet.eval(), out)
-    return finish(cfg, out, work, log, t0, dist)
+    return finish(cfg, out, work, log, t0, dist, steps.seconds_per_step)

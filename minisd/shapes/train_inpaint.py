@@ -129,4 +129,4 @@ def train_inpaint(cfg: AdapterConfig, force: bool = False) -> Path:
         pipe.unet = unet.eval()
         pipe.to(dtype=torch.float16)  # shipped in fp16, as the base model
         pipe.save_pretrained(out)
-    return finish(cfg, out, work, log, t0, dist)
+    return finish(cfg, out, work, log, t0, dist, steps.seconds_per_step)

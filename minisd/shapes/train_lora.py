@@ -105,4 +105,4 @@ def train_lora(cfg: AdapterConfig, force: bool = False) -> Path:
         everything = {**loras, **te_loras}  # fp16, as the base model and most LoRA files in circulation are
         lora_lib.save_lora(everything, out, "peft", meta, torch.float16)                              # diffusers/PEFT
         lora_lib.save_lora(everything, out / f"{out.name}_kohya.safetensors", "kohya", meta, torch.float16)  # A1111
-    return finish(cfg, out, work, log, t0, dist)
+    return finish(cfg, out, work, log, t0, dist, steps.seconds_per_step)

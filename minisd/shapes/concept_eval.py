@@ -1,0 +1,98 @@
+"""Three ways to teach the tiny model a shape it never saw — textual inversion, LoRA, DreamBooth — measured
+alike: the same held-out prompts, the same noise draws, the analyser's reading of every picture.
+
+    rates(pipe, word)        the concept's 60 prompts (every colour × size × position, `word` in place of
+                             the concept: "star", or a textual inversion's "<star>") and 60 ordinary one-object
+                             prompts, under `draws` noise draws: star shape small / large, colour, position,
+                             base shapes kept, base colours kept; each a rate with its Wilson interval
+    head_to_head(...)        those rates for the base model and every way of teaching, with file sizes and
+                             training minutes (benchmarks/concepts.py writes docs/results/concepts.json)
+
+A rate reads {"rate": 0.83, "n": 180, "low": 0.77, "high": 0.88}: the share right, the pictures judged, and
+the 95% interval.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..metrics import wilson_interval
+from .analyser import concept_prompts, eval_prompts, generate_for, judge
+
+STEPS, GUIDANCE = 25, 7.5  # as `minisd eval`
+
+
+def base_prompts() -> list[str]:
+    """60 one-object prompts of the base shapes (every third of the evaluation list's 180): what must stay."""
+    return [p for p in eval_prompts() if " and " not in p][::3]
+
+
+def rate(oks: list[bool]) -> dict[str, float]:
+    """The share of True in `oks`, how many, and its 95% Wilson interval."""
+    low, high = wilson_interval(int(sum(oks)), len(oks))
+    return {"rate": float(np.mean(oks)), "n": len(oks), "low": low, "high": high}
+
+
+def rates(pipe, word: str = "star", concept: str = "star", draws: int = 3, steps: int = STEPS,
+          guidance_scale: float = GUIDANCE, seed: int = 0) -> dict[str, dict[str, float]]:
+    """How well `pipe` draws the concept when prompts call it `word`, and how well it still draws the base
+    shapes; draw d starts prompt i from the noise of seed + 1000·d + i (`analyser.generate_for`)."""
+    asked = concept_prompts(concept)                      # judged against the plain word
+    said = [p.replace(f" {concept}", f" {word}") for p in asked]  # what the model is given
+    base = base_prompts()
+    tallies: dict[str, list[bool]] = {}
+    for d in range(draws):
+        images = generate_for(pipe, said, guidance_scale, steps, seed=seed + 1000 * d)
+        for prompt, image in zip(asked, images):
+            verdict = judge(prompt, image)
+            size = "small" if " small " in prompt else "large"
+            tallies.setdefault(f"{concept} shape, {size}", []).append(verdict["shape"])
+            tallies.setdefault(f"{concept} colour", []).append(verdict["colour"])
+            tallies.setdefault(f"{concept} position", []).append(verdict["position"])
+        for prompt, image in zip(base, generate_for(pipe, base, guidance_scale, steps, seed=seed + 1000 * d)):
+            verdict = judge(prompt, image)
+            tallies.setdefault("base shapes kept", []).append(verdict["shape"])
+            tallies.setdefault("base colours kept", []).append(verdict["colour"])
+    order = [f"{concept} shape, small", f"{concept} shape, large", f"{concept} colour", f"{concept} position",
+             "base shapes kept", "base colours kept"]
+    return {k: rate(tallies[k]) for k in order}
+
+
+def size_mb(path: str | Path, only: tuple[str, ...] = ()) -> float:
+    """Megabytes of a file, or of a folder's files (only those whose path contains one of `only`, if given)."""
+    path = Path(path)
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    files = [f for f in files if not only or any(o in str(f.relative_to(path.parent)) for o in only)]
+    return round(sum(f.stat().st_size for f in files) / 1e6, 3)
+
+
+def training_minutes(folder: str | Path) -> float | None:
+    """The minutes a shipped result's training.json records, if it has one."""
+    record = Path(folder) / "training.json"
+    if not record.is_file():
+        return None
+    minutes = json.loads(record.read_text()).get("minutes")
+    return minutes.get("train_minutes") if isinstance(minutes, dict) else minutes
+
+
+def compare(base_pipe, embedding: str | None = None, dreambooth: str | None = None, concept: str = "star",
+            draws: int = 3, steps: int = STEPS, seed: int = 0, device=None) -> dict[str, dict[str, float]]:
+    """`minisd eval --embedding PATH` / `--dreambooth PATH`: the base model's rates beside those with the textual
+    inversion loaded (its token in place of the concept's word) or of the DreamBooth model; {row: {column: rate}}."""
+    from ..pipeline import StableDiffusion
+
+    out = {"base model": rates(base_pipe, concept, concept, draws, steps, seed=seed)}
+    if embedding is not None:
+        token = base_pipe.load_textual_inversion(embedding)
+        try:
+            out[f"textual inversion {token}"] = rates(base_pipe, token, concept, draws, steps, seed=seed)
+        finally:
+            base_pipe.unload_textual_inversion(token)
+    if dreambooth is not None:
+        tuned = StableDiffusion.from_pretrained(dreambooth, device=device)
+        tuned.progress = False
+        out["DreamBooth"] = rates(tuned, concept, concept, draws, steps, seed=seed)
+    return {row: {k: v["rate"] for k, v in r.items()} for row, r in out.items()}

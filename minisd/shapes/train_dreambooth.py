@@ -1,0 +1,140 @@
+"""DreamBooth (Ruiz et al. 2023): the whole U-Net fine-tuned on pictures of the new concept, with the prior
+preserved by the model's own pictures.
+
+    trainable  every weight of the U-Net (the text encoder stays frozen: `star` is already a token of the tiny
+               vocabulary that base training never used, a rare identifier as DreamBooth's "sks" is)
+    data       the concept's pictures (captions naming it: "a small red star on the left"), and the prior:
+               n_class_images pictures the *frozen base model* drew for ordinary prompts ("a blue circle at
+               the top"), each kept with the prompt that made it
+    loss       L = L_concept + λ · L_prior (λ = prior_loss_weight; Ruiz et al. use 1): the concept's half
+               weighted onto notches and outlines as the LoRA's is, the prior's plain, as in the paper.
+               λ = 0: the concept alone, every picture of the batch, and the model is free to drift
+    saved      a whole diffusers pipeline folder, fp16: the base's VAE, text encoder, tokenizer and scheduler
+               with the fine-tuned U-Net
+
+Without the prior the model learns that every object is a star ("language drift"); the prior asks it to keep
+drawing for ordinary prompts what it drew before. The head-to-head in docs/adapters.md measures both.
+
+config → data → model → loop → save, in `train_dreambooth`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import world
+from .adapter_config import (
+    AdapterConfig,
+    draw_captions,
+    finish,
+    latent_batch,
+    render_and_encode,
+    start,
+)
+from .loop import (
+    Log,
+    Steps,
+    diffusion_loss,
+    load_checkpoint,
+    lr_at,
+    optimiser_step,
+    resume,
+    save_checkpoint,
+    use_bf16,
+)
+from .train_lora import lora_scenes, loss_weights
+
+CLASS_STEPS, CLASS_GUIDANCE = 25, 7.5  # how the base model draws the prior's pictures
+
+
+@torch.no_grad()
+def class_latents(pipe, n: int, seed: int, path: Path, log: Log) -> tuple[torch.Tensor, list[str]]:
+    """The prior: n pictures the frozen base model draws (as final latents, scaled as the U-Net sees them) for
+    captions of ordinary scenes, and those captions. Drawn once and kept in `path` (a resumed run reuses them)."""
+    saved = load_checkpoint(path)
+    if saved is not None and len(saved["latents"]) == n:
+        log(f"prior: {n} pictures of the base model read from {path}")
+        return saved["latents"], saved["captions"].split("\n")
+    t0 = time.time()
+    rng = np.random.default_rng(seed)
+    scenes = [world.make_scene(60_000_000 + seed * 1_000_000 + i, shapes=world.BASE_SHAPES) for i in range(n)]
+    captions = [world.make_caption(s, rng) for s in scenes]
+    c = pipe.unet.config
+    latents = []
+    for i in range(0, n, 50):
+        chunk = captions[i:i + 50]
+        noise = torch.stack([torch.randn(c.in_channels, c.sample_size, c.sample_size,
+                                         generator=torch.Generator().manual_seed(seed * 1_000_000 + i + j))
+                             for j in range(len(chunk))])
+        latents.append(pipe(chunk, num_inference_steps=CLASS_STEPS, guidance_scale=CLASS_GUIDANCE, sampler="ddim",
+                            latents=noise, output_type="latent").float().cpu())
+    latents = torch.cat(latents)
+    save_checkpoint(path, latents=latents, captions="\n".join(captions))
+    log(f"prior: {n} pictures drawn by the base model in {time.time() - t0:.0f}s (DDIM {CLASS_STEPS} steps, "
+        f"CFG {CLASS_GUIDANCE:g})")
+    return latents, captions
+
+
+def train_dreambooth(cfg: AdapterConfig, force: bool = False) -> Path:
+    """The DreamBooth loop; returns the folder the fine-tuned pipeline was saved to."""
+    out, work, log, pipe, dist = start(cfg, force)
+    device, t0 = pipe.device, time.time()
+    prior = cfg.prior_loss_weight > 0
+    n_prior = cfg.batch // 2 if prior else 0
+    n_concept = cfg.batch - n_prior
+    if prior:
+        prior_z, prior_captions = class_latents(pipe, cfg.n_class_images, cfg.seed, work / "prior.pt", log)
+    scenes = [s for i, s in enumerate(lora_scenes(cfg)) if i % 2 == 0]  # the concept's pictures only
+    images, means, stds = render_and_encode(pipe, scenes, log, t0)
+    weights = None
+    if cfg.notch_weight or cfg.outline_weight:
+        weights = loss_weights(scenes, images, means.shape[-1], cfg.notch_weight, cfg.outline_weight, log)
+
+    unet = pipe.unet
+    unet.requires_grad_(True).train()
+    params = list(unet.parameters())
+    log(f"dreambooth: all {sum(p.numel() for p in params):,} U-Net weights trained; batch {n_concept} of "
+        f"{cfg.concept} + {n_prior} of the prior, λ = {cfg.prior_loss_weight:g}")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    step0, losses = resume(work / "dreambooth.pt", log, model=unet, opt=opt)
+
+    alpha_bar = pipe.scheduler.alphas_cumprod().to(device)
+    rng, g = np.random.default_rng(cfg.seed + step0), torch.Generator().manual_seed(cfg.seed + step0)
+    bf16 = use_bf16(cfg.bf16, device)
+    state = lambda: dict(model=unet.state_dict(), opt=opt.state_dict())
+
+    def loss_on(z0: torch.Tensor, captions: list[str], weight) -> torch.Tensor:
+        """The diffusion loss of one half, its noise and timesteps drawn whole and shared (dist.py)."""
+        t = dist.share(torch.randint(0, len(alpha_bar), (len(z0),), generator=g)).to(device)
+        eps = dist.share(torch.randn(z0.shape, generator=g)).to(device)
+        with torch.no_grad():
+            context = pipe.text_encoder(pipe.tokenizer(dist.share(captions), warn=False).to(device))
+        return diffusion_loss(unet, dist.share(z0).to(device), t, eps, context, alpha_bar, cfg.min_snr_gamma,
+                              weight=weight)
+
+    steps = Steps("dreambooth", step0, cfg.steps, log, work / "dreambooth.pt", cfg.checkpoint_minutes, losses,
+                  dist.is_main)
+    for step in steps:
+        opt.param_groups[0]["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+        idx = torch.randint(0, len(scenes), (n_concept,), generator=g)
+        z0 = latent_batch(pipe, means, stds, idx, g).cpu()
+        captions = draw_captions(scenes, idx, rng, cfg.caption_dropout)
+        weight = None if weights is None else weights[dist.share(idx)].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_on(z0, captions, weight)
+            if prior:
+                jdx = torch.randint(0, len(prior_z), (n_prior,), generator=g)
+                loss = loss + cfg.prior_loss_weight * loss_on(prior_z[jdx], [prior_captions[j] for j in jdx.tolist()], None)
+        optimiser_step(loss, opt, params, dist=dist)
+        steps.record(step, dist.all_mean(loss).item(), opt.param_groups[0]["lr"], state)
+    steps.finish(state)
+
+    if dist.is_main:
+        unet.eval().requires_grad_(False)
+        pipe.to("cpu", torch.float16)  # shipped in fp16, as the base model
+        pipe.save_pretrained(out)
+    return finish(cfg, out, work, log, t0, dist, steps.seconds_per_step)

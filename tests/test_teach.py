@@ -1,0 +1,117 @@
+"""Teaching a concept: `minisd train textual-inversion` learns only its token's vectors and saves them in the
+layouts `load_textual_inversion` reads; `minisd train dreambooth` fine-tunes the U-Net alone, draws its prior
+with the frozen base model (once: a resumed run reuses it) and saves a whole pipeline folder; the head-to-head
+rates count what they say."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TEST
+
+from minisd import StableDiffusion
+from minisd.shapes import concept_eval
+from minisd.shapes.finetune import main as finetune_main
+from minisd.shapes.train_ti import with_token, word_id
+
+COMMON = ["--n-images", "24", "--steps", "3", "--batch", "4"]
+
+
+def test_textual_inversion_moves_only_its_token_and_saves_both_layouts(tiny_folder, tmp_path):
+    out = finetune_main(["textual-inversion", "--model", str(tiny_folder), *COMMON, "--num-vectors", "2",
+                         "--lr", "0.05", "--warmup", "1", "--out", str(tmp_path / "emb"), "--work", str(tmp_path / "w")])
+    base = StableDiffusion.from_pretrained(tiny_folder, device="cpu")
+    start = base.text_encoder.get_input_embeddings().weight[word_id(base.tokenizer, "triangle")].detach()
+    n = len(base.tokenizer)
+    token = base.load_textual_inversion(out)
+    assert token == "<star>" and base.tokenizer.expand_multi_vector("a <star>") == "a <star> <star>_1"
+    vectors = base.textual_inversions[token].vectors
+    assert vectors.shape == (2, TEST.text_encoder.hidden_size)
+    moved = (vectors - start).norm(dim=-1)
+    assert (moved > 1e-3).all(), f"the vectors did not move from 'triangle': {moved}"
+    base.unload_textual_inversion()
+    a1111 = base.load_textual_inversion(out / "emb.pt")  # the A1111 file names its token inside
+    assert a1111 == "<star>" and torch.equal(base.textual_inversions[a1111].vectors, vectors)
+    record = json.loads((out / "training.json").read_text())
+    assert record["command"] == "minisd train textual-inversion" and record["minutes"]["seconds_per_step"] > 0
+    # the trained embedding (the checkpoint's): every row but the token's two is exactly the base model's
+    trained = torch.load(tmp_path / "w" / "textual-inversion.pt", weights_only=True)["embedding"]["weight"]
+    assert trained.shape[0] == n + 2 and torch.equal(trained[n:], vectors)
+    assert torch.equal(trained[:n], base.text_encoder.get_input_embeddings().weight[:n])
+
+
+def test_textual_inversion_captions_and_a_bad_init_word():
+    assert with_token("a small red star on the left and a blue star", "star") == \
+        "a small red <star> on the left and a blue <star>"
+    assert with_token("a starfish", "star") == "a starfish"  # whole words only
+
+
+def test_textual_inversion_refuses_an_init_word_outside_the_vocabulary(tiny_folder, tmp_path):
+    with pytest.raises(ValueError, match=r"^--init-word must be one word of the tokenizer's vocabulary, got 'hexagon'$"):
+        finetune_main(["textual-inversion", "--model", str(tiny_folder), *COMMON, "--init-word", "hexagon",
+                       "--out", str(tmp_path / "emb"), "--work", str(tmp_path / "w")])
+    assert not (tmp_path / "emb").exists()
+
+
+def test_dreambooth_trains_the_unet_alone_and_keeps_its_prior(tiny_folder, tmp_path):
+    work = tmp_path / "w"
+    argv = ["dreambooth", "--model", str(tiny_folder), *COMMON, "--n-class-images", "4", "--work", str(work)]
+    out = finetune_main([*argv, "--out", str(tmp_path / "db")])
+    base, tuned = (StableDiffusion.from_pretrained(f, device="cpu") for f in (tiny_folder, out))
+    assert tuned.unet.conv_in.weight.dtype == torch.float32  # loaded as fp32; the files are fp16
+    assert json.loads((out / "model_index.json").read_text())["unet"] == ["diffusers", "UNet2DConditionModel"]
+    changed = [n for n, p in tuned.unet.state_dict().items()
+               if not torch.allclose(p, base.unet.state_dict()[n].half().float())]
+    assert len(changed) > len(base.unet.state_dict()) // 2, "the U-Net was not trained"
+    for name in ("vae", "text_encoder"):  # frozen: the same weights (after the fp16 round trip)
+        for k, v in getattr(tuned, name).state_dict().items():
+            assert torch.equal(v, getattr(base, name).state_dict()[k].half().float()), f"{name}.{k} changed"
+    log = (work / "log.txt").read_text()
+    assert "prior: 4 pictures drawn by the base model" in log and "batch 2 of star + 2 of the prior, λ = 1" in log
+    prior = torch.load(work / "prior.pt", weights_only=True)
+    assert prior["latents"].shape == (4, 4, TEST.unet.sample_size, TEST.unet.sample_size)
+    assert len(prior["captions"].split("\n")) == 4 and "star" not in prior["captions"]
+    finetune_main([*argv, "--steps", "4", "--out", str(tmp_path / "db2")])  # resumes at step 3, the prior read back
+    assert "prior: 4 pictures of the base model read from" in (work / "log.txt").read_text()
+
+
+def test_dreambooth_without_prior_draws_no_prior(tiny_folder, tmp_path):
+    finetune_main(["dreambooth", "--model", str(tiny_folder), *COMMON, "--prior-loss-weight", "0",
+                   "--out", str(tmp_path / "db"), "--work", str(tmp_path / "w")])
+    log = (tmp_path / "w" / "log.txt").read_text()
+    assert "batch 4 of star + 0 of the prior, λ = 0" in log and "prior:" not in log
+    assert not (tmp_path / "w" / "prior.pt").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["textual-inversion", "--num-vectors", "0"], "--num-vectors must be at least 1, got 0"),
+    (["dreambooth", "--prior-loss-weight", "-1"], "--prior-loss-weight must be a number >= 0, got -1.0"),
+    (["dreambooth", "--n-class-images", "0"], "--n-class-images must be at least 1, got 0"),
+    (["dreambooth", "--batch", "1"], "--batch must be at least 2 with prior preservation (half concept, half prior)"),
+])
+def test_careless_teaching_flags_are_refused_before_any_work(argv, message, tmp_path):
+    with pytest.raises(ValueError) as info:
+        finetune_main([*argv, "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")])
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    assert not (tmp_path / "w").exists()
+
+
+def test_rates_split_small_and_large_and_count_every_draw(monkeypatch):
+    """`rates` judges what was asked (the plain word) while the model is told `word`, per size, over draws."""
+    told = []
+
+    def fake_generate(pipe, prompts, guidance_scale, steps, seed=0):
+        told.extend(prompts)
+        from minisd.shapes.analyser import render_prompt
+        # the concept's prompts drawn as circles (wrong shape, right colour and place), base ones right
+        return [render_prompt(p.replace("<star>", "circle"), seed=i) for i, p in enumerate(prompts)]
+
+    monkeypatch.setattr(concept_eval, "generate_for", fake_generate)
+    r = concept_eval.rates(None, word="<star>", draws=2)
+    assert r["star shape, small"]["n"] == r["star shape, large"]["n"] == 60 and r["base shapes kept"]["n"] == 120
+    assert r["star shape, small"]["rate"] == r["star shape, large"]["rate"] == 0.0
+    assert r["star colour"]["rate"] == 1.0 and r["base shapes kept"]["rate"] == 1.0
+    assert r["star shape, small"]["high"] > 0  # Wilson: 0 of 60 is not "certainly 0"
+    assert sum("<star>" in p for p in told) == 120 and not any(" star" in p for p in told)
