@@ -79,6 +79,15 @@ def class_latents(pipe, n: int, seed: int, path: Path, log: Log) -> tuple[torch.
     return latents, captions
 
 
+def dreambooth_loss(concept_loss: torch.Tensor, prior_loss: torch.Tensor | None, prior_loss_weight: float) -> torch.Tensor:
+    """Ruiz et al.'s objective: L = L_concept + λ · L_prior, each the diffusion loss (`loop.diffusion_loss`) of its
+    half of the batch — the concept's pictures, and the base model's own pictures for ordinary prompts. No prior
+    (None, or λ = 0): the concept's loss alone."""
+    if prior_loss is None or prior_loss_weight == 0:
+        return concept_loss
+    return concept_loss + prior_loss_weight * prior_loss
+
+
 def train_dreambooth(cfg: AdapterConfig, force: bool = False) -> Path:
     """The DreamBooth loop; returns the folder the fine-tuned pipeline was saved to."""
     out, work, log, pipe, dist = start(cfg, force)
@@ -125,10 +134,11 @@ def train_dreambooth(cfg: AdapterConfig, force: bool = False) -> Path:
         captions = draw_captions(scenes, idx, rng, cfg.caption_dropout)
         weight = None if weights is None else weights[dist.share(idx)].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_on(z0, captions, weight)
+            concept_loss, prior_loss = loss_on(z0, captions, weight), None
             if prior:
                 jdx = torch.randint(0, len(prior_z), (n_prior,), generator=g)
-                loss = loss + cfg.prior_loss_weight * loss_on(prior_z[jdx], [prior_captions[j] for j in jdx.tolist()], None)
+                prior_loss = loss_on(prior_z[jdx], [prior_captions[j] for j in jdx.tolist()], None)
+            loss = dreambooth_loss(concept_loss, prior_loss, cfg.prior_loss_weight)
         optimiser_step(loss, opt, params, dist=dist)
         steps.record(step, dist.all_mean(loss).item(), opt.param_groups[0]["lr"], state)
     steps.finish(state)

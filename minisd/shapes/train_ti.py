@@ -64,6 +64,15 @@ def word_id(tokenizer, word: str) -> int:
     return ids[0]
 
 
+def textual_inversion_loss(pipe, captions: list[str], z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                           alpha_bar: torch.Tensor, min_snr_gamma: float | None = 5.0,
+                           weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The diffusion loss with the gradient flowing back through the frozen U-Net and text encoder into the token
+    embedding: the captions (holding the token) encoded with gradients on, the U-Net's weights untouched."""
+    context = pipe.text_encoder(pipe.tokenizer(captions, warn=False).to(z0.device))
+    return diffusion_loss(pipe.unet, z0, t, eps, context, alpha_bar, min_snr_gamma, weight=weight)
+
+
 def save_embedding(vectors: torch.Tensor, token: str, out: Path, steps: int) -> None:
     """The vectors in both layouts: out/learned_embeds.safetensors (diffusers) and out/<name>.pt (A1111)."""
     vectors = vectors.detach().float().cpu().contiguous()
@@ -112,8 +121,7 @@ def train_textual_inversion(cfg: AdapterConfig, force: bool = False) -> Path:
         eps = dist.share(torch.randn((cfg.batch, *z0.shape[1:]), generator=g)).to(device)
         weight = None if weights is None else weights[dist.share(idx)].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            context = pipe.text_encoder(pipe.tokenizer(captions, warn=False).to(device))
-            loss = diffusion_loss(pipe.unet, z0, t, eps, context, alpha_bar, cfg.min_snr_gamma, weight=weight)
+            loss = textual_inversion_loss(pipe, captions, z0, t, eps, alpha_bar, cfg.min_snr_gamma, weight)
         optimiser_step(loss, opt, [emb.weight], clip=None, dist=dist)
         with torch.no_grad():
             emb.weight[keep] = frozen_rows[keep].to(emb.weight.dtype)  # only the new token's rows move
