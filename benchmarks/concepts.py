@@ -4,6 +4,11 @@ and without prior preservation. Writes docs/results/concepts.json (read by docs/
 
     python benchmarks/concepts.py                      # the shipped files, 3 draws (~10 min on 2 cores)
     python benchmarks/concepts.py --draws 1 --json /tmp/c.json
+    python benchmarks/concepts.py --time               # only the training minutes, each kind alone (~6 min)
+
+The training minutes are measured the same way for every kind (--time, stored in the JSON by the next full
+run): each loop run alone for 30 steps with the shipped settings; its minutes are the setup (rendering,
+encoding, the prior's pictures) plus its own seconds per step times the shipped number of steps.
 """
 
 from __future__ import annotations
@@ -19,15 +24,41 @@ import torch
 
 from minisd import StableDiffusion
 from minisd.formats.files import atomic_write_text
-from minisd.shapes.concept_eval import rates, size_mb, training_minutes
+from minisd.shapes.concept_eval import markdown_table, rates, size_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 
 
-def minutes_of(folder: Path) -> float | None:
-    """The training minutes a result records (training.json beside it), if it does."""
-    return training_minutes(folder)
+TIMED_STEPS = 30
+
+
+TIMED = {"textual-inversion": ("textual-inversion", {}), "lora": ("lora", {}), "dreambooth": ("dreambooth", {}),
+         "dreambooth, no prior": ("dreambooth", {"prior_loss_weight": 0.0})}
+
+
+def time_training() -> dict[str, dict]:
+    """Each kind's loop alone for TIMED_STEPS steps (shipped settings otherwise, in a temporary folder): its setup
+    seconds, seconds per step, and the minutes the shipped number of steps would take."""
+    import tempfile
+
+    from minisd.shapes.finetune import KIND_DEFAULTS, AdapterConfig, train_adapter
+
+    out = {}
+    for name, (kind, changes) in TIMED.items():
+        shipped = AdapterConfig(kind=kind, **KIND_DEFAULTS[kind], **changes)
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = AdapterConfig(kind=kind, **{**KIND_DEFAULTS[kind], **changes, "steps": TIMED_STEPS,
+                                              "checkpoint_minutes": 60.0, "work": tmp, "out": f"{tmp}/out"})
+            t0 = time.time()
+            train_adapter(cfg)
+            total = time.time() - t0
+            per_step = json.loads((Path(tmp) / "out" / "training.json").read_text())["minutes"]["seconds_per_step"]
+        setup = total - per_step * TIMED_STEPS
+        out[name] = {"setup_seconds": round(setup, 1), "seconds_per_step": round(per_step, 3), "steps": shipped.steps,
+                     "minutes": round((setup + per_step * shipped.steps) / 60, 1)}
+        print(f"{name}: {out[name]}", flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,7 +69,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lora", default=str(DATA / "tiny_star_lora"))
     ap.add_argument("--dreambooth", default=str(DATA / "tiny_star_dreambooth"))
     ap.add_argument("--dreambooth-noprior", default=str(DATA / "tiny_star_dreambooth_noprior"))
+    ap.add_argument("--time", action="store_true", help="measure the training minutes only, into --json's file")
     args = ap.parse_args(argv)
+    if args.time:
+        old = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
+        old["training"] = {"timed_steps": TIMED_STEPS, "kinds": time_training(), "torch_threads": torch.get_num_threads(),
+                           "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]}
+        atomic_write_text(args.json, json.dumps(old, indent=1))
+        return old
+    timed = json.loads(Path(args.json).read_text()).get("training", {}) if Path(args.json).is_file() else {}
+    minutes = {kind: v["minutes"] for kind, v in timed.get("kinds", {}).items()}
     if args.draws < 1:
         raise SystemExit(f"--draws must be at least 1, got {args.draws}")
 
@@ -57,24 +97,26 @@ def main(argv: list[str] | None = None) -> dict:
     measure("textual inversion", base, token,
             {"trained": f"{token}: {base.textual_inversions[token].vectors.numel()} numbers",
              "file MB": size_mb(Path(args.embedding) / "learned_embeds.safetensors"),
-             "train minutes": minutes_of(args.embedding)})
+             "train minutes": minutes.get("textual-inversion")})
     base.unload_textual_inversion()
     base.load_lora(args.lora, name="star")
     measure("LoRA", base, "star", {"trained": "rank-64 LoRA on every U-Net layer",
                                    "file MB": size_mb(Path(args.lora) / "pytorch_lora_weights.safetensors"),
-                                   "train minutes": minutes_of(args.lora)})
+                                   "train minutes": minutes.get("lora")})
     base.unload_lora("star")
-    for label, folder in (("DreamBooth", args.dreambooth), ("DreamBooth, no prior", args.dreambooth_noprior)):
+    for label, folder, m in (("DreamBooth", args.dreambooth, minutes.get("dreambooth")),
+                             ("DreamBooth, no prior", args.dreambooth_noprior, minutes.get("dreambooth, no prior"))):
         tuned = StableDiffusion.from_pretrained(folder)
         tuned.progress = False
         measure(label, tuned, "star", {"trained": "the whole U-Net", "file MB": size_mb(Path(folder) / "unet"),
-                                       "train minutes": minutes_of(folder)})
+                                       "train minutes": m})
 
-    result = {"draws": args.draws, "steps": 25, "guidance_scale": 7.5, "sampler": "ddim", "rows": rows,
+    result = {"training": timed, "draws": args.draws, "steps": 25, "guidance_scale": 7.5, "sampler": "ddim", "rows": rows,
               "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "platform": platform.platform(), "torch": torch.__version__},
               "seconds": round(time.time() - t0)}
     atomic_write_text(args.json, json.dumps(result, indent=1))
+    print(markdown_table(result))
     print(f"wrote {args.json}")
     return result
 

@@ -74,6 +74,7 @@ class AdapterConfig:
     # the base model's own pictures of ordinary prompts, weighted by prior_loss_weight; 0 = no prior preservation
     prior_loss_weight: float = 1.0
     n_class_images: int = 400         # the base model's pictures for the prior (DDIM 25 steps, CFG 7.5)
+    prior_outline_weight: float = 100.0  # the prior's loss weighted onto outlines as the LoRA's ordinary half; 0: plain
     # ControlNet
     control: str = "edges"            # "edges" or "mask" (world.control_map)
     checkpoint_minutes: float = 5.0
@@ -82,7 +83,8 @@ class AdapterConfig:
         check_config(self, at_least_1=("n_images", "steps", "batch", "rank", "num_vectors", "n_class_images"),
                      at_least_0=("seed", "warmup"),
                      above_0=("lr", "alpha", "min_snr_gamma", "te_lr_scale", "checkpoint_minutes"),
-                     not_negative=("notch_weight", "outline_weight", "prior_loss_weight"), shares=("caption_dropout",),
+                     not_negative=("notch_weight", "outline_weight", "prior_loss_weight", "prior_outline_weight"),
+                     shares=("caption_dropout",),
                      choices={"kind": KINDS, "bf16": ("yes", "no", "auto"), "concept": world.SHAPES,
                               "control": ("edges", "mask")})
         if self.kind == "dreambooth" and self.prior_loss_weight > 0 and self.batch < 2:

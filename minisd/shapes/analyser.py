@@ -562,6 +562,9 @@ def eval_parser():
                     "beside the base model; --draws noise draws (default here 3)")
     ap.add_argument("--dreambooth", default=None, help="evaluate this fine-tuned model (a DreamBooth folder) beside "
                     "--model on the concept's prompts and the base shapes; --draws noise draws (default here 3)")
+    ap.add_argument("--edit", action="store_true", help="prompt-to-prompt on 100 held-out one-object pictures "
+                    "(seeds 8,000,000 + --seed + i), a colour swap and a shape swap each, --steps DDIM steps: the new "
+                    "word right with shape (colour) and place kept; --limit n edits every n-th picture")
     ap.add_argument("--controlnet", default=None, help="evaluate this ControlNet: layout IoU without and with it")
     ap.add_argument("--control", default="edges", help="the ControlNet's map kind: edges or mask")
     ap.add_argument("--inpaint", default=None, help="compare mask blending (--model) with this 9-channel "
@@ -582,12 +585,12 @@ def _fid_cell(column: str, value) -> str:
     return str(value) if column == "N" else f"{value:.5f}" if column.startswith("KID") else f"{value:.3f}"
 
 
-def main(argv: list[str] | None = None, fid=None, teaching=None) -> dict:
+def main(argv: list[str] | None = None, fid=None, teaching=None, editing=None) -> dict:
     """`minisd eval`: prompt adherence of a model at one or more guidance scales.
 
     `fid`: what --fid runs, `scoreboard.fid_table`; `teaching`: what --embedding and --dreambooth run,
-    `concept_eval.compare` (`minisd eval` passes both in: they judge pictures with this module, so this
-    module cannot import them)."""
+    `concept_eval.compare`; `editing`: what --edit runs, `edit_eval.edit_report` (`minisd eval` passes them
+    in: they judge pictures with this module, so this module cannot import them)."""
     import json
     import time
 
@@ -597,6 +600,8 @@ def main(argv: list[str] | None = None, fid=None, teaching=None) -> dict:
         raise ValueError("--fid needs the shapes-world features: run it as `minisd eval --fid`")
     if (args.embedding or args.dreambooth) and teaching is None:
         raise ValueError("--embedding and --dreambooth need concept_eval: run them as `minisd eval`")
+    if args.edit and editing is None:
+        raise ValueError("--edit needs edit_eval: run it as `minisd eval --edit`")
     if args.inpaint:
         pipes = {"blending (standard U-Net)": StableDiffusion.from_pretrained(args.model, device=args.device),
                  "9-channel inpainting U-Net": StableDiffusion.from_pretrained(args.inpaint, device=args.device)}
@@ -625,6 +630,9 @@ def main(argv: list[str] | None = None, fid=None, teaching=None) -> dict:
         results = teaching(pipe, args.embedding, args.dreambooth, args.concept, args.draws or 3, args.steps, args.seed,
                            args.device)
         return _report(results, "model", lambda c, v: f"{100 * v:.0f}%", args.json)
+    if args.edit:
+        return _report(editing(pipe, args.steps, args.seed, args.limit), "swap", lambda c, v: f"{100 * v:.0f}%",
+                       args.json)
     if args.lora or args.controlnet:
         results = evaluate_lora(pipe, args.lora, args.concept, steps=args.steps) if args.lora else \
             evaluate_controlnet(pipe, args.controlnet, args.control, steps=args.steps)
@@ -672,8 +680,9 @@ def check_eval_args(args) -> None:
         raise ValueError(f"--control must be edges or mask, got {args.control!r}")
     modes = [flag for flag, on in (("--inpaint", args.inpaint), ("--breakdown", args.breakdown), ("--vae", args.vae),
                                    ("--lora", args.lora), ("--controlnet", args.controlnet),
-                                   ("--embedding", args.embedding), ("--dreambooth", args.dreambooth),
-                                   ("--ground-truth", args.ground_truth), ("--fid", args.fid)) if on]
+                                   ("--embedding/--dreambooth", args.embedding or args.dreambooth),
+                                   ("--edit", args.edit), ("--ground-truth", args.ground_truth),
+                                   ("--fid", args.fid)) if on]
     if len(modes) > 1:
         raise ValueError(f"{' and '.join(modes)} are separate evaluations: give one at a time")
     for flag, path in (("--lora", args.lora), ("--controlnet", args.controlnet), ("--embedding", args.embedding),

@@ -14,7 +14,6 @@ the 95% interval.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -69,15 +68,6 @@ def size_mb(path: str | Path, only: tuple[str, ...] = ()) -> float:
     return round(sum(f.stat().st_size for f in files) / 1e6, 3)
 
 
-def training_minutes(folder: str | Path) -> float | None:
-    """The minutes a shipped result's training.json records, if it has one."""
-    record = Path(folder) / "training.json"
-    if not record.is_file():
-        return None
-    minutes = json.loads(record.read_text()).get("minutes")
-    return minutes.get("train_minutes") if isinstance(minutes, dict) else minutes
-
-
 def compare(base_pipe, embedding: str | None = None, dreambooth: str | None = None, concept: str = "star",
             draws: int = 3, steps: int = STEPS, seed: int = 0, device=None) -> dict[str, dict[str, float]]:
     """`minisd eval --embedding PATH` / `--dreambooth PATH`: the base model's rates beside those with the textual
@@ -96,3 +86,17 @@ def compare(base_pipe, embedding: str | None = None, dreambooth: str | None = No
         tuned.progress = False
         out["DreamBooth"] = rates(tuned, concept, concept, draws, steps, seed=seed)
     return {row: {k: v["rate"] for k, v in r.items()} for row, r in out.items()}
+
+
+def markdown_table(result: dict) -> str:
+    """The head-to-head (benchmarks/concepts.py's JSON) as the markdown table docs/adapters.md shows: each rate
+    as a percentage with its 95% interval, then the file size and the training minutes."""
+    rows = result["rows"]
+    metrics = list(next(iter(rows.values()))["rates"])
+    lines = ["| | " + " | ".join(metrics) + " | file | training |", "|---" * (len(metrics) + 3) + "|"]
+    for label, row in rows.items():
+        cells = [f"{100 * r['rate']:.0f}% [{100 * r['low']:.0f}, {100 * r['high']:.0f}]" for r in row["rates"].values()]
+        size = "–" if not row["file MB"] else f"{row['file MB']:.3g} MB"
+        minutes = "–" if row["train minutes"] is None else f"{row['train minutes']:g} min"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {size} | {minutes} |")
+    return "\n".join(lines)

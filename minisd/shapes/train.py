@@ -3,6 +3,7 @@
     minisd train all                       # the recipe of the shipped model, into runs/tiny/model
     minisd train unet                      # continue one stage from its checkpoint in --work
     minisd train lora|controlnet|inpaint   # what is trained on the finished model (finetune.py)
+    minisd train textual-inversion|dreambooth   # two more ways to teach it `star` (train_ti.py, train_dreambooth.py)
     minisd train lcm                       # a latent consistency model distilled from it (train_lcm.py)
     minisd train unet --init-from data/tiny --prediction-type v_prediction|flow --out runs/tiny_v/model
                                            # the same model with another objective (diffusion.objectives)
@@ -487,7 +488,7 @@ STAGES = ("all", "vae", "clip", "unet")
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """`minisd train <stage|lora|controlnet|inpaint|lcm>`: the one place every kind of training is started
+    """`minisd train <stage|lora|controlnet|inpaint|textual-inversion|dreambooth|lcm>`: the one place every kind of training is started
     from, on one process or under torchrun (dist.py). Returns where the result was saved."""
     try:
         return start_training(sys.argv[1:] if argv is None else argv)
@@ -504,8 +505,8 @@ def start_training(argv: list[str]) -> Path:
     parser = argparse.ArgumentParser(prog="minisd train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", nargs="?", default="all", choices=STAGES,
-                        help="what to train (default: the whole recipe); `minisd train lora|controlnet|inpaint "
-                             "--help` trains adapters (and the inpainting model) on the finished model, "
+                        help="what to train (default: the whole recipe); `minisd train lora|controlnet|inpaint|"
+                             "textual-inversion|dreambooth --help` trains adapters (and the inpainting model) on the finished model, "
                              "`minisd train lcm --help` distils it")
     config_flags(parser, TrainConfig)
     parser.add_argument("--fresh", action="store_true", help="ignore checkpoints in --work and start over")

@@ -7,7 +7,8 @@ preserved by the model's own pictures.
                n_class_images pictures the *frozen base model* drew for ordinary prompts ("a blue circle at
                the top"), each kept with the prompt that made it
     loss       L = L_concept + λ · L_prior (λ = prior_loss_weight; Ruiz et al. use 1): the concept's half
-               weighted onto notches and outlines as the LoRA's is, the prior's plain, as in the paper.
+               weighted onto notches and outlines as the LoRA's is, the prior's onto outlines
+               (prior_outline_weight; 0: plain, as in the paper).
                λ = 0: the concept alone, every picture of the batch, and the model is free to drift
     saved      a whole diffusers pipeline folder, fp16: the base's VAE, text encoder, tokenizer and scheduler
                with the fine-tuned U-Net
@@ -25,27 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import world
-from .adapter_config import (
-    AdapterConfig,
-    draw_captions,
-    finish,
-    latent_batch,
-    render_and_encode,
-    start,
-)
-from .loop import (
-    Log,
-    Steps,
-    diffusion_loss,
-    load_checkpoint,
-    lr_at,
-    optimiser_step,
-    resume,
-    save_checkpoint,
-    use_bf16,
-)
+from .adapter_config import AdapterConfig, draw_captions, finish, latent_batch, render_and_encode, start
+from .loop import (Log, Steps, diffusion_loss, edge_map, load_checkpoint, lr_at, optimiser_step, resume,
+                   save_checkpoint, use_bf16)
 from .train_lora import lora_scenes, loss_weights
 
 CLASS_STEPS, CLASS_GUIDANCE = 25, 7.5  # how the base model draws the prior's pictures
@@ -79,6 +65,20 @@ def class_latents(pipe, n: int, seed: int, path: Path, log: Log) -> tuple[torch.
     return latents, captions
 
 
+@torch.no_grad()
+def outline_weights(pipe, latents: torch.Tensor, outline: float) -> torch.Tensor:
+    """(N, 1, h, w): the prior's loss weight per latent cell, 1 + outline · its share of outline in the decoded
+    picture (`loop.edge_map`), averaging 1 a picture — the LoRA's weights on its ordinary half (there are no
+    notches in the base shapes). Without them the concept's half, weighted onto notches and outlines, outpulls
+    the prior exactly where shapes are told apart."""
+    edges = []
+    for i in range(0, len(latents), 100):
+        images = pipe.vae.decode(latents[i:i + 100].to(pipe.device) / pipe.vae.scaling_factor).float().cpu()
+        edges.append(F.avg_pool2d(edge_map(images), images.shape[-1] // latents.shape[-1]))
+    w = 1 + outline * torch.cat(edges)
+    return w / w.mean(dim=(1, 2, 3), keepdim=True)
+
+
 def dreambooth_loss(concept_loss: torch.Tensor, prior_loss: torch.Tensor | None, prior_loss_weight: float) -> torch.Tensor:
     """Ruiz et al.'s objective: L = L_concept + λ · L_prior, each the diffusion loss (`loop.diffusion_loss`) of its
     half of the batch — the concept's pictures, and the base model's own pictures for ordinary prompts. No prior
@@ -95,8 +95,11 @@ def train_dreambooth(cfg: AdapterConfig, force: bool = False) -> Path:
     prior = cfg.prior_loss_weight > 0
     n_prior = cfg.batch // 2 if prior else 0
     n_concept = cfg.batch - n_prior
+    prior_w = None  # the prior's loss weights (outline_weights), None: plain
     if prior:
         prior_z, prior_captions = class_latents(pipe, cfg.n_class_images, cfg.seed, work / "prior.pt", log)
+        if cfg.prior_outline_weight:
+            prior_w = outline_weights(pipe, prior_z, cfg.prior_outline_weight)
     scenes = [s for i, s in enumerate(lora_scenes(cfg)) if i % 2 == 0]  # the concept's pictures only
     images, means, stds = render_and_encode(pipe, scenes, log, t0)
     weights = None
@@ -114,7 +117,7 @@ def train_dreambooth(cfg: AdapterConfig, force: bool = False) -> Path:
     alpha_bar = pipe.scheduler.alphas_cumprod().to(device)
     rng, g = np.random.default_rng(cfg.seed + step0), torch.Generator().manual_seed(cfg.seed + step0)
     bf16 = use_bf16(cfg.bf16, device)
-    state = lambda: dict(model=unet.state_dict(), opt=opt.state_dict())
+    state = lambda: dict(model=unet.state_dict(), opt=opt.state_dict())  # noqa: E731  what a checkpoint holds
 
     def loss_on(z0: torch.Tensor, captions: list[str], weight) -> torch.Tensor:
         """The diffusion loss of one half, its noise and timesteps drawn whole and shared (dist.py)."""
@@ -137,7 +140,8 @@ def train_dreambooth(cfg: AdapterConfig, force: bool = False) -> Path:
             concept_loss, prior_loss = loss_on(z0, captions, weight), None
             if prior:
                 jdx = torch.randint(0, len(prior_z), (n_prior,), generator=g)
-                prior_loss = loss_on(prior_z[jdx], [prior_captions[j] for j in jdx.tolist()], None)
+                prior_loss = loss_on(prior_z[jdx], [prior_captions[j] for j in jdx.tolist()],
+                                     None if prior_w is None else prior_w[dist.share(jdx)].to(device))
             loss = dreambooth_loss(concept_loss, prior_loss, cfg.prior_loss_weight)
         optimiser_step(loss, opt, params, dist=dist)
         steps.record(step, dist.all_mean(loss).item(), opt.param_groups[0]["lr"], state)

@@ -27,14 +27,7 @@ import torch
 
 from ..formats.files import atomic_write
 from ..formats.weights import write_safetensors
-from .adapter_config import (
-    AdapterConfig,
-    draw_captions,
-    finish,
-    latent_batch,
-    render_and_encode,
-    start,
-)
+from .adapter_config import AdapterConfig, draw_captions, finish, latent_batch, render_and_encode, start
 from .loop import Steps, diffusion_loss, lr_at, optimiser_step, resume, use_bf16
 from .train_lora import lora_scenes, loss_weights
 
