@@ -115,3 +115,22 @@ def test_rates_split_small_and_large_and_count_every_draw(monkeypatch):
     assert r["star colour"]["rate"] == 1.0 and r["base shapes kept"]["rate"] == 1.0
     assert r["star shape, small"]["high"] > 0  # Wilson: 0 of 60 is not "certainly 0"
     assert sum("<star>" in p for p in told) == 120 and not any(" star" in p for p in told)
+
+
+def test_the_priors_outline_weights_average_one_and_sit_on_outlines():
+    """DreamBooth's prior pictures are weighted onto their outlines (as the LoRA's ordinary half): a flat picture
+    gets weight 1 everywhere, a square more on its edge than in its middle or far from it."""
+    from types import SimpleNamespace
+
+    from minisd.shapes import world
+    from minisd.shapes.train_dreambooth import outline_weights
+
+    scene = world.Scene("white", [world.ShapeObject("blue", "square", "large", "center", (32.0, 32.0))])
+    pictures = torch.stack([world.to_tensor(world.render(scene)), torch.zeros(3, 64, 64)])
+    # a stand-in pipeline whose VAE decodes the latents to these pictures (16×16 latents, f = 4)
+    vae = SimpleNamespace(scaling_factor=1.0, decode=lambda z: pictures[: len(z)])
+    w = outline_weights(SimpleNamespace(vae=vae, device=torch.device("cpu")), torch.zeros(2, 4, 16, 16), 100.0)[:, 0]
+    assert w.shape == (2, 16, 16) and torch.allclose(w.mean(dim=(1, 2)), torch.ones(2))
+    assert torch.allclose(w[1], torch.ones(16, 16))  # no outline: the plain loss
+    edge, middle, corner = w[0, 8, 4], w[0, 8, 8], w[0, 0, 0]  # the square spans pixels 18-46: cells 4.5-11.5
+    assert edge > 5 * middle and edge > 5 * corner and torch.isclose(middle, corner)

@@ -100,6 +100,7 @@ def train_dreambooth(cfg: AdapterConfig, force: bool = False) -> Path:
         prior_z, prior_captions = class_latents(pipe, cfg.n_class_images, cfg.seed, work / "prior.pt", log)
         if cfg.prior_outline_weight:
             prior_w = outline_weights(pipe, prior_z, cfg.prior_outline_weight)
+            log(f"prior: loss weights 1 + {cfg.prior_outline_weight:g} · outline, averaging 1 a picture")
     scenes = [s for i, s in enumerate(lora_scenes(cfg)) if i % 2 == 0]  # the concept's pictures only
     images, means, stds = render_and_encode(pipe, scenes, log, t0)
     weights = None
