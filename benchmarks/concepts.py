@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -87,8 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
     rows, t0 = {}, time.time()
 
     def measure(label: str, pipe, word: str, files: dict) -> None:
-        t = time.time()
-        rows[label] = {"rates": rates(pipe, word, draws=args.draws), **files}
+        t, drawn = time.time(), Counter()
+        rows[label] = {"rates": rates(pipe, word, draws=args.draws, drawn=drawn), **files,
+                       "star prompts drawn as": dict(drawn.most_common())}
         print(f"{label}: {time.time() - t:.0f}s " + ", ".join(f"{k} {100 * v['rate']:.0f}%"
                                                               for k, v in rows[label]["rates"].items()), flush=True)
 

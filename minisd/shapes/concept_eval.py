@@ -14,12 +14,13 @@ the 95% interval.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from ..metrics import wilson_interval
-from .analyser import concept_prompts, eval_prompts, generate_for, judge
+from .analyser import analyse, concept_prompts, eval_prompts, generate_for, judge, parse
 
 STEPS, GUIDANCE = 25, 7.5  # as `minisd eval`
 
@@ -35,10 +36,20 @@ def rate(oks: list[bool]) -> dict[str, float]:
     return {"rate": float(np.mean(oks)), "n": len(oks), "low": low, "high": high}
 
 
+def drawn_shape(prompt: str, image) -> str:
+    """What the analyser reads as the asked object's shape (the object of the asked colour, else the largest),
+    or "nothing"."""
+    wanted = parse(prompt)[0][0]
+    a = analyse(image)
+    obj = a.find(wanted.colour) or (a.objects[0] if a.objects else None)
+    return obj.shape if obj is not None else "nothing"
+
+
 def rates(pipe, word: str = "star", concept: str = "star", draws: int = 3, steps: int = STEPS,
-          guidance_scale: float = GUIDANCE, seed: int = 0) -> dict[str, dict[str, float]]:
+          guidance_scale: float = GUIDANCE, seed: int = 0, drawn: Counter | None = None) -> dict[str, dict[str, float]]:
     """How well `pipe` draws the concept when prompts call it `word`, and how well it still draws the base
-    shapes; draw d starts prompt i from the noise of seed + 1000·d + i (`analyser.generate_for`)."""
+    shapes; draw d starts prompt i from the noise of seed + 1000·d + i (`analyser.generate_for`). `drawn`, if
+    given, counts what the concept's pictures were read as (`drawn_shape`)."""
     asked = concept_prompts(concept)                      # judged against the plain word
     said = [p.replace(f" {concept}", f" {word}") for p in asked]  # what the model is given
     base = base_prompts()
@@ -47,6 +58,8 @@ def rates(pipe, word: str = "star", concept: str = "star", draws: int = 3, steps
         images = generate_for(pipe, said, guidance_scale, steps, seed=seed + 1000 * d)
         for prompt, image in zip(asked, images):
             verdict = judge(prompt, image)
+            if drawn is not None:
+                drawn[drawn_shape(prompt, image)] += 1
             size = "small" if " small " in prompt else "large"
             tallies.setdefault(f"{concept} shape, {size}", []).append(verdict["shape"])
             tallies.setdefault(f"{concept} colour", []).append(verdict["colour"])
