@@ -60,7 +60,7 @@ def train_lora(cfg: AdapterConfig, force: bool = False) -> Path:
         te_loras = (lora_lib.inject(roots, "train", cfg.rank, cfg.alpha, cfg.te_targets.split(","), root="text_encoder")
                     if cfg.te_targets else {})
     module = torch.nn.ModuleDict({k.replace(".", "/"): v for k, v in {**loras, **te_loras}.items()})
-    n_unet = sum(p.numel() for p in pipe.unet.parameters())
+    n_unet = sum(p.numel() for p in pipe.unet.parameters()) - lora_lib.parameter_count(loras)  # the U-Net's own
     log(f"LoRA rank {cfg.rank} on {len(loras)} U-Net layers: {lora_lib.parameter_count(loras):,} trainable "
         f"parameters ({lora_lib.parameter_count(loras) / n_unet:.1%} of the U-Net)"
         + (f", and on {len(te_loras)} text-encoder layers: {lora_lib.parameter_count(te_loras):,}" if te_loras else ""))
