@@ -134,3 +134,17 @@ def test_the_priors_outline_weights_average_one_and_sit_on_outlines():
     assert torch.allclose(w[1], torch.ones(16, 16))  # no outline: the plain loss
     edge, middle, corner = w[0, 8, 4], w[0, 8, 8], w[0, 0, 0]  # the square spans pixels 18-46: cells 4.5-11.5
     assert edge > 5 * middle and edge > 5 * corner and torch.isclose(middle, corner)
+
+
+def test_the_documented_head_to_head_is_the_measured_one():
+    """docs/adapters.md shows benchmarks/concepts.py's table of docs/results/concepts.json, as it renders it."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = json.loads((root / "docs" / "results" / "concepts.json").read_text())
+    assert set(result["rows"]) == {"base model", "textual inversion", "LoRA", "DreamBooth", "DreamBooth, no prior"}
+    assert result["draws"] >= 3 and all(r["n"] == 30 * result["draws"] for row in result["rows"].values()
+                                        for k, r in row["rates"].items() if k.startswith("star shape"))
+    doc = (root / "docs" / "adapters.md").read_text()
+    shown = doc.split("<!-- concepts table")[1].split("-->", 1)[1].split("<!-- end concepts table -->")[0].strip()
+    assert shown == concept_eval.markdown_table(result)

@@ -106,10 +106,12 @@ def markdown_table(result: dict) -> str:
     as a percentage with its 95% interval, then the file size and the training minutes."""
     rows = result["rows"]
     metrics = list(next(iter(rows.values()))["rates"])
-    lines = ["| | " + " | ".join(metrics) + " | file | training |", "|---" * (len(metrics) + 3) + "|"]
+    lines = ["| | " + " | ".join(metrics) + " | star prompts read as | file | training |", "|---" * (len(metrics) + 4) + "|"]
     for label, row in rows.items():
         cells = [f"{100 * r['rate']:.0f}% [{100 * r['low']:.0f}, {100 * r['high']:.0f}]" for r in row["rates"].values()]
         size = "–" if not row["file MB"] else f"{row['file MB']:.3g} MB"
-        minutes = "–" if row["train minutes"] is None else f"{row['train minutes']:g} min"
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {size} | {minutes} |")
+        minutes = "–" if not row["train minutes"] else f"{row['train minutes']:g} min"
+        drawn = row.get("star prompts drawn as", {})
+        read = ", ".join(f"{shape} {n}" for shape, n in list(drawn.items())[:3]) + f" of {sum(drawn.values())}"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {read} | {size} | {minutes} |")
     return "\n".join(lines)
