@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..metrics import wilson_interval
+from ..pipeline import StableDiffusion
 from .analyser import analyse, concept_prompts, eval_prompts, generate_for, judge, parse
 
 STEPS, GUIDANCE = 25, 7.5  # as `minisd eval`
@@ -85,8 +86,6 @@ def compare(base_pipe, embedding: str | None = None, dreambooth: str | None = No
             draws: int = 3, steps: int = STEPS, seed: int = 0, device=None) -> dict[str, dict[str, float]]:
     """`minisd eval --embedding PATH` / `--dreambooth PATH`: the base model's rates beside those with the textual
     inversion loaded (its token in place of the concept's word) or of the DreamBooth model; {row: {column: rate}}."""
-    from ..pipeline import StableDiffusion
-
     out = {"base model": rates(base_pipe, concept, concept, draws, steps, seed=seed)}
     if embedding is not None:
         token = base_pipe.load_textual_inversion(embedding)
