@@ -38,7 +38,7 @@ from .canny import canny
 from .diffusion.samplers import FLOW_SAMPLERS, SAMPLERS, default_sampler, get_sampler
 from .formats.files import atomic_write
 from .pipeline import StableDiffusion
-from .shapes import analyser, concept_eval, scoreboard, train
+from .shapes import analyser, concept_eval, edit_eval, scoreboard, train
 from .viz import image_grid
 
 MAX_SIZE = 4096        # px; SD 1.x at 2048 already needs tiling, beyond 4096 is a typo
@@ -442,12 +442,16 @@ def run_generation(args: argparse.Namespace, mode: str) -> None:
     recipe = resolve(args, mode)
     check_settings(args)
     lora_specs = [lora_spec(spec) for spec in args.lora]
+    for path in args.embedding:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"--embedding file or folder not found: {path}")
     check_output(args.out, args.num_images, args.force)
     t0 = time.time()
     pipe = StableDiffusion.from_pretrained(args.model, device=args.device)
     check_steps(pipe, args.sampler, args.steps)
     pipe.progress = not args.quiet
     loras = attach_loras(pipe, lora_specs, recipe.get("loras", {}))
+    attach_embeddings(pipe, args)
     control = attach_controlnet(pipe, args)
     seeds = [args.seed + i for i in range(args.num_images)]
     images = [draw(pipe, args, mode, seed, control) for seed in seeds]
@@ -479,6 +483,18 @@ def attach_loras(pipe: StableDiffusion, specs: list[tuple[str, float | None]],
         pipe.load_lora(path, scale=scale, name=name)
         loras[name] = (scale, lora_hash(path))
     return loras
+
+
+def attach_embeddings(pipe: StableDiffusion, args: argparse.Namespace) -> None:
+    """Load each --embedding; then a <token> in the prompts that none of them added is an error, not a word the
+    tokenizer silently cannot read."""
+    for path in args.embedding:
+        pipe.load_textual_inversion(path)
+    for name in ("prompt", "negative"):
+        for token in re.findall(r"<[^<>:\s]+>", getattr(args, name) or ""):
+            if token not in pipe.tokenizer:
+                loaded = ", ".join(pipe.textual_inversions) or "none"
+                raise ValueError(f"the {name} names {token}, which no --embedding added (loaded: {loaded})")
 
 
 def lora_hash(path: str) -> str | None:
@@ -562,6 +578,9 @@ def add_generation_args(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, mps (default: the best available)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="a LoRA file or folder (kohya, diffusers/PEFT), optionally with a scale; repeatable")
+    p.add_argument("--embedding", action="append", default=[], metavar="PATH",
+                   help="a textual inversion (diffusers learned_embeds file or folder, A1111 .pt/.safetensors) whose "
+                        "token the prompt may use, e.g. <star>; repeatable")
     p.add_argument("--controlnet", default=None, metavar="PATH", help="a ControlNet (diffusers folder or lllyasviel file)")
     p.add_argument("--control-image", default=None, metavar="PNG", help="the ControlNet's map (edges, mask, ...)")
     p.add_argument("--canny", action=argparse.BooleanOptionalAction, default=None,
@@ -607,7 +626,7 @@ def run(argv: list[str]) -> None:
     if argv and argv[0] == "train":  # the training script has its own options
         train.main(argv[1:])
     elif argv and argv[0] == "eval":  # --fid's features read pictures with the analyser: it cannot import them
-        analyser.main(argv[1:], fid=scoreboard.fid_table, teaching=concept_eval.compare)
+        analyser.main(argv[1:], fid=scoreboard.fid_table, teaching=concept_eval.compare, editing=edit_eval.edit_report)
     else:
         args = build_parser().parse_args(argv)
         if args.command == "bench":

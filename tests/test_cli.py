@@ -288,3 +288,22 @@ def test_careless_input_is_one_line_and_exit_2(argv, message, tmp_path, monkeypa
     assert message in err, err
     assert "Traceback" not in err and err.count("\n") == 1, err
     assert files(tmp_path) == before
+
+
+def test_an_embedding_adds_its_token_and_an_unknown_token_is_refused(tmp_path, capsys):
+    embedding = ROOT / "data" / "tiny_star_embedding"
+    with_token, plain = tmp_path / "t.png", tmp_path / "p.png"
+    assert run(["generate", "a red <star>", "--embedding", embedding, "--seed", "1", "--out", with_token, *FAST]) == 0
+    assert run(["generate", "a red star", "--seed", "1", "--out", plain, *FAST]) == 0
+    assert with_token.read_bytes() != plain.read_bytes()  # the learnt vector, not the word "star"
+    a1111 = tmp_path / "a.png"  # the same vector from the A1111 file
+    assert run(["generate", "a red <star>", "--embedding", embedding / "tiny_star_embedding.pt", "--seed", "1",
+                "--out", a1111, *FAST]) == 0
+    assert Image.open(a1111).tobytes() == Image.open(with_token).tobytes()
+    capsys.readouterr()
+    assert run(["generate", "a red <star>", "--out", tmp_path / "x.png", *FAST]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "minisd: error: the prompt names <star>, which no --embedding added (loaded: none)"
+    assert run(["generate", "a red <star>", "--embedding", tmp_path / "none", "--out", tmp_path / "y.png", *FAST]) == 2
+    assert f"--embedding file or folder not found: {tmp_path / 'none'}" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
