@@ -1,5 +1,5 @@
-"""Training on several processes (minisd/shapes/dist.py) gives the model that one process gives: a few U-Net
-steps and a few LoRA steps on 1 process and on 2 CPU processes under torchrun (gloo), weights compared;
+"""Training on several processes (minisd/shapes/dist.py) gives the model that one process gives: a few U-Net,
+LoRA, DreamBooth and textual-inversion steps on 1 process and on 2 CPU processes under torchrun (gloo), weights compared;
 a checkpoint written by 2 processes resumes on 1; a batch the processes cannot share is refused."""
 
 from __future__ import annotations
@@ -89,6 +89,21 @@ def test_lora_steps_on_two_processes_match_one(tiny_folder, tmp_path):
     assert compare("LoRA weights after 3 steps", one["model"], two["model"]) < 1e-5
     assert torch.allclose(one["losses"], two["losses"], rtol=1e-5)
     assert (tmp_path / "l2" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("kind, extra, checkpoint", [
+    ("dreambooth", ["--n-class-images", "4"], "dreambooth.pt"),   # both halves (the star's, the prior's) shared
+    ("textual-inversion", ["--num-vectors", "2"], "textual-inversion.pt"),
+])
+def test_dreambooth_and_textual_inversion_on_two_processes_match_one(kind, extra, checkpoint, tiny_folder, tmp_path):
+    args = [kind, "--n-images", "24", "--steps", "3", "--batch", "4", "--bf16", "no", *extra, "--model", str(tiny_folder)]
+    train_main([*args, "--work", str(tmp_path / "w1"), "--out", str(tmp_path / "o1")])
+    torchrun(2, [*args, "--work", str(tmp_path / "w2"), "--out", str(tmp_path / "o2")])
+    one, two = (torch.load(tmp_path / w / checkpoint, weights_only=True) for w in ("w1", "w2"))
+    weights = "model" if kind == "dreambooth" else "embedding"
+    assert compare(f"{kind} weights after 3 steps", one[weights], two[weights]) < 1e-5
+    assert torch.allclose(one["losses"], two["losses"], rtol=1e-5)
+    assert (tmp_path / "o2" / "training.json").is_file()
 
 
 @pytest.mark.parametrize("argv, message", [

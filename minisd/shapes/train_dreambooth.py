@@ -38,9 +38,10 @@ CLASS_STEPS, CLASS_GUIDANCE = 25, 7.5  # how the base model draws the prior's pi
 
 
 @torch.no_grad()
-def class_latents(pipe, n: int, seed: int, path: Path, log: Log) -> tuple[torch.Tensor, list[str]]:
+def class_latents(pipe, n: int, seed: int, path: Path, log: Log, main: bool = True) -> tuple[torch.Tensor, list[str]]:
     """The prior: n pictures the frozen base model draws (as final latents, scaled as the U-Net sees them) for
-    captions of ordinary scenes, and those captions. Drawn once and kept in `path` (a resumed run reuses them)."""
+    captions of ordinary scenes, and those captions. Drawn once and kept in `path` (a resumed run reuses them;
+    under several processes each draws the same pictures, rank 0 — `main` — keeps them)."""
     saved = load_checkpoint(path)
     if saved is not None and len(saved["latents"]) == n:
         log(f"prior: {n} pictures of the base model read from {path}")
@@ -59,7 +60,8 @@ def class_latents(pipe, n: int, seed: int, path: Path, log: Log) -> tuple[torch.
         latents.append(pipe(chunk, num_inference_steps=CLASS_STEPS, guidance_scale=CLASS_GUIDANCE, sampler="ddim",
                             latents=noise, output_type="latent").float().cpu())
     latents = torch.cat(latents)
-    save_checkpoint(path, latents=latents, captions="\n".join(captions))
+    if main:
+        save_checkpoint(path, latents=latents, captions="\n".join(captions))
     log(f"prior: {n} pictures drawn by the base model in {time.time() - t0:.0f}s (DDIM {CLASS_STEPS} steps, "
         f"CFG {CLASS_GUIDANCE:g})")
     return latents, captions
@@ -97,7 +99,7 @@ def train_dreambooth(cfg: AdapterConfig, force: bool = False) -> Path:
     n_concept = cfg.batch - n_prior
     prior_w = None  # the prior's loss weights (outline_weights), None: plain
     if prior:
-        prior_z, prior_captions = class_latents(pipe, cfg.n_class_images, cfg.seed, work / "prior.pt", log)
+        prior_z, prior_captions = class_latents(pipe, cfg.n_class_images, cfg.seed, work / "prior.pt", log, dist.is_main)
         if cfg.prior_outline_weight:
             prior_w = outline_weights(pipe, prior_z, cfg.prior_outline_weight)
             log(f"prior: loss weights 1 + {cfg.prior_outline_weight:g} · outline, averaging 1 a picture")
