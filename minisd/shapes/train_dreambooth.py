@@ -143,7 +143,10 @@ def train_dreambooth(cfg: AdapterConfig, force: bool = False) -> Path:
             concept_loss, prior_loss = loss_on(z0, captions, weight), None
             if prior:
                 jdx = torch.randint(0, len(prior_z), (n_prior,), generator=g)
-                prior_loss = loss_on(prior_z[jdx], [prior_captions[j] for j in jdx.tolist()],
+                # dropped as often as the concept's: the unconditional prediction (CFG's other half) must keep
+                # seeing ordinary pictures, not stars alone
+                said = ["" if rng.random() < cfg.caption_dropout else prior_captions[j] for j in jdx.tolist()]
+                prior_loss = loss_on(prior_z[jdx], said,
                                      None if prior_w is None else prior_w[dist.share(jdx)].to(device))
             loss = dreambooth_loss(concept_loss, prior_loss, cfg.prior_loss_weight)
         optimiser_step(loss, opt, params, dist=dist)
