@@ -43,14 +43,14 @@ def time_training() -> dict[str, dict]:
     seconds, seconds per step, and the minutes the shipped number of steps would take."""
     import tempfile
 
-    from minisd.shapes.finetune import KIND_DEFAULTS, AdapterConfig, train_adapter
+    from minisd.shapes.finetune import AdapterConfig, train_adapter
 
     out = {}
     for name, (kind, changes) in TIMED.items():
-        shipped = AdapterConfig(kind=kind, **KIND_DEFAULTS[kind], **changes)
+        shipped = AdapterConfig.of(kind, **changes)
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = AdapterConfig(kind=kind, **{**KIND_DEFAULTS[kind], **changes, "steps": TIMED_STEPS,
-                                              "checkpoint_minutes": 60.0, "work": tmp, "out": f"{tmp}/out"})
+            cfg = AdapterConfig.of(kind, **changes, steps=TIMED_STEPS, checkpoint_minutes=60.0, work=tmp,
+                                   out=f"{tmp}/out")
             t0 = time.time()
             train_adapter(cfg)
             total = time.time() - t0

@@ -148,3 +148,15 @@ def test_the_documented_head_to_head_is_the_measured_one():
     doc = (root / "docs" / "adapters.md").read_text()
     shown = doc.split("<!-- concepts table")[1].split("-->", 1)[1].split("<!-- end concepts table -->")[0].strip()
     assert shown == concept_eval.markdown_table(result)
+
+
+def test_a_python_caller_gets_the_kinds_defaults():
+    """AdapterConfig.of(kind) starts where `minisd train <kind>` does, not from the LoRA's defaults."""
+    from minisd.shapes.finetune import AdapterConfig
+
+    ti = AdapterConfig.of("textual-inversion", steps=30)
+    assert (ti.lr, ti.caption_dropout, ti.steps) == (5e-3, 0.0, 30)
+    assert AdapterConfig.of("dreambooth").lr == 1e-4 and AdapterConfig.of("lora") == AdapterConfig()
+    with pytest.raises(ValueError, match="^kind must be one of lora, controlnet, inpaint, textual-inversion, "
+                                         "dreambooth, got 'hypernetwork'$"):
+        AdapterConfig.of("hypernetwork")

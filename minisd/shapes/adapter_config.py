@@ -26,6 +26,12 @@ from .loop import Log, check_config, refuse_overwrite, write_json
 
 KINDS = ("lora", "controlnet", "inpaint", "textual-inversion", "dreambooth")
 
+# what each kind changes from AdapterConfig's defaults (those of the star LoRA): `AdapterConfig.of`
+KIND_DEFAULTS = {"lora": {}, "controlnet": {"steps": 300, "batch": 32, "lr": 1e-3, "warmup": 30, "n_images": 8000},
+                 "inpaint": {"steps": 1500, "batch": 32, "lr": 1e-3, "warmup": 30, "n_images": 8000},
+                 "textual-inversion": {"steps": 600, "lr": 5e-3, "caption_dropout": 0.0},
+                 "dreambooth": {"steps": 800, "lr": 1e-4}}
+
 
 @dataclass(frozen=True)
 class AdapterConfig:
@@ -92,6 +98,14 @@ class AdapterConfig:
                              f"got {self.batch}")
         if not self.targets.strip(","):
             raise ValueError(f"--targets must name at least one layer, e.g. 'to_q,to_v', got {self.targets!r}")
+
+    @classmethod
+    def of(cls, kind: str, **changes) -> AdapterConfig:
+        """The config `minisd train <kind>` starts from (AdapterConfig's defaults with KIND_DEFAULTS[kind]), with
+        `changes`: what Python callers should use, e.g. AdapterConfig.of("textual-inversion", steps=30)."""
+        if kind not in KIND_DEFAULTS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        return cls(kind=kind, **{**KIND_DEFAULTS[kind], **changes})
 
     def paths(self) -> tuple[Path, Path]:
         """(out, work): where the result goes (never into data/ by default) and the checkpoints and log."""

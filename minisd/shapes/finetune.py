@@ -23,19 +23,12 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
-from .adapter_config import KINDS, AdapterConfig
+from .adapter_config import KIND_DEFAULTS, KINDS, AdapterConfig
 from .train_controlnet import train_controlnet
 from .train_dreambooth import train_dreambooth
 from .train_inpaint import inpainting_unet, random_masks, train_inpaint
 from .train_lora import loss_weights, train_lora
 from .train_ti import train_textual_inversion
-
-# what `minisd train controlnet|inpaint` changes from AdapterConfig's defaults (those of the star LoRA)
-KIND_DEFAULTS = {"lora": {}, "controlnet": {"steps": 300, "batch": 32, "lr": 1e-3, "warmup": 30, "n_images": 8000},
-                 "inpaint": {"steps": 1500, "batch": 32, "lr": 1e-3, "warmup": 30, "n_images": 8000},
-                 "textual-inversion": {"steps": 600, "lr": 5e-3, "caption_dropout": 0.0},
-                 "dreambooth": {"steps": 800, "lr": 1e-4}}
-
 
 def train_adapter(cfg: AdapterConfig, force: bool = False) -> Path:
     """Train `cfg.kind` on the frozen base model; returns where the result was saved (an existing one is
@@ -58,11 +51,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--force", action="store_true", help="overwrite a result already in --out")
     args = parser.parse_args(argv)
     given = {f: getattr(args, f) for f in asdict(AdapterConfig()) if f != "kind" and getattr(args, f) is not None}
-    cfg = AdapterConfig(kind=args.kind, **{**KIND_DEFAULTS[args.kind], **given})  # refuses careless values
+    cfg = AdapterConfig.of(args.kind, **given)  # refuses careless values
     if args.fresh:
         (cfg.paths()[1] / f"{cfg.kind}.pt").unlink(missing_ok=True)
     return train_adapter(cfg, force=args.force)
 
 
-__all__ = ["KINDS", "AdapterConfig", "inpainting_unet", "loss_weights", "main", "random_masks", "train_adapter",
-           "train_dreambooth", "train_textual_inversion"]
+__all__ = ["KINDS", "KIND_DEFAULTS", "AdapterConfig", "inpainting_unet", "loss_weights", "main", "random_masks",
+           "train_adapter", "train_dreambooth", "train_textual_inversion"]
