@@ -1,4 +1,4 @@
-"""Editing a real picture: DDIM inversion, then prompt-to-prompt.
+"""Editing pictures: DDIM inversion, prompt-to-prompt, and sampling steered by a loss.
 
     1. invert   the picture's latents z_0 walked *up* the DDIM schedule to z_T (Song et al. 2021, §4.3 and
                 §5.4): DDIM run backwards, so that DDIM run forwards from z_T gives the picture back
@@ -7,6 +7,9 @@
                 target's attention maps replaced by the source's for the first steps (Hertz et al. 2022,
                 "Prompt-to-Prompt Image Editing with Cross Attention Control"): same layout and shapes,
                 the target's words (`edit`, `WordSwap`, `attention_editing`)
+    3. guided   text-to-image steered by the gradient of a loss on the decoded prediction of the picture
+                (classifier guidance with any differentiable score, Dhariwal & Nichol 2021, Bansal et al. 2023;
+                the colour loss of Hugging Face's diffusion course): `guided`, `with_loss`
 
 The attention maps are swapped by a wrapper module (`EditedAttention`) put in place of every `attn1` and
 `attn2` of the U-Net for the call and taken out afterwards, as a LoRA swaps its layers in.
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,8 +34,17 @@ from torch import Tensor, nn
 
 from .diffusion import denoisers as dn
 from .diffusion import samplers
-from .generate import Start, build_denoiser, generate, per_picture
-from .images import image_to_tensor, load_image
+from .generate import (
+    Start,
+    build_denoiser,
+    check_arguments,
+    decode_latents,
+    encode,
+    generate,
+    per_picture,
+    txt2img_start,
+)
+from .images import image_to_tensor, load_image, to_pil
 from .nn.attention import Attention, attention_probs
 
 if TYPE_CHECKING:
@@ -289,3 +301,117 @@ def edit(pipe: StableDiffusion, image, prompt: str, target_prompt: str, num_infe
                           guidance_scale=guidance_scale, height=H, width=W, sampler="ddim",
                           latents=z_T.repeat(2, 1, 1, 1), callback=controller.step_done, output_type=output_type)
     return images[1:]
+
+
+# ─── 4. guidance by a loss ─────────────────────────────────────────────────────────────────────────
+
+Loss = Callable[[Tensor], Tensor]  # pictures (B, 3, H, W), about [0, 1] -> a scalar to make smaller
+
+
+def check_loss_value(loss) -> Tensor:
+    """The loss function's answer: one finite number that depends on the picture."""
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn must return a scalar tensor, got {got}")
+    if not loss.requires_grad:
+        raise ValueError("loss_fn's result does not depend on the picture (no gradient): compute it from its input")
+    if not torch.isfinite(loss.detach()).all():
+        raise ValueError(f"loss_fn returned {loss.item()}; expected a finite number")
+    return loss.reshape(())
+
+
+def loss_gradient(loss_fn: Loss, decode: Callable[[Tensor], Tensor], x0_hat: Tensor) -> tuple[Tensor, float]:
+    """∇_{ẑ₀} ℓ(D(ẑ₀)) (B, 4, h, w) and ℓ's value, by one backward pass through the decoder."""
+    with torch.enable_grad():
+        z0 = x0_hat.detach().clone().requires_grad_()
+        loss = check_loss_value(loss_fn(decode(z0)))
+        (grad,) = torch.autograd.grad(loss, z0)
+    return grad, loss.item()
+
+
+def with_loss(model: dn.Guided, loss_fn: Loss, scale: float, decode: Callable[[Tensor], Tensor],
+              alphas_cumprod: Tensor, prediction_type: str = "epsilon", losses: list | None = None) -> dn.Guided:
+    """(z_t, t) -> the guided network output, as (z_t, t) -> ε̃ of eq. 16.7 (sample it as an ε model).
+    `losses`: if given, ℓ(D(ẑ₀)) of each step is appended to it.
+
+    Classifier guidance (Dhariwal & Nichol 2021, §4.1) samples p(z | y) ∝ p(z) p(y | z) by adding the gradient of a
+    classifier's log-likelihood to the model's score. Any differentiable loss ℓ of the picture can play the
+    classifier's part, log p(y | z_t) ≈ −s·ℓ(D(ẑ₀(z_t))) with D the VAE decoder (Bansal et al. 2023, "Universal
+    Guidance for Diffusion Models", forward guidance; the colour loss of Hugging Face's diffusion course, unit 2).
+    With ε̂ = −√(1−ᾱ_t) ∇ log p_t(z_t) (notebook 02) the guided prediction is
+
+        ε̃ = ε̂ + s √(1−ᾱ_t) ∇_{z_t} ℓ(D(ẑ₀)),          ẑ₀ = (z_t − √(1−ᾱ_t) ε̂) / √ᾱ_t               (16.6)
+
+    The gradient is taken with ε̂ held fixed, as the course does: no backward pass through the U-Net, only through
+    the decoder. Then ∇_{z_t} ẑ₀ = 1/√ᾱ_t and
+
+        ε̃ = ε̂ + s √((1−ᾱ_t)/ᾱ_t) ∇_{ẑ₀} ℓ(D(ẑ₀))                                                 (16.7)
+
+    This is that step as a denoiser wrapper around the guided network (it composes with classifier-free
+    guidance, which runs inside it); `guided` is text-to-image with it, built as `generate.generate` builds its
+    denoiser and sampler.
+    """
+    def eps(z: Tensor, t: Tensor) -> Tensor:
+        a = alphas_cumprod[int(t)].item()
+        with torch.no_grad():
+            out = model(z, t)
+        e, x0_hat = dn.to_eps(out, z, a, prediction_type), dn.to_x0(out, z, a, prediction_type)
+        grad, value = loss_gradient(loss_fn, decode, x0_hat)
+        if losses is not None:
+            losses.append(value)
+        return e + scale * ((1 - a) / a) ** 0.5 * grad.to(e.dtype)
+    return eps
+
+
+def check_guided_arguments(pipe: StableDiffusion, loss_fn, loss_scale, sampler: str) -> None:
+    if not callable(loss_fn):
+        raise ValueError(f"loss_fn must be a function of the pictures (B, 3, H, W) returning a scalar, "
+                         f"got {type(loss_fn).__name__}")
+    if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not math.isfinite(loss_scale) \
+            or loss_scale < 0:
+        raise ValueError(f"loss_scale must be a finite number >= 0, got {loss_scale!r}")
+    if pipe.family != "sd1" or pipe.scheduler.prediction_type == "flow":
+        raise ValueError(f"loss guidance runs SD 1.x/2.x pipelines on the ᾱ schedule, not family {pipe.family!r} "
+                         f"predicting {pipe.scheduler.prediction_type!r}")
+    if samplers.get_sampler(sampler).kind != "discrete":
+        raise ValueError(f"loss guidance runs the discrete-time samplers (it needs ᾱ_t at integer t), "
+                         f"not {sampler!r}")
+
+
+def guided(pipe: StableDiffusion, prompt: str | list[str], loss_fn: Loss, loss_scale: float, *,
+           num_inference_steps: int = 25, guidance_scale: float = 7.5, seed: int | None = 0,
+           generator: torch.Generator | None = None, latents: Tensor | None = None, sampler: str = "ddim",
+           output_type: str = "pil", losses: list | None = None):
+    """Text-to-image steered by `loss_fn` (eq. 16.7): pictures of `prompt` that `loss_fn` scores low.
+
+    loss_fn(x) -> scalar tensor: x is the decoded prediction of the clean picture, (B, 3, H, W) in [0, 1]
+    (not clamped, so that every pixel passes a gradient); a sum over the batch keeps each picture's pull
+    independent of the batch size. loss_scale s: 0 is plain sampling; its useful size depends on the loss (for
+    a mean over the pixels of a [0, 1] picture, the tiny model wants about 300 to 3,000). `losses` collects ℓ
+    of each step."""
+    check_guided_arguments(pipe, loss_fn, loss_scale, sampler)
+    size = pipe.image_size
+    check_arguments(sampler, output_type, num_inference_steps, size, size, 1.0, guidance_scale, 0.0, False, False,
+                    False)
+    generator = seeded(seed, generator)
+    with torch.no_grad():
+        cond, uncond = encode(pipe, prompt, None, guidance_scale, 1, 0)
+    schedule = samplers.make_schedule(sampler, num_inference_steps, pipe.scheduler)
+    f = pipe.vae.config.downsampling
+    start = txt2img_start(pipe, schedule, (cond.shape[0], pipe.unet.config.out_channels, size // f, size // f),
+                          latents, generator)
+    check = dn.FiniteCheck(pipe.nan_check, schedule.timesteps)
+    net = build_denoiser(pipe, cond, uncond, guidance_scale, schedule, start, None, (size, size), check)
+
+    def decode(z0: Tensor) -> Tensor:  # ẑ₀ (B, 4, h, w) -> pictures (B, 3, H, W), about [0, 1]
+        return (pipe.vae.decode(z0 / pipe.vae.scaling_factor).float() + 1) / 2
+
+    model = with_loss(net, loss_fn, float(loss_scale), decode, schedule.alphas_cumprod, pipe.scheduler.prediction_type,
+                      losses)
+    with torch.no_grad():
+        z = samplers.run(sampler, model, start.z, schedule, prediction_type="epsilon", generator=generator)
+        check.flush()
+        if output_type == "latent":
+            return z
+        images = decode_latents(pipe, z)
+    return images if output_type == "pt" else to_pil(images)

@@ -562,7 +562,7 @@ def eval_parser():
                     "beside the base model; --draws noise draws (default here 3)")
     ap.add_argument("--dreambooth", default=None, help="evaluate this fine-tuned model (a DreamBooth folder) beside "
                     "--model on the concept's prompts and the base shapes; --draws noise draws (default here 3)")
-    ap.add_argument("--edit", action="store_true", help="prompt-to-prompt on 100 held-out one-object pictures "
+    ap.add_argument("--edit", action="store_true", help="prompt-to-prompt on 60 held-out one-object pictures "
                     "(seeds 8,000,000 + --seed + i), a colour swap and a shape swap each, --steps DDIM steps: the new "
                     "word right with shape (colour) and place kept; --limit n edits every n-th picture")
     ap.add_argument("--controlnet", default=None, help="evaluate this ControlNet: layout IoU without and with it")
