@@ -671,7 +671,7 @@ def check_eval_args(args) -> None:
     bad = [c for c in args.cfg if not math.isfinite(c) or c < 0]
     if bad:
         raise ValueError(f"--cfg takes guidance scales of at least 0, got {bad[0]}")
-    draws = args.draws or 3
+    draws = args.draws or (3 if args.embedding or args.dreambooth else 1)  # each mode's default
     if not 0 <= args.seed <= 2**63 - 1 - 1000 * draws:  # draw k uses seed + 1000·k
         raise ValueError(f"--seed must be from 0 to {2**63 - 1 - 1000 * draws} here, got {args.seed}")
     if args.concept not in SHAPES:

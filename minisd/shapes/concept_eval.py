@@ -5,8 +5,9 @@ alike: the same held-out prompts, the same noise draws, the analyser's reading o
                              the concept: "star", or a textual inversion's "<star>") and 60 ordinary one-object
                              prompts, under `draws` noise draws: star shape small / large, colour, position,
                              base shapes kept, base colours kept; each a rate with its Wilson interval
-    head_to_head(...)        those rates for the base model and every way of teaching, with file sizes and
-                             training minutes (benchmarks/concepts.py writes docs/results/concepts.json)
+    compare(...)             `minisd eval --embedding/--dreambooth`: those rates beside the base model's
+    markdown_table(result)   the head-to-head that benchmarks/concepts.py writes (docs/results/concepts.json)
+                             as docs/adapters.md shows it
 
 A rate reads {"rate": 0.83, "n": 180, "low": 0.77, "high": 0.88}: the share right, the pictures judged, and
 the 95% interval.
@@ -74,11 +75,10 @@ def rates(pipe, word: str = "star", concept: str = "star", draws: int = 3, steps
     return {k: rate(tallies[k]) for k in order}
 
 
-def size_mb(path: str | Path, only: tuple[str, ...] = ()) -> float:
-    """Megabytes of a file, or of a folder's files (only those whose path contains one of `only`, if given)."""
+def size_mb(path: str | Path) -> float:
+    """Megabytes of a file, or of all a folder's files."""
     path = Path(path)
     files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
-    files = [f for f in files if not only or any(o in str(f.relative_to(path.parent)) for o in only)]
     return round(sum(f.stat().st_size for f in files) / 1e6, 3)
 
 

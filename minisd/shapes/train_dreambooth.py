@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from . import world
-from .adapter_config import AdapterConfig, draw_captions, finish, latent_batch, render_and_encode, start
+from .adapter_config import AdapterConfig, draw_captions, finish, latent_batch, start
 from .loop import (Log, Steps, diffusion_loss, edge_map, load_checkpoint, lr_at, optimiser_step, resume,
                    save_checkpoint, use_bf16)
-from .train_lora import lora_scenes, loss_weights
+from .train_lora import concept_data
 
 CLASS_STEPS, CLASS_GUIDANCE = 25, 7.5  # how the base model draws the prior's pictures
 
@@ -103,11 +103,7 @@ def train_dreambooth(cfg: AdapterConfig, force: bool = False) -> Path:
         if cfg.prior_outline_weight:
             prior_w = outline_weights(pipe, prior_z, cfg.prior_outline_weight)
             log(f"prior: loss weights 1 + {cfg.prior_outline_weight:g} · outline, averaging 1 a picture")
-    scenes = [s for i, s in enumerate(lora_scenes(cfg)) if i % 2 == 0]  # the concept's pictures only
-    images, means, stds = render_and_encode(pipe, scenes, log, t0)
-    weights = None
-    if cfg.notch_weight or cfg.outline_weight:
-        weights = loss_weights(scenes, images, means.shape[-1], cfg.notch_weight, cfg.outline_weight, log)
+    scenes, means, stds, weights = concept_data(cfg, pipe, log, t0)  # pictures of the concept only
 
     unet = pipe.unet
     unet.requires_grad_(True).train()

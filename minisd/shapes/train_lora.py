@@ -33,6 +33,17 @@ def lora_scenes(cfg: AdapterConfig) -> list[world.Scene]:
             for i in range(cfg.n_images)]
 
 
+def concept_data(cfg: AdapterConfig, pipe, log, t0: float):
+    """The concept's pictures alone (the concept half of `lora_scenes`), rendered and encoded, with their loss
+    weights (None for the plain loss): (scenes, means, stds, weights), for textual inversion and DreamBooth."""
+    scenes = [s for i, s in enumerate(lora_scenes(cfg)) if i % 2 == 0]
+    images, means, stds = render_and_encode(pipe, scenes, log, t0)
+    weights = None
+    if cfg.notch_weight or cfg.outline_weight:
+        weights = loss_weights(scenes, images, means.shape[-1], cfg.notch_weight, cfg.outline_weight, log)
+    return scenes, means, stds, weights
+
+
 def loss_weights(scenes: list[world.Scene], images: torch.Tensor, side: int, notch: float, outline: float,
                  log=print) -> torch.Tensor:
     """(N, 1, side, side): each latent cell's weight in the LoRA's loss (AdapterConfig.notch_weight): 1 + notch ·

@@ -27,9 +27,9 @@ import torch
 
 from ..formats.files import atomic_write
 from ..formats.weights import write_safetensors
-from .adapter_config import AdapterConfig, draw_captions, finish, latent_batch, render_and_encode, start
+from .adapter_config import AdapterConfig, draw_captions, finish, latent_batch, start
 from .loop import Steps, diffusion_loss, lr_at, optimiser_step, resume, use_bf16
-from .train_lora import lora_scenes, loss_weights
+from .train_lora import concept_data
 
 
 def concept_token(concept: str) -> str:
@@ -89,11 +89,7 @@ def train_textual_inversion(cfg: AdapterConfig, force: bool = False) -> Path:
     log(f"textual inversion: {token} as {cfg.num_vectors} vector(s) of {emb.embedding_dim}, started from "
         f"{cfg.init_word!r}: {cfg.num_vectors * emb.embedding_dim} trainable numbers")
 
-    scenes = [s for i, s in enumerate(lora_scenes(cfg)) if i % 2 == 0]  # the concept's half: pictures of it only
-    images, means, stds = render_and_encode(pipe, scenes, log, t0)
-    weights = None
-    if cfg.notch_weight or cfg.outline_weight:
-        weights = loss_weights(scenes, images, means.shape[-1], cfg.notch_weight, cfg.outline_weight, log)
+    scenes, means, stds, weights = concept_data(cfg, pipe, log, t0)  # pictures of the concept only
     opt = torch.optim.AdamW([emb.weight], lr=cfg.lr, weight_decay=0.0)
     step0, losses = resume(work / "textual-inversion.pt", log, embedding=emb, opt=opt)
 
