@@ -152,3 +152,34 @@ def test_minisd_eval_edit_refuses_other_modes_and_a_missing_callback():
         eval_main(["--edit", "--vae"], editing=lambda *a: {})
     with pytest.raises(ValueError, match="--edit needs edit_eval"):
         eval_main(["--edit"])
+
+
+def test_the_documented_numbers_are_the_measured_ones():
+    """docs/editing.md's two tables are docs/results/editing.json (benchmarks/editing.py), as rounded there."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = json.loads((root / "docs" / "results" / "editing.json").read_text())
+    doc = (root / "docs" / "editing.md").read_text()
+    rows = dict(zip(["guidance 1", "VAE round trip", "guidance 7.5, z_T inverted at 1",
+                     "guidance 7.5, z_T inverted at 7.5", "guidance 7.5, caption as negative prompt"],
+                    ["guidance 1 (the round trip)", "the VAE alone (encode, decode)", "guidance 7.5 from the same z_T",
+                     "guidance 7.5 from z_T inverted at 7.5", "guidance 7.5, the caption as negative prompt"]))
+    for key, label in rows.items():
+        error = result["inversion"]["levels of 255"][key]
+        assert f"| {label} | {error['mean']:.2f} | {error['max']:.2f} |" in doc, label
+
+    def cell(r: dict, bold: bool) -> str:
+        rate = f"{100 * r['rate']:.0f}%"
+        return f"{f'**{rate}**' if bold else rate} ({100 * r['low']:.0f}–{100 * r['high']:.0f}%)"
+
+    for key, label, bold in (("edit", "`pipe.edit` (attention swapped)", True),
+                             ("no attention swap", "same z_T, no attention swap", False)):
+        rates = result[key]["rates"]
+        assert f"| {label} | {cell(rates['colour']['success'], bold)} | {cell(rates['shape']['success'], bold)} |" in doc
+    pct = lambda key, kind, what: f"{100 * result[key]['rates'][kind][what]['rate']:.0f}%"  # noqa: E731
+    assert f"keep the shape ({pct('edit', 'colour', 'shape kept')} against " \
+           f"{pct('no attention swap', 'colour', 'shape kept')})" in doc
+    assert f"the new shape drawn in {pct('edit', 'shape', 'new word')} against " \
+           f"{pct('no attention swap', 'shape', 'new word')}" in doc
