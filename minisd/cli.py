@@ -10,6 +10,7 @@
     minisd train all                                           # reproduce data/tiny from nothing
     minisd eval --model tiny                                   # prompt adherence table
     minisd bench                                               # seconds per image on this machine
+    minisd playground                                          # the live playground in the browser (Voilà)
 
 Pictures (.png, .jpg, .webp) carry their settings in AUTOMATIC1111's "parameters" format (PNG: a text
 chunk; JPEG and WebP: the EXIF UserComment), which other Stable Diffusion tools read. Image i of
@@ -21,21 +22,25 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import random
 import re
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from PIL import Image, PngImagePlugin
 
-from . import __version__
+from . import __version__, families, playground
 from .canny import canny
 from .diffusion.samplers import FLOW_SAMPLERS, SAMPLERS, default_sampler, get_sampler
+from .formats import weights
 from .formats.files import atomic_write
 from .pipeline import StableDiffusion
 from .shapes import analyser, concept_eval, edit_eval, scoreboard, train
@@ -549,6 +554,45 @@ def bench(args: argparse.Namespace) -> None:
 
 # ─── the parser ──────────────────────────────────────────────────────────────────────────────────
 
+def check_model_source(model: str) -> None:
+    """The checks `StableDiffusion.from_pretrained` makes before reading weights, for a model another
+    process will load: a missing path, or a folder of no known layout, is an error here."""
+    if model == "tiny":
+        return
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"--model {model}: not a diffusers pipeline folder (no model_index.json)")
+        families.check_generates(families.family_of_folder(path), path)
+    elif not path.exists() and not weights.looks_like_repo_id(model):
+        raise FileNotFoundError(f"--model {model!r} is neither a file, a folder, nor a Hugging Face repo id "
+                                f"(owner/name); use tiny for the shipped shapes-world model")
+
+
+def serve_playground(args: argparse.Namespace) -> None:
+    """Write the playground notebook to a temporary folder and serve it; the folder goes when the server stops."""
+    check_model_source(args.model)
+    lab = args.lab or importlib.util.find_spec("voila") is None
+    if lab and not args.lab:
+        print("minisd: Voilà is not installed (pip install voila): serving the playground in JupyterLab",
+              file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="minisd-playground-") as folder:
+        notebook = Path(folder) / "playground.ipynb"
+        notebook.write_text(json.dumps(playground.notebook(still=False), indent=1, ensure_ascii=False))
+        if lab:
+            command = [sys.executable, "-m", "jupyter", "lab", str(notebook), f"--ServerApp.root_dir={folder}",
+                       f"--ServerApp.ip={args.ip}", f"--ServerApp.port={args.port}", "--ServerApp.port_retries=0"]
+        else:
+            command = [sys.executable, "-m", "voila", str(notebook), f"--Voila.ip={args.ip}", f"--port={args.port}",
+                       "--Voila.port_retries=0"]
+        command += ["--no-browser"] if args.no_browser else []
+        print(f"minisd: the playground ({args.model}) at http://{args.ip}:{args.port}/ ; Ctrl-C stops it",
+              file=sys.stderr)
+        code = subprocess.call(command, env={**os.environ, "MINISD_MODEL": args.model}, cwd=folder)
+    if code not in (0, -2, 130):   # -2 / 130: stopped with Ctrl-C
+        raise OSError(f"the {'JupyterLab' if lab else 'Voilà'} server stopped with exit status {code}")
+
+
 def add_generation_args(p: argparse.ArgumentParser, mode: str) -> None:
     d = {**DEFAULTS, **MODE_DEFAULTS[mode]}
     p.add_argument("prompt", nargs="?", default=None, help='what to draw, e.g. "a large red circle on the left"')
@@ -619,6 +663,17 @@ def build_parser() -> Parser:
     b.add_argument("--steps", type=STEPS, default=25)
     b.add_argument("--batch", type=int_in(1), default=8)
     b.add_argument("--repeats", type=int_in(1), default=3)
+    pg = sub.add_parser("playground", help="any prompt, its trajectory and attention, live in the browser",
+                        description="Serve the playground notebook as a web app with Voilà (or, with --lab or "
+                                    "without Voilà installed, in JupyterLab) until Ctrl-C.")
+    pg.add_argument("--model", default="tiny",
+                    help="tiny (default: with its star LoRA and edge ControlNet), a diffusers folder, a "
+                         ".safetensors/.ckpt file or a Hub id (a real model wants a GPU)")
+    pg.add_argument("--port", type=int_in(1, 65535), default=8866, help="the port to serve on (default 8866)")
+    pg.add_argument("--ip", default="127.0.0.1",
+                    help="the address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for a room)")
+    pg.add_argument("--lab", action="store_true", help="open it as a notebook in JupyterLab instead")
+    pg.add_argument("--no-browser", action="store_true", help="do not open a browser window")
     return parser
 
 
@@ -631,6 +686,8 @@ def run(argv: list[str]) -> None:
         args = build_parser().parse_args(argv)
         if args.command == "bench":
             bench(args)
+        elif args.command == "playground":
+            serve_playground(args)
         else:
             run_generation(args, args.command)
 

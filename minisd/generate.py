@@ -15,6 +15,7 @@ noise), so the same generator gives the same image.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable
@@ -353,14 +354,16 @@ def build_denoiser(pipe: StableDiffusion, cond: Tensor, uncond: Tensor | None, g
 
 def sample(pipe: StableDiffusion, sampler: str, denoiser: dn.Guided, start: Start, schedule: samplers.Schedule,
            eta: float, generator: torch.Generator | None, callback) -> Tensor:
-    """Run the sampler with a progress bar; after each step inpainting's blend, then the user's callback."""
+    """Run the sampler with a progress bar; after each step inpainting's blend, then the user's callback:
+    callback(i, t, latents), or callback(i, t, latents, x0_hat) when it takes a fourth argument."""
     bar = _progress(len(schedule.timesteps), pipe.progress)
+    with_x0 = callback is not None and takes_x0(callback)
 
     def on_step(i: int, t: Tensor, latents: Tensor, x0_hat: Tensor) -> Tensor | None:
         out = start.blend(i, t, latents, x0_hat) if start.blend is not None else None
         bar.update(1)
         if callback is not None:
-            callback(i, t, latents if out is None else out)
+            callback(i, t, latents if out is None else out, *((x0_hat,) if with_x0 else ()))
         return out
 
     try:
@@ -368,6 +371,16 @@ def sample(pipe: StableDiffusion, sampler: str, denoiser: dn.Guided, start: Star
                             eta=eta, generator=generator, callback=on_step)
     finally:
         bar.close()
+
+
+def takes_x0(callback) -> bool:
+    """Whether `callback` takes a fourth positional argument (the step's x̂₀), as the playground's does."""
+    try:
+        params = inspect.signature(callback).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: the three-argument form
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 4 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
 def _progress(total: int, enabled: bool):

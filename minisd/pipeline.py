@@ -220,7 +220,7 @@ class StableDiffusion:
         guidance_scale 1 turns classifier-free guidance off (one U-Net pass per step); a negative
         prompt replaces the empty prompt of the unconditional branch. `latents`: the initial noise
         (B, 4, h, w) before scaling by the sampler's initial σ. `callback(step, t, latents)` runs after
-        every step. Samplers: see `minisd.diffusion.samplers.SAMPLERS` (default: DDIM; `flow_euler` for a flow model). guidance_rescale φ in [0, 1]
+        every step (given a fourth parameter, it also gets the step's x̂₀, the predicted clean latents). Samplers: see `minisd.diffusion.samplers.SAMPLERS` (default: DDIM; `flow_euler` for a flow model). guidance_rescale φ in [0, 1]
         (Lin et al. 2024; 0.7 with a zero-terminal-SNR model) pulls the guided prediction's spread back to
         the conditional one's, against over-exposure at high guidance.
 
@@ -407,16 +407,23 @@ class StableDiffusion:
             raise RuntimeError(f"the U-Net's QKV projections are fused (a snapshot of the weights): "
                                f"pipe.unfuse_qkv_projections() before you {action}, fuse again after")
 
-    def fuse_lora(self) -> None:
-        """Fold every loaded LoRA into the weights (W ← W + scale·ΔW): no extra cost per step."""
+    def _named_loras(self, name: str | None) -> list[dict]:
+        if name is not None and name not in self.loras:
+            raise KeyError(f"no LoRA named {name!r}; loaded: {sorted(self.loras)}")
+        return list(self.loras.values()) if name is None else [self.loras[name]]
+
+    def fuse_lora(self, name: str | None = None) -> None:
+        """Fold every loaded LoRA (or the one named) into the weights (W ← W + scale·ΔW): no extra cost per
+        step. `set_lora_scale` on a fused LoRA folds it in again at the new scale."""
         self._refuse_if_qkv_fused("fuse LoRAs")
-        for loras in self.loras.values():
+        for loras in self._named_loras(name):
             lora_lib.fuse(self._lora_roots, loras)
 
-    def unfuse_lora(self) -> None:
-        """Restore the original weights; the LoRAs stay attached, applied on the fly again."""
+    def unfuse_lora(self, name: str | None = None) -> None:
+        """Restore the original weights (of every LoRA, or the one named); the LoRAs stay attached,
+        applied on the fly again."""
         self._refuse_if_qkv_fused("unfuse LoRAs")
-        for loras in self.loras.values():
+        for loras in self._named_loras(name):
             lora_lib.unfuse(self._lora_roots, loras)
 
     def unload_lora(self, name: str | None = None) -> None:

@@ -17,7 +17,8 @@ LAYERS = [
     ("models",),
     ("formats",),
     ("adapters",),
-    ("images", "canny", "viz", "fast", "metrics", "families", "generate", "editing", "pipeline", "pipeline_xl", "sds"),
+    ("images", "canny", "viz", "fast", "metrics", "families", "generate", "editing", "pipeline", "pipeline_xl", "sds",
+     "playground"),
     ("shapes",),
     ("cli", "__main__"),
 ]

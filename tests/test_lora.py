@@ -144,6 +144,30 @@ def test_unload_restores_the_model_exactly(pipe):
     assert not any(isinstance(m, (L.LoRALinear, L.LoRAConv2d)) for m in pipe.text_encoder.modules())
 
 
+def test_fusing_one_lora_by_name(pipe):
+    """fuse_lora(name) folds that LoRA alone; set_lora_scale refolds it; unfuse_lora(name) is exact."""
+    state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    z, t, ctx = inputs(pipe)
+    pipe.load_lora(random_kohya(pipe, seed=9), name="a", scale=0.6)
+    pipe.load_lora(random_kohya(pipe, seed=10), name="b")
+    with torch.no_grad():
+        on_the_fly = pipe.unet(z, t, ctx)
+    pipe.fuse_lora("a")
+    assert all(lo.fused for lo in pipe.loras["a"].values()) and not any(lo.fused for lo in pipe.loras["b"].values())
+    with torch.no_grad():
+        fused = pipe.unet(z, t, ctx)
+    pipe.set_lora_scale("a", 0.0)
+    assert all(lo.fused for lo in pipe.loras["a"].values())
+    pipe.unfuse_lora("a")
+    pipe.set_lora_scale("a", 0.6)
+    print(f"one LoRA fused against both on the fly: max |diff| {(fused - on_the_fly).abs().max():.1e}")
+    assert torch.allclose(fused, on_the_fly, atol=1e-5)
+    with pytest.raises(KeyError, match="no LoRA named 'c'"):
+        pipe.fuse_lora("c")
+    pipe.unload_lora()
+    assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in state.items())
+
+
 def test_saving_a_pipeline_with_loras(pipe, tmp_path):
     """Fused LoRAs are saved inside the weights (same keys as the base model); unfused ones are refused."""
     from minisd.pipeline import save_single_file

@@ -14,7 +14,9 @@ import os
 
 import torch
 
-from ..pipeline import StableDiffusion
+from ..pipeline import DATA, StableDiffusion
+from ..playground import Playground
+from . import analyser, world
 
 
 def model_name() -> str:
@@ -29,6 +31,17 @@ def model(device: str | None = None) -> StableDiffusion:
     pipe = StableDiffusion.from_pretrained(model_name(), device=device)
     pipe.progress = False
     return pipe
+
+
+def playground(pipe: StableDiffusion | None = None) -> Playground:
+    """The workshop playground (`minisd.playground`). On the tiny model it comes with the star LoRA and the
+    edge ControlNet, steered by the outlines of a held-out layout; on a real model, with neither."""
+    pipe = pipe or model()
+    if not is_tiny():
+        return Playground(pipe, ("a photograph of an astronaut riding a horse", ""), steps=25)
+    scene = analyser.layout_scenes(1)[0]
+    return Playground(pipe, ("a red circle on the left", "a yellow star"), lora=DATA / "tiny_star_lora",
+                      controlnet=DATA / "tiny_controlnet_edges", control_image=world.control_map(scene, "edges"))
 
 
 def generator(seed: int = 0) -> torch.Generator:

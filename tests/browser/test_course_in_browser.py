@@ -7,7 +7,8 @@ has a saved static figure next to it. `jupyter trust notebooks/*.ipynb` makes th
 (sliders and the picture they last showed) render as controls. Once the kernel runs the notebook its
 new outputs are trusted, and widgets render as controls either way.
 
-The four notebooks run at the same time, one tab and one kernel each, with CI=1 (course.in_ci()).
+The notebooks run at the same time, one tab and one kernel each, with CI=1 (course.in_ci()). The
+playground is opened twice: as a notebook in JupyterLab, and as `minisd playground` serves it (Voilà).
 
 The fixtures: a JupyterLab server and a headless Chromium for the browser tests, both throw-away.
 
@@ -116,13 +117,17 @@ class Lab:
         return self.log_path.read_text(errors="replace")
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    if os.environ.get("MINISD_BROWSER") != "1":  # they take minutes: opt in
-        pytest.skip("the browser tests run with MINISD_BROWSER=1 (JupyterLab + Chromium, several minutes)")
+def skip_without_browser() -> None:
+    if os.environ.get("MINISD_BROWSER") == "0":  # a few minutes: MINISD_BROWSER=0 leaves them out
+        pytest.skip("MINISD_BROWSER=0: the browser tests are left out")
     pytest.importorskip("playwright.sync_api", reason="the browser tests need the playwright package (pip install playwright)")
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"the browser tests need Chromium at {CHROMIUM} (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    skip_without_browser()
     server = Lab(tmp_path_factory.mktemp("lab"))
     server.start()
     yield server
@@ -141,7 +146,7 @@ def browser(lab):
         context.close()
 
 
-NOTEBOOKS = ["00_tour.ipynb", "01_forward_diffusion.ipynb", "08_guidance.ipynb", "10_lora.ipynb"]
+NOTEBOOKS = ["00_tour.ipynb", "01_forward_diffusion.ipynb", "08_guidance.ipynb", "10_lora.ipynb", "playground.ipynb"]
 WITH_SLIDER = ["01_forward_diffusion.ipynb", "08_guidance.ipynb", "10_lora.ipynb"]
 WITH_PROGRESS = ["10_lora.ipynb"]   # the training loop's bar (00's short bars close when done)
 RUN_TIMEOUT_S = 420
@@ -180,7 +185,7 @@ class Tab:
         self.page = browser.new_page()
         self.page.on("console", lambda m: self.console_errors.append(m.text) if m.type == "error" else None)
         self.page.on("pageerror", lambda e: self.console_errors.append(f"page error: {e}"))
-        self.page.goto(lab.url(notebook, workspace=notebook.split("_")[0]))
+        self.page.goto(lab.url(notebook, workspace=notebook.split("_")[0].removesuffix(".ipynb")))
         n = saved_pngs(notebook)
         self.page.wait_for_function(f"document.querySelectorAll('.jp-OutputArea-output img').length >= {n}"
                                     f" && {IMAGES_LOADED}", timeout=120_000, polling=500)
@@ -285,3 +290,107 @@ def test_server_log_clean_and_notebooks_untouched(ran, lab, hashes_before):
     log = lab.log()
     assert "Traceback" not in log, log[log.index("Traceback") - 2000:][:6000]
     assert notebook_hashes() == hashes_before, "a notebook file changed on disk"
+
+
+# ─── the playground as `minisd playground` serves it ──────────────────────────────────────────────────
+VIEWS = "[...document.querySelectorAll('img.minisd-playground-view')].map(i => i.src)"
+VIEWS_SHOWN = ("[...document.querySelectorAll('img.minisd-playground-view')]"
+               ".filter(i => i.complete && i.naturalWidth > 0).length")
+
+
+class Playground:
+    """`minisd playground --no-browser` on a free port, its kernel set up as the notebooks' are."""
+
+    def __init__(self, lab: Lab):
+        self.port, self.log_path = free_port(), lab.tmp / "playground.log"
+        self._log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "minisd", "playground", "--no-browser", f"--port={self.port}"],
+            env=lab.env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"minisd playground exited with {self.process.returncode}:\n{self.log()}")
+            try:   # listening (a page request would start a kernel)
+                socket.create_connection(("127.0.0.1", self.port), timeout=2).close()
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"minisd playground did not answer within 120 s:\n{self.log()}")
+
+    def stop(self) -> None:
+        self.process.send_signal(2)   # Ctrl-C: minisd removes its temporary folder
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def playground(browser, lab):
+    server = Playground(lab)
+    page = browser.new_page()
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+    page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url}"))
+    # Voilà links Font Awesome's stylesheet from a CDN, which an offline room cannot reach; the widgets
+    # work without its icons. Answered empty here, so that any other failed request still shows.
+    page.route("https://cdn.jsdelivr.net/npm/@fortawesome/**", lambda route: route.fulfill(
+        status=200, content_type="text/css", body=""))
+    start = time.time()
+    page.goto(f"http://127.0.0.1:{server.port}/")
+    page.wait_for_function(f"{VIEWS_SHOWN} >= 2", timeout=180_000, polling=250)
+    print(f"[browser] the playground showed its first pictures after {time.time() - start:.1f} s")
+    yield server, page, errors
+    page.close()
+    server.stop()
+
+
+def redrawn(page, action, view: int = 0) -> float:
+    """Seconds from `action()` until picture `view` changes."""
+    before = page.evaluate(VIEWS)[view]
+    start = time.time()
+    action()
+    page.wait_for_function(f"({VIEWS})[{view}] !== {json.dumps(before)} && {VIEWS_SHOWN} >= 2",
+                           timeout=60_000, polling=50)
+    return time.time() - start
+
+
+def test_playground_serves_controls_and_pictures(playground):
+    _, page, _ = playground
+    assert page.locator(".widget-text input").count() >= 2, "the prompt boxes are missing"
+    assert page.locator(".widget-slider").count() >= 3, "the sliders are missing"
+    assert page.locator(".widget-checkbox input").count() == 2, "the LoRA and ControlNet switches are missing"
+    fallbacks = [t for t in page.evaluate(OUTPUT_TEXT).split("\n") if WIDGET_FALLBACK.match(t.strip())]
+    assert not fallbacks, f"widgets shown as text: {fallbacks}"
+
+
+def test_playground_redraws_when_a_control_moves(playground):
+    """A new seed, a new prompt and the LoRA switch each draw again; the step scrubber repaints."""
+    _, page, _ = playground
+    seed = page.locator(".widget-text", has_text="seed").locator("input")
+    prompt = page.locator(".widget-text", has_text="prompt").locator("input")
+    seconds = {
+        "seed": redrawn(page, lambda: (seed.fill("7"), seed.press("Enter"))),
+        "prompt": redrawn(page, lambda: (prompt.fill("a green square at the top"), prompt.press("Enter"))),
+        "LoRA": redrawn(page, lambda: page.locator(".widget-checkbox input").first.check(), view=1),
+    }
+    handle = page.locator(".widget-slider").filter(has_text=re.compile(r"^step\d")).locator(".noUi-handle")
+    handle.focus()
+    seconds["step scrubber"] = redrawn(page, lambda: page.keyboard.press("ArrowLeft"))
+    print("[browser] playground, seconds from a change to its new picture:",
+          {k: round(v, 2) for k, v in seconds.items()})
+    status = page.locator(".widget-html").last.text_content()
+    assert "Error" not in status, status
+
+
+def test_playground_no_console_errors_and_clean_log(playground):
+    server, _, errors = playground
+    assert not [e for e in errors if not any(p.search(e) for p in HARMLESS_CONSOLE)], errors
+    assert "Traceback" not in server.log(), server.log()[-6000:]
