@@ -11,7 +11,7 @@ import torch
 
 from minisd import StableDiffusion, cli, playground
 from minisd.generate import takes_x0
-from minisd.playground import Settings, draw, prompt_words
+from minisd.playground import Playground, Settings, draw, prompt_words
 from minisd.shapes import course
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,3 +171,22 @@ def test_cli_refuses_bad_input_before_serving(argv, says, capsys, tmp_path):
 def test_cli_refuses_a_folder_that_is_no_pipeline(capsys, tmp_path):
     assert cli.main(["playground", "--model", str(tmp_path)]) == 2
     assert "no model_index.json" in capsys.readouterr().err
+
+
+def test_prompt_words_with_clips_bpe_tokenizer():
+    from types import SimpleNamespace
+
+    from minisd.models.tokenizer import Tokenizer
+
+    clip = SimpleNamespace(tokenizer=Tokenizer.clip_vit_l())
+    words = prompt_words(clip, "a photograph of an astronaut riding a horse")
+    assert [w for _, w in words] == ["a", "photograph", "of", "an", "astronaut", "riding", "a", "horse"]
+
+
+def test_playground_on_the_sd15_layout(tiny_pipe):
+    """The same playground on a model in SD 1.5's exact block layout (random weights, 64 px): four
+    resolution levels, attention maps at the finest (the 8×8 latents)."""
+    pg = Playground(tiny_pipe, ("a red circle on the left", "a blue square"), steps=3, tile=64)
+    d = pg.drawings[pg.settings()[0]]
+    assert len(d.latents) == 3 and d.maps[0].shape == (77, 8, 8)
+    assert all(bytes(v.value).startswith(b"\x89PNG") for v in pg.views)
