@@ -219,7 +219,7 @@ class StableDiffusionXL(StableDiffusion):
                  negative_aesthetic_score: float = 2.5, denoising_start: float | None = None,
                  denoising_end: float | None = None, num_images_per_prompt: int = 1, clip_skip: int = 0,
                  latents: Tensor | None = None, image: ImageInput | None = None, strength: float = 1.0, **kwargs):
-        """Text to image (or, with `image` and `strength`, image to image), as diffusers'
+        """Text to image (or, with `image` and `strength`, image to image; `inpaint` for a mask), as diffusers'
         StableDiffusionXLPipeline. Returns what `StableDiffusion.__call__` returns.
 
         Micro-conditioning (default: the output size, no crop): original_size and target_size (h, w) in
@@ -232,10 +232,10 @@ class StableDiffusionXL(StableDiffusion):
         levels and returns its latents part-way; refiner(..., latents=those, denoising_start=0.8) the rest.
         The other keyword arguments (seed, generator, eta, karras, callback, output_type) are those of
         `StableDiffusion.__call__`."""
-        for unsupported in ("control_image", "mask_image", "keep_unmasked"):
-            if kwargs.get(unsupported) is not None:
-                raise ValueError(f"{unsupported} is not supported with SDXL: minisd generates with SDXL from text "
-                                 f"or an image")
+        if kwargs.get("control_image") is not None:
+            raise ValueError("control_image is not supported with SDXL: minisd steers SD 1.x with ControlNets")
+        if kwargs.get("mask_image") is not None and image is None:
+            raise ValueError("mask_image needs an image to repaint: call pipe.inpaint(prompt, image, mask_image)")
         self._refuse_adapters("generate with")
         if latents is not None and denoising_start is not None:  # the size of the handed-over latents
             height, width = (s * self.vae.config.downsampling for s in latents.shape[-2:])
@@ -270,8 +270,21 @@ class StableDiffusionXL(StableDiffusion):
                              "for text to image call pipe(...)")
         return self(prompt, image=image, strength=strength, **kwargs)
 
-    def inpaint(self, prompt, image, mask_image, **kwargs):
-        raise ValueError("inpainting is not supported with SDXL: minisd generates with SDXL from text or an image")
+    def inpaint(self, prompt: str | list[str], image, mask_image, strength: float = 0.75, keep_unmasked: bool = True,
+                *, masked_content: str = "fill", mask_blur: float = 2.0, **kwargs):
+        """Repaint where mask_image is white, with the base U-Net (its 4 channels): the known latents pasted back
+        outside the mask after every step, as diffusers' StableDiffusionXLInpaintPipeline does with such a
+        U-Net. The defaults are AUTOMATIC1111's, as `StableDiffusion.inpaint`'s; diffusers' way is
+        strength=0.9999 (its default), keep_unmasked=False, masked_content="original". The other keyword
+        arguments are those of `__call__`."""
+        if image is None or mask_image is None:
+            missing = "image" if image is None else "mask_image"
+            raise ValueError(f"inpaint needs an image and a mask_image, got no {missing}")
+        if self.unet.config.in_channels != self.unet.config.out_channels:
+            raise ValueError(f"this SDXL U-Net reads {self.unet.config.in_channels} channels: minisd inpaints "
+                             f"with SDXL's 4-channel U-Net only")
+        return self(prompt, image=image, mask_image=mask_image, strength=strength, keep_unmasked=keep_unmasked,
+                    masked_content=masked_content, mask_blur=mask_blur, **kwargs)
 
 
 def _tokenizers(parts: sdxl.SDXLComponents, given, two: bool) -> tuple[Tokenizer | None, Tokenizer]:

@@ -149,3 +149,44 @@ def test_folder_and_single_file_load_back(base, tmp_path):
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         mine, back = getattr(ours, name).state_dict(), getattr(from_file, name).state_dict()
         assert mine.keys() == back.keys() and all(torch.equal(v, back[k]) for k, v in mine.items()), name
+
+
+def inpaint_inputs():
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[8:48, 4:40] = 255
+    return picture, Image.fromarray(mask)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "ddim"])
+@pytest.mark.parametrize("strength", [0.9999, 0.7])
+def test_inpaint_matches_diffusers(sampler, strength, base):
+    """The 4-channel base U-Net with the known latents pasted back outside the mask after each step, as
+    diffusers' StableDiffusionXLInpaintPipeline (its way: keep_unmasked=False, masked_content="original")."""
+    ours, folder = base
+    ref = reference("StableDiffusionXLInpaintPipeline", folder, sampler)
+    picture, mask = inpaint_inputs()
+    common = dict(strength=strength, num_inference_steps=8, guidance_scale=5.0, output_type="pt",
+                  negative_prompt="green", height=SIZE, width=SIZE)
+    expected = ref(PROMPTS[0], image=picture, mask_image=mask, generator=torch.Generator().manual_seed(9),
+                   **common).images
+    mine = ours.inpaint(PROMPTS[0], picture, mask, sampler=sampler, generator=torch.Generator().manual_seed(9),
+                        keep_unmasked=False, masked_content="original", **common)
+    report(f"sdxl inpaint {sampler} strength {strength} images", mine, expected, 1e-3)
+
+
+def test_inpaint_keeps_what_is_not_masked_by_default(base):
+    ours, _ = base
+    picture, mask = inpaint_inputs()
+    out = ours.inpaint(PROMPTS[1], picture, mask, num_inference_steps=4, seed=0, output_type="pt")[0]
+    outside = torch.from_numpy(__import__("numpy").asarray(mask)) == 0
+    original = torch.from_numpy(__import__("numpy").asarray(picture)).permute(2, 0, 1) / 255
+    far = outside.clone()
+    far[0:56, 0:48] = False   # 8 px beyond the mask: past the seam's feathering (σ = 2 px)
+    assert (out[:, far] - original[:, far]).abs().max() < 1 / 255 + 1e-6
+    with pytest.raises(ValueError, match="needs an image and a mask_image, got no mask_image"):
+        ours.inpaint(PROMPTS[1], picture, None)
