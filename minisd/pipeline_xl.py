@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .adapters import lora as lora_lib
 from .formats import sdxl, weights
 from .generate import generate
 from .images import ImageInput, image_to_tensor
@@ -118,8 +119,9 @@ class StableDiffusionXL(StableDiffusion):
                    parts.scheduler, name=name, force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt"))
 
     def components(self) -> sdxl.SDXLComponents:
-        """The four networks' configs and state dicts (what `formats.sdxl` writes)."""
-        pair = lambda m: (m.config, m.state_dict()) if m is not None else None  # noqa: E731
+        """The four networks' configs and state dicts (what `formats.sdxl` writes; fused LoRAs inside the weights,
+        LoRAs applied on the fly refused)."""
+        pair = lambda m: (m.config, lora_lib.state_dict_to_save(m)) if m is not None else None  # noqa: E731
         return sdxl.SDXLComponents(unet=pair(self.unet), vae=pair(self.vae), text_encoder=pair(self.text_encoder),
                                    text_encoder_2=pair(self.text_encoder_2), scheduler=self.scheduler)
 
@@ -133,7 +135,8 @@ class StableDiffusionXL(StableDiffusion):
         nets += [(n, e, "model", e.config.to_transformers()) for n, e in
                  (("text_encoder", self.text_encoder), ("text_encoder_2", self.text_encoder_2)) if e is not None]
         for name, module, fname, config in nets:
-            weights.write_safetensors(module.state_dict(), folder / name / f"{fname}.safetensors", {"format": "pt"})
+            weights.write_safetensors(lora_lib.state_dict_to_save(module), folder / name / f"{fname}.safetensors",
+                                      {"format": "pt"})
             weights.write_json(config, folder / name / "config.json")
         weights.write_json(self.scheduler.to_diffusers("EulerDiscreteScheduler"), folder / "scheduler" / "scheduler_config.json")
         for name, tok in (("tokenizer", self.tokenizer), ("tokenizer_2", self.tokenizer_2)):
@@ -155,9 +158,15 @@ class StableDiffusionXL(StableDiffusion):
                  "vae": ["diffusers", "AutoencoderKL"]}
         return index if base else index | {"requires_aesthetics_score": True}
 
+    @property
+    def _lora_roots(self) -> dict:
+        roots = {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        return {name: module for name, module in roots.items() if module is not None}   # the refiner has one encoder
+
     def _refuse_adapters(self, action: str) -> None:
-        if self.loras or self.controlnets or self.textual_inversions:
-            raise ValueError(f"cannot {action} an SDXL pipeline with LoRAs, ControlNets or textual inversions loaded")
+        """LoRAs work with SDXL (kohya's SDXL names, diffusers/PEFT); ControlNets and textual inversions not yet."""
+        if self.controlnets or self.textual_inversions:
+            raise ValueError(f"cannot {action} an SDXL pipeline with ControlNets or textual inversions loaded")
 
     # ─── text conditioning ─────────────────────────────────────────────────────────────────────────
     @torch.inference_mode()

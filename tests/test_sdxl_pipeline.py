@@ -190,3 +190,109 @@ def test_inpaint_keeps_what_is_not_masked_by_default(base):
     assert (out[:, far] - original[:, far]).abs().max() < 1 / 255 + 1e-6
     with pytest.raises(ValueError, match="needs an image and a mask_image, got no mask_image"):
         ours.inpaint(PROMPTS[1], picture, None)
+
+
+# ─── LoRAs: kohya's SDXL files (sgm block names, lora_te1_/lora_te2_) and diffusers/PEFT ones ───────
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+def random_sdxl_kohya(pipe, sgm_names: bool, rank: int = 4, alpha: float = 2.0, seed: int = 0) -> dict:
+    """A kohya SDXL LoRA with random non-zero A and B on every usual target of the U-Net and both text
+    encoders; the U-Net's keys in sgm's block names (input_blocks_4_1_…, as kohya's sd-scripts writes them)
+    or in diffusers' (down_blocks_1_attentions_0_…)."""
+    from torch import nn
+
+    from minisd.formats.sdxl import sdxl_unet_prefix_table
+    from minisd.formats.weights import _rename
+
+    g = torch.Generator().manual_seed(seed)
+    names = {}
+    if sgm_names:
+        paths = [n for n, m in pipe.unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        sgm = _rename({p + ".weight": None for p in paths}, sdxl_unet_prefix_table(pipe.unet.config), "", reverse=True)
+        names = {p: k.removesuffix(".weight") for k, p in zip(sgm, paths)}
+    sd = {}
+    for prefix, model, targets in (("lora_unet_", pipe.unet, UNET_TARGETS), ("lora_te1_", pipe.text_encoder, TE_TARGETS),
+                                   ("lora_te2_", pipe.text_encoder_2, TE_TARGETS)):
+        for name, m in model.named_modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and name.endswith(targets):
+                w = m.weight
+                key = prefix + (names.get(name, name) if prefix == "lora_unet_" else name).replace(".", "_")
+                sd[f"{key}.lora_down.weight"] = torch.randn(rank, *w.shape[1:], generator=g) * 0.1
+                sd[f"{key}.lora_up.weight"] = torch.randn(w.shape[0], rank, *([1, 1] if w.ndim == 4 else []),
+                                                          generator=g) * 0.1
+                sd[f"{key}.alpha"] = torch.tensor(alpha)
+    return sd
+
+
+@pytest.mark.parametrize("sgm_names", [True, False], ids=["sgm block names", "diffusers block names"])
+def test_kohya_sdxl_lora_matches_diffusers(sgm_names, base, tmp_path):
+    from safetensors.torch import save_file
+
+    ours, folder = base
+    ref = reference("StableDiffusionXLPipeline", folder, "euler")
+    path = tmp_path / "kohya_sdxl.safetensors"
+    lora = random_sdxl_kohya(ours, sgm_names)
+    save_file(lora, path, metadata={"ss_network_module": "networks.lora"})
+    before = ours(PROMPTS[0], num_inference_steps=4, guidance_scale=5.0, latents=noise((1, 4, 8, 8), 4), output_type="pt")
+    name = ours.load_lora(path)
+    ref.load_lora_weights(path, adapter_name="kohya")
+    common = dict(num_inference_steps=4, guidance_scale=5.0, latents=noise((1, 4, 8, 8), 4), output_type="pt",
+                  height=SIZE, width=SIZE)
+    try:
+        placed = {k for lo in ours.loras[name] for k in [lo.partition(".")[0]]}
+        assert placed == {"unet", "text_encoder", "text_encoder_2"}
+        assert 3 * len(ours.loras[name]) == len(lora)              # every key placed (down, up, alpha)
+        mine = ours(PROMPTS[0], **common)
+        report(f"sdxl kohya LoRA ({'sgm' if sgm_names else 'diffusers'} names) images", mine,
+               ref(PROMPTS[0], **common).images, 1e-3)
+        assert (mine - before).abs().max() > 1e-2                   # the LoRA changes the picture
+        ours.set_lora_scale(name, 0.5)
+        ref.set_adapters(["kohya"], [0.5])
+        report("sdxl kohya LoRA at scale 0.5 images", ours(PROMPTS[0], **common), ref(PROMPTS[0], **common).images, 1e-3)
+    finally:
+        ours.unload_lora()
+        ref.unload_lora_weights()
+
+
+def test_peft_sdxl_lora_written_by_minisd_loads_in_diffusers(base, tmp_path):
+    """save_lora writes unet.…, text_encoder.… and text_encoder_2.… keys; diffusers reads them the same."""
+    from minisd.adapters import lora as L
+
+    ours, folder = base
+    ours.load_lora(random_sdxl_kohya(ours, sgm_names=True, alpha=8.0, seed=1), name="k")
+    out = L.save_lora(ours.loras["k"], tmp_path / "peft")
+    ref = reference("StableDiffusionXLPipeline", folder, "euler")
+    ref.load_lora_weights(tmp_path / "peft")
+    common = dict(num_inference_steps=4, guidance_scale=5.0, latents=noise((1, 4, 8, 8), 6), output_type="pt",
+                  height=SIZE, width=SIZE)
+    try:
+        assert {k.split(".")[0] for k in L.read_state_dict(out)} == {"unet", "text_encoder", "text_encoder_2"}
+        report("sdxl PEFT LoRA written by minisd, images", ours(PROMPTS[1], **common), ref(PROMPTS[1], **common).images,
+               1e-3)
+        ours.unload_lora()
+        ours.load_lora(out, name="back")
+        report("sdxl PEFT LoRA read back by minisd, images", ours(PROMPTS[1], **common),
+               ref(PROMPTS[1], **common).images, 1e-3)
+    finally:
+        ours.unload_lora()
+        ref.unload_lora_weights()
+
+
+def test_a_lora_on_the_fly_is_refused_when_saving_and_a_fused_one_saved(base, tmp_path):
+    ours, _ = base
+    ours.load_lora(random_sdxl_kohya(ours, sgm_names=True, seed=2), name="s")
+    try:
+        with pytest.raises(RuntimeError, match="applied on the fly"):
+            ours.save_pretrained(tmp_path / "unfused")
+        ours.fuse_lora()
+        args = dict(num_inference_steps=3, height=SIZE, width=SIZE, seed=5, output_type="pt")
+        want = ours(PROMPTS[0], **args)
+        ours.save_pretrained(tmp_path / "fused")
+        back = StableDiffusion.from_pretrained(tmp_path / "fused", device="cpu")
+        back.progress = False
+        report("sdxl fused LoRA saved and loaded back, images", back(PROMPTS[0], **args), want, 1e-5)
+    finally:
+        ours.unfuse_lora()
+        ours.unload_lora()

@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..formats.weights import WeightsError, _few, _rename, read_metadata, read_state_dict, unet_prefix_table, write_safetensors
+from ..formats.sdxl import sdxl_unet_prefix_table
+from ..formats.weights import WeightsError, _few, _rename, read_metadata, read_state_dict, write_safetensors
 
 # Where LoRA training puts adapters by default: every attention projection of the U-Net.
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -286,7 +287,7 @@ def _parse_key(key: str) -> tuple[str, str, str] | None:
     if m := re.fullmatch(r"(lora_unet|lora_te[12]?)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)", key):  # kohya
         return ("kohya_" + m[1], m[2], {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[m[3]])
     root = "unet"
-    for prefix in ("unet.", "text_encoder."):
+    for prefix in ("unet.", "text_encoder_2.", "text_encoder."):
         if key.startswith(prefix):
             root, key = prefix[:-1], key[len(prefix):]
     if m := re.fullmatch(r"(.+)\.lora_([AB])\.weight", key):  # PEFT
@@ -294,7 +295,7 @@ def _parse_key(key: str) -> tuple[str, str, str] | None:
     if m := re.fullmatch(r"(.+)\.(?:lora|lora_linear_layer)\.(down|up)\.weight", key):  # diffusers after PEFT
         return root, m[1], m[2]
     if m := re.fullmatch(r"(.+?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight", key):  # attn procs
-        proj = _OLD_ATTN[m[2]] if root == "text_encoder" else ("to_out.0" if m[2] == "to_out" else m[2])
+        proj = _OLD_ATTN[m[2]] if root.startswith("text_encoder") else ("to_out.0" if m[2] == "to_out" else m[2])
         return root, f"{m[1]}.{proj}", m[3]
     if m := re.fullmatch(r"(.+)\.alpha", key):
         return root, m[1], "alpha"
@@ -310,15 +311,18 @@ def _kohya_names(roots: dict[str, nn.Module]) -> dict[str, str]:
         paths = [p for p, _ in _layers(unet)]
         for p in paths:
             names["lora_unet_" + p.replace(".", "_")] = "unet." + p
-        if hasattr(unet, "config"):  # SD1 LoRAs made with LDM names: input_blocks_4_1_transformer_blocks_…
-            ldm = _rename({p + ".weight": None for p in paths}, unet_prefix_table(unet.config), "U-Net", reverse=True)
+        if hasattr(unet, "config"):  # LoRAs made with LDM/sgm names (SD 1.x's and kohya's SDXL ones): input_blocks_4_1_…
+            ldm = _rename({p + ".weight": None for p in paths}, sdxl_unet_prefix_table(unet.config), "U-Net",
+                          reverse=True)
             for key, p in zip(ldm, paths):
                 names["lora_unet_" + key.removesuffix(".weight").replace(".", "_")] = "unet." + p
-    te = roots.get("text_encoder")
-    if te is not None:
-        for p, _ in _layers(te):
-            names["lora_te_" + p.replace(".", "_")] = "text_encoder." + p
-            names["lora_te_" + p.removeprefix("text_model.").replace(".", "_")] = "text_encoder." + p
+    sdxl = "text_encoder_2" in roots   # kohya: lora_te1_ (CLIP ViT-L) and lora_te2_ (OpenCLIP bigG) for SDXL
+    for root, prefix in (("text_encoder", "lora_te1_" if sdxl else "lora_te_"), ("text_encoder_2", "lora_te2_")):
+        te = roots.get(root)
+        if te is not None:
+            for p, _ in _layers(te):
+                names[prefix + p.replace(".", "_")] = f"{root}.{p}"
+                names[prefix + p.removeprefix("text_model.").replace(".", "_")] = f"{root}.{p}"
     return names
 
 
@@ -368,14 +372,14 @@ def read_lora(source: str | os.PathLike | dict, roots: dict[str, nn.Module]) -> 
             continue
         root, module, role = parsed
         if root.startswith("kohya_"):
-            if root in ("kohya_lora_te1", "kohya_lora_te2"):
-                raise WeightsError(f"{name}: an SDXL LoRA (lora_te1_/lora_te2_ keys); minisd runs SD 1.x")
+            if root in ("kohya_lora_te1", "kohya_lora_te2") and "text_encoder_2" not in roots:
+                raise WeightsError(f"{name}: an SDXL LoRA (lora_te1_/lora_te2_ keys); load it into an SDXL pipeline")
             target = kohya.get(f"{root.removeprefix('kohya_')}_{module}")
             if target is None:
                 unplaced.append(key)
                 continue
         else:
-            if root == "text_encoder" and not module.startswith("text_model."):
+            if root.startswith("text_encoder") and not module.startswith("text_model."):
                 module = "text_model." + module  # transformers' flattened CLIP layout
             target = f"{root}.{module}"
         parts.setdefault(target, {})[role] = value
