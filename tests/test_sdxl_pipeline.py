@@ -6,6 +6,7 @@ diffusers reads minisd's save_pretrained folders, so the folder layout is checke
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -296,3 +297,31 @@ def test_a_lora_on_the_fly_is_refused_when_saving_and_a_fused_one_saved(base, tm
     finally:
         ours.unfuse_lora()
         ours.unload_lora()
+
+
+# diffusers tells SDXL's two text encoders in a single file apart by their widths (768 and 1280): here too
+# the second is wider than the first, or diffusers would read CLIP ViT-L's weights into both.
+WIDE = replace(SMALL, unet=replace(SMALL.unet, cross_attention_dim=32 + 48),
+               text_encoder_2=replace(SMALL.text_encoder_2, hidden_size=48, intermediate_size=96))
+
+
+def test_diffusers_reads_the_single_file_minisd_writes(tokenizers, tmp_path_factory):
+    """diffusers' from_single_file (given the folder's configs, as it would take them from the Hub) reads
+    save_single_file's sgm layout: the same networks, bit for bit, and the same pictures."""
+    ours, folder = folder_pair(WIDE, tokenizers, tmp_path_factory, "sdxl_wide", seed=3)
+    path = folder.parent / "wide_xl.safetensors"
+    save_single_file(ours, path)
+    ref = diffusers.StableDiffusionXLPipeline.from_single_file(str(path), config=str(folder), add_watermarker=False)
+    plain = lambda sd: {k.removeprefix("text_model."): v for k, v in sd.items()}  # noqa: E731 (transformers 5 drops it)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        mine, theirs = plain(getattr(ours, name).state_dict()), plain(getattr(ref, name).state_dict())
+        missing = sorted(set(mine) - set(theirs) - {"embeddings.position_ids"})
+        assert not missing, (name, missing[:5])
+        differ = [k for k, v in mine.items() if k in theirs and (v.shape != theirs[k].shape or not torch.equal(v, theirs[k]))]
+        assert not differ, (name, differ[:5])
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+    ref.set_progress_bar_config(disable=True)
+    common = dict(num_inference_steps=4, guidance_scale=5.0, latents=noise((1, 4, 8, 8), 8), output_type="pt",
+                  height=SIZE, width=SIZE)
+    report("sdxl single file read by diffusers, images", ours(PROMPTS[0], **common), ref(PROMPTS[0], **common).images,
+           1e-3)
