@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .adapters import lora as lora_lib
+from .adapters import textual_inversion
 from .formats import sdxl, weights
 from .generate import generate
 from .images import ImageInput, image_to_tensor
@@ -164,9 +165,48 @@ class StableDiffusionXL(StableDiffusion):
         return {name: module for name, module in roots.items() if module is not None}   # the refiner has one encoder
 
     def _refuse_adapters(self, action: str) -> None:
-        """LoRAs work with SDXL (kohya's SDXL names, diffusers/PEFT); ControlNets and textual inversions not yet."""
-        if self.controlnets or self.textual_inversions:
-            raise ValueError(f"cannot {action} an SDXL pipeline with ControlNets or textual inversions loaded")
+        """LoRAs and textual inversions work with SDXL; ControlNets not yet."""
+        if self.controlnets:
+            raise ValueError(f"cannot {action} an SDXL pipeline with ControlNets loaded")
+
+    # ─── textual inversion: one set of vectors per text encoder ────────────────────────────────────
+    def load_textual_inversion(self, source, token: str | None = None) -> str:
+        """An SDXL embedding: a .safetensors file (or state dict) holding `clip_l` and `clip_g` vectors, as
+        AUTOMATIC1111 and kohya write them; the token is `token`, else the file's name. clip_l's vectors go to
+        text_encoder (CLIP ViT-L), clip_g's to text_encoder_2 (OpenCLIP bigG; the refiner's only one), as
+        diffusers' load_textual_inversion does when called once per encoder. Returns the token."""
+        clip_l, clip_g = textual_inversion.read_sdxl_embedding(source, token)
+        pairs = [(self.tokenizer_2, self.text_encoder_2, clip_g)]
+        if self.text_encoder is not None:
+            pairs.insert(0, (self.tokenizer, self.text_encoder, clip_l))
+        for tokenizer, encoder, embedding in pairs:
+            textual_inversion.check_embedding(tokenizer, encoder, embedding)   # all checked before any change
+        if not self.textual_inversions:
+            self._own_token_embeddings = [e.get_input_embeddings() for _, e, _ in pairs]
+        ids = None
+        for tokenizer, encoder, embedding in pairs:
+            shared = ids if tokenizer is self.tokenizer_2 and self.tokenizer is self.tokenizer_2 else None
+            ids = textual_inversion.add_embedding(tokenizer, encoder, embedding, ids=shared)
+        self.textual_inversions[clip_g.token] = (clip_l, clip_g)
+        return clip_g.token
+
+    def unload_textual_inversion(self, token: str | None = None) -> None:
+        """Remove one SDXL embedding (by its token) or all; with all gone, both tokenizers and text encoders
+        are exactly as before the first load."""
+        if token is not None and token not in self.textual_inversions:
+            raise ValueError(f"no textual inversion with token {token!r}; loaded: {list(self.textual_inversions)}")
+        if not self.textual_inversions:
+            return
+        kept = [pair for t, pair in self.textual_inversions.items() if token is not None and t != token]
+        encoders = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+        for encoder, own in zip(encoders, self._own_token_embeddings):
+            now = encoder.get_input_embeddings().weight
+            encoder.set_input_embeddings(own.to(device=now.device, dtype=now.dtype))
+        for tokenizer in {id(t): t for t in self.tokenizers if t is not None}.values():
+            tokenizer.remove_added_tokens()
+        self.textual_inversions.clear()
+        for clip_l, clip_g in kept:
+            self.load_textual_inversion({"clip_l": clip_l.vectors, "clip_g": clip_g.vectors}, clip_g.token)
 
     # ─── text conditioning ─────────────────────────────────────────────────────────────────────────
     @torch.inference_mode()

@@ -325,3 +325,47 @@ def test_diffusers_reads_the_single_file_minisd_writes(tokenizers, tmp_path_fact
                   height=SIZE, width=SIZE)
     report("sdxl single file read by diffusers, images", ours(PROMPTS[0], **common), ref(PROMPTS[0], **common).images,
            1e-3)
+
+
+# ─── textual inversion: {"clip_l": …, "clip_g": …}, as AUTOMATIC1111 and kohya write SDXL embeddings ────
+def random_sdxl_embedding(pipe, n: int = 2, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"clip_l": torch.randn(n, pipe.text_encoder.get_input_embeddings().embedding_dim, generator=g),
+            "clip_g": torch.randn(n, pipe.text_encoder_2.get_input_embeddings().embedding_dim, generator=g)}
+
+
+def test_sdxl_textual_inversion_matches_diffusers(base, tmp_path):
+    """One file, two sets of vectors: minisd loads both; diffusers is called once per encoder."""
+    from safetensors.torch import save_file
+
+    ours, folder = base
+    vectors = random_sdxl_embedding(ours)
+    path = tmp_path / "shiny.safetensors"
+    save_file(vectors, path)
+    ref = reference("StableDiffusionXLPipeline", folder, "euler")
+    prompt = "a shiny circle on the left"
+    common = dict(num_inference_steps=4, guidance_scale=5.0, latents=noise((1, 4, 8, 8), 3), output_type="pt",
+                  height=SIZE, width=SIZE)
+    before = ours(prompt, **common)
+    assert ours.load_textual_inversion(path) == "shiny"
+    ref.load_textual_inversion(vectors["clip_l"], token="shiny", text_encoder=ref.text_encoder, tokenizer=ref.tokenizer)
+    ref.load_textual_inversion(vectors["clip_g"], token="shiny", text_encoder=ref.text_encoder_2,
+                               tokenizer=ref.tokenizer_2)
+    try:
+        mine = ours(prompt, **common)
+        report("sdxl textual inversion (2 vectors per encoder) images", mine, ref(prompt, **common).images, 1e-3)
+        assert (mine - before).abs().max() > 1e-2
+    finally:
+        ours.unload_textual_inversion()
+    assert torch.equal(ours(prompt, **common), before)      # unloaded: as it was
+    assert "shiny" not in ours.tokenizer and "shiny" not in ours.tokenizer_2
+
+
+def test_sdxl_textual_inversion_refuses_what_does_not_fit(base):
+    ours, _ = base
+    vectors = random_sdxl_embedding(ours)
+    with pytest.raises(ValueError, match="not an SDXL embedding: it holds emb_params"):
+        ours.load_textual_inversion({"emb_params": vectors["clip_l"]}, token="<x>")
+    with pytest.raises(ValueError, match="is 64 wide"):
+        ours.load_textual_inversion({"clip_l": vectors["clip_l"], "clip_g": torch.zeros(2, 64)}, token="<x>")
+    assert not ours.textual_inversions and "<x>" not in ours.tokenizer and "<x>" not in ours.tokenizer_2

@@ -12,6 +12,9 @@ embedding; no network weight changes. The files, as diffusers' `load_textual_inv
 * AUTOMATIC1111 `.safetensors`: {"emb_params": (n, E)}; the file holds no name, so the token is
   `token=` or the file's stem, as A1111 names it (diffusers would name it "emb_params").
 
+* SDXL (AUTOMATIC1111's and kohya's `.safetensors`): {"clip_l": (n, 768), "clip_g": (n, 1280)}, one set of
+  vectors per text encoder, the token `token=` or the file's stem (`read_sdxl_embedding`).
+
 A multi-vector embedding (n > 1) becomes n tokens `<tok>`, `<tok>_1`, …, `<tok>_{n-1}`, and the
 tokenizer expands `<tok>` in a prompt to all of them (`Tokenizer.expand_multi_vector`). As in
 diffusers, the embedding matrix becomes its first len(tokenizer) rows plus the new vectors.
@@ -63,6 +66,27 @@ def read_embedding(source: str | os.PathLike | dict | Tensor, token: str | None 
     return _from_state_dict(read_state_dict(path, keep_all=True), token, str(path), stem=path.stem)
 
 
+SDXL_KEYS = ("clip_l", "clip_g")   # the vectors for CLIP ViT-L (text_encoder) and OpenCLIP bigG (text_encoder_2)
+
+
+def read_sdxl_embedding(source: str | os.PathLike | dict, token: str | None = None) -> tuple[Embedding, Embedding]:
+    """An SDXL embedding's (clip_l, clip_g) pair, from a file or a state dict {"clip_l": …, "clip_g": …};
+    the token is `token`, else the file's stem."""
+    if isinstance(source, dict):
+        sd, where, stem = source, "the state dict", None
+    else:
+        path = Path(source)
+        sd, where, stem = read_state_dict(path, keep_all=True), str(path), path.stem
+    tensors = {k: v for k, v in sd.items() if isinstance(v, Tensor)}
+    if sorted(tensors) != sorted(SDXL_KEYS):
+        raise ValueError(f"{where} is not an SDXL embedding: it holds {', '.join(sorted(tensors)[:8]) or 'no tensors'}, "
+                         f"not clip_l and clip_g")
+    clip_l, clip_g = (_named(token, stem, tensors[k], where) for k in SDXL_KEYS)
+    if len(clip_l.vectors) != len(clip_g.vectors):
+        raise ValueError(f"{where}: clip_l has {len(clip_l.vectors)} vectors but clip_g {len(clip_g.vectors)}")
+    return clip_l, clip_g
+
+
 def _from_state_dict(sd: dict, token: str | None, where: str, stem: str | None) -> Embedding:
     """Pick the layout by its keys (A1111 .pt, A1111 .safetensors, diffusers), then the token's name."""
     if "string_to_param" in sd:  # A1111 .pt: the vectors under the placeholder "*"
@@ -108,19 +132,28 @@ def _checked(token: str, vectors: Tensor, where: str) -> Embedding:
     return Embedding(token, vectors)
 
 
-def add_embedding(tokenizer: Tokenizer, text_encoder: TextEncoder, embedding: Embedding) -> list[int]:
-    """Add the embedding's tokens to the tokenizer and its vectors as their rows of the token
-    embedding; returns the new ids. Everything is checked before anything changes."""
+def check_embedding(tokenizer: Tokenizer, text_encoder: TextEncoder, embedding: Embedding) -> None:
+    """Its width is the text encoder's and its tokens are new to the tokenizer, or a ValueError."""
     width = text_encoder.get_input_embeddings().embedding_dim
     if embedding.vectors.shape[-1] != width:
         raise ValueError(f"embedding {embedding.token!r} is {embedding.vectors.shape[-1]} wide, but this text "
-                         f"encoder's token embeddings are {width} wide (SD 1.x: 768, SD 2.x: 1024)")
+                         f"encoder's token embeddings are {width} wide (SD 1.x: 768, SD 2.x: 1024, "
+                         f"SDXL: 768 and 1280)")
     taken = [t for t in embedding.tokens if t in tokenizer]
     if taken:
         raise ValueError(f"token {taken[0]!r} is already in the tokenizer's vocabulary: pass token=… with "
                          f"another name, or unload the textual inversion that added it")
-    text_encoder.resize_token_embeddings(len(tokenizer) + len(embedding.tokens))
-    ids = tokenizer.add_tokens(embedding.tokens)
+
+
+def add_embedding(tokenizer: Tokenizer, text_encoder: TextEncoder, embedding: Embedding,
+                  ids: list[int] | None = None) -> list[int]:
+    """Add the embedding's tokens to the tokenizer and its vectors as their rows of the token
+    embedding; returns the new ids. Everything is checked before anything changes. `ids`: the tokens are
+    in the tokenizer already, at these ids (a tokenizer two text encoders share): only the rows are set."""
+    if ids is None:
+        check_embedding(tokenizer, text_encoder, embedding)
+    text_encoder.resize_token_embeddings(len(tokenizer) + (len(embedding.tokens) if ids is None else 0))
+    ids = tokenizer.add_tokens(embedding.tokens) if ids is None else ids
     weight = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         weight[ids] = embedding.vectors.to(device=weight.device, dtype=weight.dtype)
