@@ -342,8 +342,9 @@ def build_denoiser(pipe: StableDiffusion, cond: Tensor, uncond: Tensor | None, g
     if start.extra is not None:
         net = dn.with_extra_channels(net, start.extra)
     if control is not None:
+        sdxl = {k: v for k, v in (added or {}).items() if k in ("pooled", "time_ids")}  # not an LCM's guidance input
         residuals = control_function(pipe.controlnets, control, schedule.timesteps, cond.shape[0], uncond is not None,
-                                     *size, pipe.device, pipe.dtype)
+                                     *size, pipe.device, pipe.dtype, added=sdxl)
         net = dn.with_controlnet(net, check.control(residuals, "ControlNet"))
     if dim is not None:
         return dn.with_embedded_guidance(net, cond)

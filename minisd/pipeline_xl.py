@@ -129,7 +129,6 @@ class StableDiffusionXL(StableDiffusion):
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write diffusers' SDXL folder layout (safetensors), loadable by minisd and by diffusers'
         StableDiffusionXLPipeline (the refiner: StableDiffusionXLImg2ImgPipeline)."""
-        self._refuse_adapters("save")
         folder = Path(folder)
         nets = [("unet", self.unet, "diffusion_pytorch_model", self.unet.config.to_diffusers()),
                 ("vae", self.vae, "diffusion_pytorch_model", self.vae.config.to_diffusers())]
@@ -163,11 +162,6 @@ class StableDiffusionXL(StableDiffusion):
     def _lora_roots(self) -> dict:
         roots = {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
         return {name: module for name, module in roots.items() if module is not None}   # the refiner has one encoder
-
-    def _refuse_adapters(self, action: str) -> None:
-        """LoRAs and textual inversions work with SDXL; ControlNets not yet."""
-        if self.controlnets:
-            raise ValueError(f"cannot {action} an SDXL pipeline with ControlNets loaded")
 
     # ─── textual inversion: one set of vectors per text encoder ────────────────────────────────────
     def load_textual_inversion(self, source, token: str | None = None) -> str:
@@ -279,13 +273,13 @@ class StableDiffusionXL(StableDiffusion):
         negative_aesthetic_score. (diffusers' StableDiffusionXLPipeline and its Img2Img pipeline, exactly.)
         Base → refiner: base(..., denoising_end=0.8, output_type="latent") runs the first 80% of the noise
         levels and returns its latents part-way; refiner(..., latents=those, denoising_start=0.8) the rest.
-        The other keyword arguments (seed, generator, eta, karras, callback, output_type) are those of
-        `StableDiffusion.__call__`."""
-        if kwargs.get("control_image") is not None:
-            raise ValueError("control_image is not supported with SDXL: minisd steers SD 1.x with ControlNets")
+        The other keyword arguments (seed, generator, eta, karras, callback, output_type, and with an SDXL
+        ControlNet loaded control_image, controlnet_scale, control_start, control_end, guess_mode) are those
+        of `StableDiffusion.__call__`."""
         if kwargs.get("mask_image") is not None and image is None:
             raise ValueError("mask_image needs an image to repaint: call pipe.inpaint(prompt, image, mask_image)")
-        self._refuse_adapters("generate with")
+        control = self._control(*(kwargs.pop(k, None) for k in ("control_image", "controlnet_scale", "control_start",
+                                                                 "control_end", "guess_mode")))
         if latents is not None and denoising_start is not None:  # the size of the handed-over latents
             height, width = (s * self.vae.config.downsampling for s in latents.shape[-2:])
         if image is not None:  # the size generate reads the image at
@@ -309,7 +303,7 @@ class StableDiffusionXL(StableDiffusion):
                         num_images_per_prompt=num_images_per_prompt, image=image, strength=strength,
                         encoded=(cond[0], None if uncond is None else uncond[0]), added=added,
                         denoising_start=denoising_start, denoising_end=denoising_end,
-                        upcast_vae=self.vae.config.force_upcast, **kwargs)
+                        upcast_vae=self.vae.config.force_upcast, control=control, **kwargs)
 
     def img2img(self, prompt: str | list[str], image, strength: float = 0.3, **kwargs):
         """Image to image (the refiner's use, as diffusers' StableDiffusionXLImg2ImgPipeline; strength 0.3 by
@@ -369,6 +363,5 @@ def save_single_file(pipe: StableDiffusionXL, path: str | os.PathLike) -> None:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"save_single_file writes .safetensors only, got {path.name!r}")
-    pipe._refuse_adapters("save")
     weights.write_safetensors(sdxl.to_sdxl_single_file(pipe.components()), path,
                               metadata={"format": "pt", "minisd_config": pipe.config.to_json()})

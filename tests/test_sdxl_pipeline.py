@@ -369,3 +369,44 @@ def test_sdxl_textual_inversion_refuses_what_does_not_fit(base):
     with pytest.raises(ValueError, match="is 64 wide"):
         ours.load_textual_inversion({"clip_l": vectors["clip_l"], "clip_g": torch.zeros(2, 64)}, token="<x>")
     assert not ours.textual_inversions and "<x>" not in ours.tokenizer and "<x>" not in ours.tokenizer_2
+
+
+# ─── ControlNet-XL: the SDXL U-Net's encoder copied, with the added (pooled, size ids) embedding ───────
+def random_xl_controlnet(pipe, seed: int = 0):
+    from minisd.adapters.controlnet import ControlNet
+
+    cn = ControlNet.from_unet(pipe.unet, (8, 16, 16, 32))    # three stride-2 steps: 64 px -> 8×8 latents
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in cn.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return cn
+
+
+@pytest.mark.parametrize("case", ["plain", "guess mode"])
+def test_sdxl_controlnet_matches_diffusers(case, base, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from minisd.adapters.controlnet import save_controlnet
+
+    ours, folder = base
+    cn_folder = tmp_path / "controlnet_xl"
+    save_controlnet(random_xl_controlnet(ours), cn_folder)
+    ref = diffusers.StableDiffusionXLControlNetPipeline.from_pretrained(
+        folder, controlnet=diffusers.ControlNetModel.from_pretrained(cn_folder), add_watermarker=False)
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+    ref.set_progress_bar_config(disable=True)
+    hint = Image.fromarray((np.random.default_rng(0).random((SIZE, SIZE, 3)) * 255).astype(np.uint8))
+    guess = case == "guess mode"
+    common = dict(num_inference_steps=5, guidance_scale=5.0, latents=noise((1, 4, 8, 8), 11), output_type="pt",
+                  height=SIZE, width=SIZE, negative_prompt="green")
+    expected = ref(PROMPTS[0], image=hint, controlnet_conditioning_scale=0.8, guess_mode=guess, **common).images
+    ours.load_controlnet(cn_folder)
+    try:
+        mine = ours(PROMPTS[0], control_image=hint, controlnet_scale=0.8, guess_mode=guess, **common)
+        without = ours(PROMPTS[0], control_image=hint, controlnet_scale=0.0, **common)
+    finally:
+        ours.unload_controlnet()
+    assert (mine - without).abs().max() > 1e-3          # the ControlNet changes the picture
+    report(f"sdxl ControlNet pipeline, {case}, images", mine, expected, 1e-3)

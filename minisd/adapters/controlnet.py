@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..diffusion.denoisers import timesteps_on_device
 from ..formats import weights
 from ..nn.layers import TimestepEmbedding, timestep_embedding
-from ..models.unet import DownBlock, MidBlock, UNet, UNetConfig
+from ..models.unet import DownBlock, MidBlock, UNet, UNetConfig, text_time_embedding
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def zero(module: nn.Module) -> nn.Module:
 
 
 # ControlNet.from_unet: the parameters copied from the U-Net (same names), and the ControlNet's own
-COPIED_FROM_UNET = ("conv_in.", "time_embedding.", "down_blocks.", "mid_block.")
+COPIED_FROM_UNET = ("conv_in.", "time_embedding.", "add_embedding.", "down_blocks.", "mid_block.")
 ADDED = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
 ZERO_INITIALISED = ("controlnet_cond_embedding.conv_out.", "controlnet_down_blocks.", "controlnet_mid_block.")
 
@@ -116,12 +116,15 @@ class ControlNet(nn.Module):
         chs, n = u.block_out_channels, len(u.block_out_channels)
         self.conv_in = nn.Conv2d(u.in_channels, chs[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(chs[0], u.time_dim)
+        if u.addition_embed_type == "text_time":  # an SDXL ControlNet reads the pooled text and size ids too
+            self.add_embedding = TimestepEmbedding(u.projection_class_embeddings_input_dim, u.time_dim)
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
             chs[0], cfg.conditioning_embedding_out_channels, cfg.conditioning_channels)
+        depths = u.depths
         self.down_blocks = nn.ModuleList([
-            DownBlock(chs[max(i - 1, 0)], chs[i], u.num_heads[i], u.cross_attention[i], i == n - 1, u)
+            DownBlock(chs[max(i - 1, 0)], chs[i], u.num_heads[i], u.cross_attention[i], i == n - 1, u, depths[i])
             for i in range(n)])
-        self.mid_block = MidBlock(chs[-1], u.num_heads[-1], u)
+        self.mid_block = MidBlock(chs[-1], u.num_heads[-1], u, depths[-1])
         # one zero conv per U-Net skip tensor: conv_in, then each resnet and downsampler of the down path
         skip_chs = [chs[0]]
         for i in range(n):
@@ -155,15 +158,19 @@ class ControlNet(nn.Module):
         return self.conv_in.weight.dtype
 
     def forward(self, z_t: Tensor, t: Tensor | float, context: Tensor, control_image: Tensor,
-                scale: float | list[float] = 1.0) -> tuple[list[Tensor], Tensor]:
+                scale: float | list[float] = 1.0, pooled: Tensor | None = None,
+                time_ids: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
         """control_image (B, 3, H, W) in [0, 1], H = h·downscale. `scale`: one number, or one per residual
-        (guess mode's 0.1 → 1.0 ramp)."""
+        (guess mode's 0.1 → 1.0 ramp). `pooled`, `time_ids`: an SDXL ControlNet's added conditions, as the
+        U-Net's."""
         B = z_t.shape[0]
         t = torch.as_tensor(t, device=z_t.device).reshape(-1)
         t = t.expand(B) if t.numel() == 1 else t
         u = self.config.unet
         emb = self.time_embedding(timestep_embedding(t, u.block_out_channels[0], u.flip_sin_to_cos,
                                                      u.freq_shift).to(z_t.dtype))
+        if u.addition_embed_type == "text_time":
+            emb = emb + text_time_embedding(self.add_embedding, u, pooled, time_ids, B)
         x = self.conv_in(z_t) + self.controlnet_cond_embedding(control_image.to(z_t.dtype))
         skips = [x]
         for block in self.down_blocks:
@@ -368,14 +375,17 @@ def per_controlnet(options: ControlOptions, n: int) -> tuple[list, list[float]]:
 
 
 def control_function(controlnets: list[ControlNet], options: ControlOptions, timesteps: Tensor, batch: int,
-                     cfg: bool, height: int, width: int, device, dtype):
+                     cfg: bool, height: int, width: int, device, dtype, added: dict[str, Tensor] | None = None):
     """The `residuals(z_in, t, context)` function that `denoisers.with_controlnet` calls before each U-Net
     pass: the sum of every ControlNet's residuals, scaled, or None outside [control_start, control_end].
     t is the schedule's (on the CPU): which step it is costs no wait on the device.
 
     Guess mode (the original "no prompt" mode): the ControlNets see only the conditional half of the
     CFG batch (the unconditional half gets no residuals), with scales rising 0.1 → 1 from the first skip
-    to the mid block, so the control image is followed even without a prompt."""
+    to the mid block, so the control image is followed even without a prompt.
+
+    `added`: an SDXL ControlNet's `pooled` and `time_ids`, one row per row of the batch it is called on
+    ([∅, c] under guidance), as the U-Net gets them."""
     images, scales = per_controlnet(options, len(controlnets))
     start, end = float(options.start), float(options.end)
     if not 0.0 <= start < end <= 1.0:
@@ -400,14 +410,16 @@ def control_function(controlnets: list[ControlNet], options: ControlOptions, tim
             return None
         total_down, total_mid = None, None
         for cn, im, scale in zip(controlnets, prepared, scales):
-            z, ctx, img = z_in, context, im
+            z, ctx, img, extra = z_in, context, im, dict(added or {})
             if cfg and not guess:
                 img = torch.cat([im, im])
             if cfg and guess:  # the conditional half only
                 z, ctx = z_in.chunk(2)[1], context.chunk(2)[1]
+                extra = {key: v.chunk(2)[1] for key, v in extra.items()}
             n_res = len(cn.controlnet_down_blocks) + 1
             s = (torch.logspace(-1, 0, n_res) * scale * k).tolist() if guess else scale * k
-            down, mid = cn(z.to(cn.dtype), on_device(t), ctx.to(cn.dtype), img.to(cn.dtype), s)
+            down, mid = cn(z.to(cn.dtype), on_device(t), ctx.to(cn.dtype), img.to(cn.dtype), s,
+                           **{key: v.to(cn.dtype) for key, v in extra.items()})
             if cfg and guess:
                 down = [torch.cat([torch.zeros_like(d), d]) for d in down]
                 mid = torch.cat([torch.zeros_like(mid), mid])

@@ -424,20 +424,26 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
     def added_embedding(self, pooled: Tensor | None, time_ids: Tensor | None, B: int) -> Tensor:
-        """SDXL's micro-conditioning (Podell et al. 2023, §2.2): each of the n_ids size/crop numbers
-        (original h, w, crop top, left, target h, w; the refiner: h, w, top, left, aesthetic score)
-        gets a 256-wide sinusoid, like t; with the pooled text vector they go through one MLP -> (B, D)."""
-        cfg = self.config
-        if pooled is None or time_ids is None:
-            raise ValueError("this U-Net (addition_embed_type=\"text_time\", SDXL) needs pooled (B, P) and "
-                             f"time_ids (B, n_ids); got pooled={pooled is not None and tuple(pooled.shape)}, "
-                             f"time_ids={time_ids is not None and tuple(time_ids.shape)}")
-        width = pooled.shape[-1] + time_ids.shape[-1] * cfg.addition_time_embed_dim
-        if pooled.shape[0] != B or time_ids.shape[0] != B or width != cfg.projection_class_embeddings_input_dim:
-            raise ValueError(f"pooled {tuple(pooled.shape)} and time_ids {tuple(time_ids.shape)} for batch {B} give "
-                             f"{width} features; the U-Net expects {cfg.projection_class_embeddings_input_dim} "
-                             f"(P + n_ids·{cfg.addition_time_embed_dim})")
-        ids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
-                                 cfg.freq_shift)  # (B·n_ids, 256)
-        features = torch.cat([pooled, ids.reshape(B, -1).to(pooled.dtype)], dim=-1)  # (B, P + n_ids·256)
-        return self.add_embedding(features.to(self.add_embedding.linear_1.weight.dtype))  # (B, D)
+        """SDXL's micro-conditioning (Podell et al. 2023, §2.2): see `text_time_embedding`."""
+        return text_time_embedding(self.add_embedding, self.config, pooled, time_ids, B)
+
+
+def text_time_embedding(mlp: nn.Module, cfg: UNetConfig, pooled: Tensor | None, time_ids: Tensor | None,
+                        B: int) -> Tensor:
+    """SDXL's micro-conditioning (Podell et al. 2023, §2.2): each of the n_ids size/crop numbers
+    (original h, w, crop top, left, target h, w; the refiner: h, w, top, left, aesthetic score)
+    gets a 256-wide sinusoid, like t; with the pooled text vector they go through one MLP -> (B, D).
+    The U-Net's and an SDXL ControlNet's `add_embedding` both compute it."""
+    if pooled is None or time_ids is None:
+        raise ValueError("this U-Net (addition_embed_type=\"text_time\", SDXL) needs pooled (B, P) and "
+                         f"time_ids (B, n_ids); got pooled={pooled is not None and tuple(pooled.shape)}, "
+                         f"time_ids={time_ids is not None and tuple(time_ids.shape)}")
+    width = pooled.shape[-1] + time_ids.shape[-1] * cfg.addition_time_embed_dim
+    if pooled.shape[0] != B or time_ids.shape[0] != B or width != cfg.projection_class_embeddings_input_dim:
+        raise ValueError(f"pooled {tuple(pooled.shape)} and time_ids {tuple(time_ids.shape)} for batch {B} give "
+                         f"{width} features; the U-Net expects {cfg.projection_class_embeddings_input_dim} "
+                         f"(P + n_ids·{cfg.addition_time_embed_dim})")
+    ids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
+                             cfg.freq_shift)  # (B·n_ids, 256)
+    features = torch.cat([pooled, ids.reshape(B, -1).to(pooled.dtype)], dim=-1)  # (B, P + n_ids·256)
+    return mlp(features.to(mlp.linear_1.weight.dtype))  # (B, D)
