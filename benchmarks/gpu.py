@@ -4,6 +4,10 @@
     python benchmarks/gpu.py --model small --device cpu --size 64 --steps 4 --batch 1 --modes eager
                                                                # the same script on CPU, as the tests run it
 
+`--model sdxl` runs SDXL's base at its real shapes (default 1024 px: pass --size 1024; two text encoders,
+size conditioning), minisd's `StableDiffusionXL` against diffusers' `StableDiffusionXLPipeline` on the same
+weights (written by minisd's save_pretrained and read by diffusers); `--model small-xl` is its CPU test.
+
 Random weights at the exact SD 1.5 shapes (speed and memory do not depend on the values), copied
 into both pipelines; the same prompt and initial noise; DDIM; CFG 7.5. For each mode, batch size and
 step count it prints seconds per image, denoising it/s (one "it" = one CFG step = one U-Net call on
@@ -13,6 +17,9 @@ step count it prints seconds per image, denoising it/s (one "it" = one CFG step 
     compiled   torch.compile of the U-Net and VAE decoder, default Inductor mode, in both libraries
     best       minisd only: fused QKV projections + torch.compile(mode="reduce-overhead") (CUDA graphs);
                its image difference is against diffusers' eager image
+    best-vs-best  minisd's best against diffusers' own best recipe (its docs' "speed up inference": fused
+               QKV projections, channels-last U-Net and VAE, torch.compile(mode="max-autotune", fullgraph=True),
+               which captures CUDA graphs), both compiled anew in this block
     paths      minisd only, eager, each fast path or memory option on its own (channels-last U-Net, fused
                QKV, both, attention slicing, model CPU offload, int8 weight-only / dynamic), plus where the
                peak memory of both libraries comes from (denoising alone, VAE decode alone); its image
@@ -49,6 +56,57 @@ def compile_reference(ref) -> None:
     ref.unet.to(memory_format=torch.channels_last)
     ref.unet = torch.compile(ref.unet, dynamic=False)
     ref.vae.decoder = torch.compile(ref.vae.decoder, dynamic=False)
+
+
+def best_reference(ref, device) -> None:
+    """diffusers' own best recipe: fused QKV, channels-last, max-autotune compile with full graphs (on a
+    GPU; Inductor's default mode on the CPU, where max-autotune only lengthens the compile)."""
+    ref.fuse_qkv_projections()
+    ref.unet.to(memory_format=torch.channels_last)
+    ref.vae.to(memory_format=torch.channels_last)
+    mode = "max-autotune" if device.type == "cuda" else None
+    ref.unet = torch.compile(ref.unet, mode=mode, fullgraph=True)
+    ref.vae.decode = torch.compile(ref.vae.decode, mode=mode, fullgraph=True)
+
+
+def build_xl(cfg, device, dtype, folder: Path):
+    """minisd's StableDiffusionXL with random weights and diffusers' pipeline on the same weights (read from
+    minisd's save_pretrained folder), both sampling with DDIM."""
+    import diffusers
+
+    from minisd import StableDiffusionXL
+    from minisd.models.tokenizer import Tokenizer
+
+    tok, tok_2 = Tokenizer.clip_vit_l(), Tokenizer.clip_vit_l()
+    tok_2.hf.pad_token = "!"        # bigG's tokenizer pads with "!", as in SDXL's repos
+    tok_2.pad_id = tok_2.hf.pad_token_id
+    ours = StableDiffusionXL.from_config(cfg, tok, tok_2, seed=0).to(device, dtype)
+    ours.progress = False
+    ours.save_pretrained(folder)
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=dtype, add_watermarker=False)
+    ref.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config)
+    ref.to(device)
+    ref.set_progress_bar_config(disable=True)
+    return ours, ref
+
+
+def small_xl():
+    """SDXL's layout at widths a CPU test runs in seconds; the second text encoder wider than the first,
+    as in SDXL."""
+    from dataclasses import replace
+
+    from minisd.models.configs import SDXL_BASE, TextEncoderConfig, UNetConfig, VAEConfig
+
+    clip = TextEncoderConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    return replace(SDXL_BASE, unet=replace(SDXL_BASE.unet, block_out_channels=(32, 64, 64), num_heads=(2, 4, 4),
+                                           transformer_depth=(1, 2, 2), cross_attention_dim=80, norm_num_groups=8,
+                                           sample_size=8, addition_time_embed_dim=8,
+                                           projection_class_embeddings_input_dim=24 + 6 * 8),
+                   vae=replace(VAEConfig(block_out_channels=(16, 16, 32, 32), norm_num_groups=8, sample_size=64),
+                               scaling_factor=0.13025),
+                   text_encoder=clip,
+                   text_encoder_2=replace(clip, hidden_size=48, intermediate_size=96, hidden_act="gelu",
+                                          projection_dim=24, with_projection=True))
 
 
 def measure(ours, ref, args, mode: str, device, dtype, ref_images: dict, batches, report) -> None:
@@ -212,14 +270,14 @@ def row_text(r: dict) -> str:
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="sd15", choices=["sd15", "small"])
+    ap.add_argument("--model", default="sd15", choices=["sd15", "small", "sdxl", "small-xl"])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, nargs="+", default=[50, 25])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--modes", nargs="+", default=["eager", "paths", "compiled", "best"],
-                    choices=["eager", "paths", "compiled", "best"])
+                    choices=["eager", "paths", "compiled", "best", "best-vs-best"])
     ap.add_argument("--compiled-batch", type=int, nargs="+", default=None,
                     help="batch sizes for the compiled and best modes (default: --batch; each size compiles anew)")
     ap.add_argument("--paths-batch", type=int, nargs="+", default=None, help="batch sizes for the paths mode")
@@ -230,7 +288,15 @@ def main(argv=None) -> list[dict]:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as diffusers' benchmarks run
-    ours, ref = build(SD15 if args.model == "sd15" else SMALL, device, dtype)
+    if args.model in ("sdxl", "small-xl"):
+        import tempfile
+
+        from minisd.models.configs import SDXL_BASE
+
+        folder = Path(tempfile.mkdtemp(prefix="minisd-bench-xl-"))
+        ours, ref = build_xl(SDXL_BASE if args.model == "sdxl" else small_xl(), device, dtype, folder)
+    else:
+        ours, ref = build(SD15 if args.model == "sd15" else SMALL, device, dtype)
     print(f"\n{environment(device)}, {args.dtype}, {args.model} random weights, {args.size} px, DDIM, CFG 7.5, "
           f"median of {args.repeats}\n")
     print("| mode | batch | steps | minisd s/image | diffusers s/image | speed-up | minisd it/s | diffusers it/s | "
@@ -250,9 +316,12 @@ def main(argv=None) -> list[dict]:
             if mode == "compiled":
                 ours.compile()
                 compile_reference(ref)
-            elif mode == "best":  # compiled anew, on top of the fused projections
-                ours.fuse_qkv_projections()
+            elif mode in ("best", "best-vs-best"):  # compiled anew, on top of the fused projections
+                if not any(m.fused for m in fast._attentions(ours.unet)):
+                    ours.fuse_qkv_projections()
                 ours.compile(mode="reduce-overhead" if device.type == "cuda" else None)
+            if mode == "best-vs-best":
+                best_reference(ref, device)
             batches = args.batch if mode == "eager" else (args.compiled_batch or args.batch)
             measure(ours, ref if mode != "best" else None, args, mode, device, dtype, ref_images, batches, report)
         except Exception:  # noqa: BLE001 - report and go on with the next mode

@@ -1,4 +1,4 @@
-"""benchmarks/gpu.py is prepared and tested on CPU with a small SD-1.5-layout model; the GPU run
+"""benchmarks/gpu.py is prepared and tested on CPU with small SD-1.5- and SDXL-layout models; the GPU run
 (SD 1.5 size, eager and compiled) is recorded in docs/benchmarks.md."""
 
 from __future__ import annotations
@@ -58,3 +58,17 @@ def test_gpu_report_prints_the_tables_and_checks_the_goals(tmp_path):
     goal = next(line for line in text.splitlines() if line.startswith("| 1 | 1 | 50 |"))
     # eager 1.5/1.0, best vs diffusers eager 1.5/0.4, best vs diffusers compiled 1.0/0.4; peaks less the other's weights
     assert "| 1.50× | 3.75× | 2.50× |" in goal and f"| {4.5 - w:.2f} / {4.7 - w:.2f} |" in goal
+
+
+def test_gpu_benchmark_sdxl_and_diffusers_best_recipe_run_on_cpu(tmp_path, capsys):
+    """--model sdxl's path (minisd's StableDiffusionXL against diffusers' pipeline on the same weights) and the
+    best-vs-best mode (diffusers' own recipe: fused QKV, channels-last, full-graph compile) on a small SDXL."""
+    gpu = load("gpu")
+    rows = gpu.main(["--model", "small-xl", "--device", "cpu", "--dtype", "float32", "--size", "64", "--steps", "2",
+                     "--batch", "1", "--modes", "eager", "best-vs-best", "--repeats", "1",
+                     "--json", str(tmp_path / "rows.json")])
+    printed = capsys.readouterr().out
+    assert "small-xl random weights" in printed and "| best-vs-best | 1 | 2 |" in printed
+    assert [r["mode"] for r in rows] == ["eager", "best-vs-best"]
+    for r in rows:   # the same pictures, eager and compiled, in both libraries
+        assert r["diff_max"] < 1e-4 and r["diffusers_s_per_image"] > 0, r
