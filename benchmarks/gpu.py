@@ -21,7 +21,7 @@ step count it prints seconds per image, denoising it/s (one "it" = one CFG step 
                QKV projections, channels-last U-Net and VAE, torch.compile(mode="max-autotune", fullgraph=True),
                which captures CUDA graphs), both compiled anew in this block
     paths      minisd only, eager, each fast path or memory option on its own (channels-last U-Net, fused
-               QKV, both, attention slicing, model CPU offload, int8 weight-only / dynamic), plus where the
+               QKV, both, attention slicing, model CPU offload, int8 weight-only / dynamic, fp8), plus where the
                peak memory of both libraries comes from (denoising alone, VAE decode alone); its image
                difference is against minisd's own eager image
 
@@ -167,6 +167,12 @@ def fast_paths(ours, ref, args, device, dtype, report) -> None:
             ours.unet = copy.deepcopy(unet)
             fast.quantize_int8(ours.unet, mode)
 
+    def fp8(on: bool):
+        ours.unet = unet
+        if on:
+            ours.unet = copy.deepcopy(unet)
+            fast.quantize_fp8(ours.unet)
+
     switches = {  # name: (on, off)
         "channels-last U-Net": (lambda: channels_last(True), lambda: channels_last(False)),
         "fused QKV": (ours.fuse_qkv_projections, ours.unfuse_qkv_projections),
@@ -177,6 +183,7 @@ def fast_paths(ours, ref, args, device, dtype, report) -> None:
                               lambda: (ours.disable_model_cpu_offload(), ours.to(device))),
         "int8 weight-only": (lambda: int8("weight-only"), lambda: int8(None)),
         "int8 dynamic": (lambda: int8("dynamic"), lambda: int8(None)),
+        "fp8 (e4m3 weights and activations, scaled matmuls)": (lambda: fp8(True), lambda: fp8(False)),
     }
     for batch in args.paths_batch or args.batch:
         noise = torch.randn(batch, 4, h, h, generator=torch.Generator().manual_seed(0)).to(device, dtype)

@@ -35,6 +35,7 @@ def test_gpu_benchmark_runs_on_cpu_with_a_small_model(tmp_path, capsys):
     for name in ("fused QKV", "attention slicing (1024)", "model CPU offload"):  # exact rewrites of the same sums
         assert paths[name]["diff_max"] < 1e-5 and paths[name]["finite"], name
     assert 0 < paths["int8 weight-only"]["diff_mean"] < 1e-2  # rounding, not garbage
+    assert 0 < paths["fp8 (e4m3 weights and activations, scaled matmuls)"]["diff_mean"] < 3e-2
     assert paths["peak: denoising only (output_type latent)"]["diff_max"] < 1e-4  # the two libraries' latents
     data = json.loads(out.read_text())  # written row by row, errors kept (none here)
     assert data["rows"][0]["mode"] == "eager" and data["errors"] == [] and len(data["rows"]) == len(rows)

@@ -130,3 +130,40 @@ def test_timesteps_on_the_device_give_the_same_steps(tiny):
     hoisted = dn.with_cfg(dn.unet_backbone(tiny.unet, on_device), cond, uncond, 7.5)
     assert torch.equal(plain(z, ts[1]), hoisted(z, ts[1]))
     assert torch.equal(plain(z, torch.tensor(3.0)), hoisted(z, torch.tensor(3.0)))  # not in the table
+
+
+def test_fp8_layer_is_the_scaled_matmul_of_its_rounded_operands():
+    """Float8Linear = s_x s_w (x_8 W_8ᵀ) + b: checked against the same product in float32 from the rounded
+    operands, and within e4m3's rounding (3 mantissa bits) of the float32 layer."""
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(64, 96)
+    x = torch.randn(2, 16, 64, generator=g)
+    layer = fast.Float8Linear(linear)
+    with torch.no_grad():
+        y, exact = layer(x), linear(x)
+        sx = x.abs().max() / fast.FP8_MAX
+        by_hand = ((x / sx).to(fast.FP8).float() * sx) @ (layer.weight_fp8.float() * layer.scale).t() + linear.bias
+    rel = ((y - exact).norm() / exact.norm()).item()
+    print(f"fp8 Linear: max |diff| to the rounded operands' product {(y - by_hand).abs().max():.1e}; "
+          f"relative error to float32 {rel:.3f}")
+    assert torch.allclose(y, by_hand, atol=1e-4) and 1e-4 < rel < 0.05
+    odd = fast.Float8Linear(torch.nn.Linear(72, 40))         # not multiples of 16: the dequantised weight
+    with torch.no_grad():
+        assert odd(torch.randn(3, 72, generator=g)).shape == (3, 40)
+
+
+def test_fp8_weights_are_close_and_smaller(tiny, reference):
+    pipe = copy.deepcopy(tiny)
+    z, t, ctx = unet_inputs(pipe)
+    with torch.no_grad():
+        before = pipe.unet(z, t, ctx)
+    report = fast.quantize_fp8(pipe.unet)
+    with torch.no_grad():
+        after = pipe.unet(z, t, ctx)
+    rel = ((after - before).norm() / before.norm()).item()
+    images = pipe(PROMPTS, num_inference_steps=6, seed=0, output_type="pt")
+    img = (images - reference).abs().mean().item()
+    print(f"fp8: {report['layers']} Linear layers, {report['bytes_before'] / 1e6:.2f} MB -> "
+          f"{report['bytes_after'] / 1e6:.2f} MB; U-Net relative error {rel:.2e}; image mean |diff| {img:.2e}")
+    assert report["layers"] > 0 and report["bytes_after"] < 0.3 * report["bytes_before"]
+    assert rel < 0.05 and img < 0.03
