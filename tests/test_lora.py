@@ -23,7 +23,6 @@ TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 def random_kohya(pipe: StableDiffusion, rank=4, alpha=2.0, seed=0, text_encoder=True, ldm_names=False) -> dict:
     """A kohya LoRA (lora_unet_… / lora_te_…, .alpha) with random non-zero A and B on every usual target."""
     g = torch.Generator().manual_seed(seed)
-    sd = {}
     roots = [("lora_unet_", pipe.unet, UNET_TARGETS)] + ([("lora_te_", pipe.text_encoder, TE_TARGETS)] if text_encoder else [])
     names = {}
     if ldm_names:
@@ -32,11 +31,18 @@ def random_kohya(pipe: StableDiffusion, rank=4, alpha=2.0, seed=0, text_encoder=
         paths = [n for n, m in pipe.unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
         ldm = _rename({p + ".weight": None for p in paths}, unet_prefix_table(pipe.unet.config), "", reverse=True)
         names = {p: k.removesuffix(".weight") for k, p in zip(ldm, paths)}
+    return kohya_weights(roots, names, rank, alpha, g)
+
+
+def kohya_weights(roots, unet_names: dict, rank: int, alpha: float, g: torch.Generator) -> dict:
+    """Random kohya LoRA tensors on every layer of each (key prefix, model, target suffixes) root; the U-Net's
+    layers named by `unet_names` (module path -> the file's name) where it has them."""
+    sd = {}
     for prefix, model, targets in roots:
         for name, m in model.named_modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)) and name.endswith(targets):
                 w = m.weight
-                key = prefix + (names.get(name, name) if prefix == "lora_unet_" else name).replace(".", "_")
+                key = prefix + (unet_names.get(name, name) if prefix == "lora_unet_" else name).replace(".", "_")
                 sd[f"{key}.lora_down.weight"] = torch.randn(rank, *w.shape[1:], generator=g) * 0.1
                 sd[f"{key}.lora_up.weight"] = torch.randn(w.shape[0], rank, *([1, 1] if w.ndim == 4 else []),
                                                           generator=g) * 0.1

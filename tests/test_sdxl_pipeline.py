@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 from conftest import WORDS, report
+from test_lora import TE_TARGETS, UNET_TARGETS, kohya_weights
 from test_sdxl import SMALL, SMALL_REFINER
 
 from minisd import StableDiffusion, StableDiffusionXL
@@ -194,10 +195,6 @@ def test_inpaint_keeps_what_is_not_masked_by_default(base):
 
 
 # ─── LoRAs: kohya's SDXL files (sgm block names, lora_te1_/lora_te2_) and diffusers/PEFT ones ───────
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
-TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-
-
 def random_sdxl_kohya(pipe, sgm_names: bool, rank: int = 4, alpha: float = 2.0, seed: int = 0) -> dict:
     """A kohya SDXL LoRA with random non-zero A and B on every usual target of the U-Net and both text
     encoders; the U-Net's keys in sgm's block names (input_blocks_4_1_…, as kohya's sd-scripts writes them)
@@ -213,18 +210,9 @@ def random_sdxl_kohya(pipe, sgm_names: bool, rank: int = 4, alpha: float = 2.0, 
         paths = [n for n, m in pipe.unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
         sgm = _rename({p + ".weight": None for p in paths}, sdxl_unet_prefix_table(pipe.unet.config), "", reverse=True)
         names = {p: k.removesuffix(".weight") for k, p in zip(sgm, paths)}
-    sd = {}
-    for prefix, model, targets in (("lora_unet_", pipe.unet, UNET_TARGETS), ("lora_te1_", pipe.text_encoder, TE_TARGETS),
-                                   ("lora_te2_", pipe.text_encoder_2, TE_TARGETS)):
-        for name, m in model.named_modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and name.endswith(targets):
-                w = m.weight
-                key = prefix + (names.get(name, name) if prefix == "lora_unet_" else name).replace(".", "_")
-                sd[f"{key}.lora_down.weight"] = torch.randn(rank, *w.shape[1:], generator=g) * 0.1
-                sd[f"{key}.lora_up.weight"] = torch.randn(w.shape[0], rank, *([1, 1] if w.ndim == 4 else []),
-                                                          generator=g) * 0.1
-                sd[f"{key}.alpha"] = torch.tensor(alpha)
-    return sd
+    roots = [("lora_unet_", pipe.unet, UNET_TARGETS), ("lora_te1_", pipe.text_encoder, TE_TARGETS),
+             ("lora_te2_", pipe.text_encoder_2, TE_TARGETS)]
+    return kohya_weights(roots, names, rank, alpha, g)
 
 
 @pytest.mark.parametrize("sgm_names", [True, False], ids=["sgm block names", "diffusers block names"])
