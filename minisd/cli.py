@@ -40,9 +40,8 @@ from PIL import Image, PngImagePlugin
 from . import __version__, families, playground
 from .canny import canny
 from .diffusion.samplers import FLOW_SAMPLERS, SAMPLERS, default_sampler, get_sampler
-from .formats import weights
 from .formats.files import atomic_write
-from .pipeline import StableDiffusion
+from .pipeline import StableDiffusion, locate
 from .shapes import analyser, concept_eval, edit_eval, scoreboard, train
 from .viz import image_grid
 
@@ -555,18 +554,13 @@ def bench(args: argparse.Namespace) -> None:
 # ─── the parser ──────────────────────────────────────────────────────────────────────────────────
 
 def check_model_source(model: str) -> None:
-    """The checks `StableDiffusion.from_pretrained` makes before reading weights, for a model another
-    process will load: a missing path, or a folder of no known layout, is an error here."""
-    if model == "tiny":
-        return
-    path = Path(model).expanduser()
+    """For a model another process will load: where it is (`pipeline.locate`), and for a folder, that it is a
+    pipeline of a family minisd generates with; an error here, before any server starts."""
+    path, _ = locate(model)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"--model {model}: not a diffusers pipeline folder (no model_index.json)")
         families.check_generates(families.family_of_folder(path), path)
-    elif not path.exists() and not weights.looks_like_repo_id(model):
-        raise FileNotFoundError(f"--model {model!r} is neither a file, a folder, nor a Hugging Face repo id "
-                                f"(owner/name); use tiny for the shipped shapes-world model")
 
 
 def serve_playground(args: argparse.Namespace) -> None:

@@ -118,8 +118,7 @@ class Float8Linear(nn.Module):
             return F.linear(x, w, self.bias)
         sx = rows.abs().amax().float().clamp(min=1e-12) / FP8_MAX
         x8 = (rows.float() / sx).to(FP8)
-        y = torch._scaled_mm(x8, self.weight_fp8.t(), scale_a=sx, scale_b=self.scale,
-                             out_dtype=x.dtype if x.dtype != torch.float32 else torch.float32)
+        y = torch._scaled_mm(x8, self.weight_fp8.t(), scale_a=sx, scale_b=self.scale, out_dtype=x.dtype)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 

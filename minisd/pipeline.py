@@ -144,17 +144,7 @@ class StableDiffusion:
         """
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
-        source_str = str(source)
-        path = TINY_PATH if source_str == "tiny" else Path(source_str).expanduser()
-        if source_str == "tiny" and not path.is_dir():
-            raise FileNotFoundError(f"the shipped tiny model is missing from {path}; is this a full clone of minisd?")
-        if path.exists():
-            name = "tiny" if source_str == "tiny" else path.name
-        elif weights.looks_like_repo_id(source_str):
-            path, name = weights.download(source_str, variant), source_str
-        else:
-            raise FileNotFoundError(f"{source_str!r} is neither a file, a folder, nor a Hugging Face repo id "
-                                    f"(owner/name); use 'tiny' for the shipped shapes-world model")
+        path, name = locate(source, variant)
         if path.is_dir():
             family = families.family_of_folder(path)
             families.check_generates(family, path)
@@ -220,8 +210,9 @@ class StableDiffusion:
         guidance_scale 1 turns classifier-free guidance off (one U-Net pass per step); a negative
         prompt replaces the empty prompt of the unconditional branch. `latents`: the initial noise
         (B, 4, h, w) before scaling by the sampler's initial σ. `callback(step, t, latents)` runs after
-        every step (given a fourth parameter, it also gets the step's x̂₀, the predicted clean latents). Samplers: see `minisd.diffusion.samplers.SAMPLERS` (default: DDIM; `flow_euler` for a flow model). guidance_rescale φ in [0, 1]
-        (Lin et al. 2024; 0.7 with a zero-terminal-SNR model) pulls the guided prediction's spread back to
+        every step (given a fourth parameter, it also gets the step's x̂₀, the predicted clean latents).
+        Samplers: see `minisd.diffusion.samplers.SAMPLERS` (default: DDIM; `flow_euler` for a flow model).
+        guidance_rescale φ in [0, 1] (Lin et al. 2024; 0.7 with a zero-terminal-SNR model) pulls the guided prediction's spread back to
         the conditional one's, against over-exposure at high guidance.
 
         With a ControlNet loaded (`load_controlnet`): control_image (PIL, list, or tensor in [0, 1]; a list
@@ -488,6 +479,21 @@ class StableDiffusion:
         self.textual_inversions.clear()
         for embedding in kept:
             self.load_textual_inversion(embedding.vectors, embedding.token)
+
+
+def locate(source: str | os.PathLike, variant: str | None = None) -> tuple[Path, str]:
+    """(path, name) of a model: "tiny" (the shipped one), a file or folder, or a Hub repo id (downloaded, or
+    found in the cache). FileNotFoundError for anything else, before any weight is read."""
+    source_str = str(source)
+    path = TINY_PATH if source_str == "tiny" else Path(source_str).expanduser()
+    if source_str == "tiny" and not path.is_dir():
+        raise FileNotFoundError(f"the shipped tiny model is missing from {path}; is this a full clone of minisd?")
+    if path.exists():
+        return path, "tiny" if source_str == "tiny" else path.name
+    if weights.looks_like_repo_id(source_str):
+        return weights.download(source_str, variant), source_str
+    raise FileNotFoundError(f"{source_str!r} is neither a file, a folder, nor a Hugging Face repo id "
+                            f"(owner/name); use 'tiny' for the shipped shapes-world model")
 
 
 def family_pipeline(family: str) -> type[StableDiffusion]:

@@ -28,7 +28,7 @@ from torch import Tensor
 from .diffusion import samplers
 from .generate import decode_latents, embedded_guidance_dim
 from .nn.attention import capture_attention
-from .viz import attention_overlay, image_grid, token_maps
+from .viz import attention_overlay, image_grid, to_pil, token_maps
 
 MAX_WORDS = 12   # token maps shown per prompt (SD 1.x prompts run to 75 tokens)
 KEEP = 32        # drawings kept for going back
@@ -226,13 +226,14 @@ class Playground:
         except (ValueError, RuntimeError, KeyError) as error:   # a setting the model refuses: say so, keep the pictures
             self.status.value = f"<span style='color:#b00'>{type(error).__name__}: {error}</span>"
             return
-        n = drawings[0].settings.steps
+        n, before = drawings[0].settings.steps, self.step.value
         with self.step.hold_trait_notifications():
             at_end = self.step.value == self.step.max
             self.step.max = n
             if at_end or self.step.value > n:
                 self.step.value = n
-        self.paint(drawings)
+        if self.step.value == before:   # else the scrubber's own observer has just painted
+            self.paint(drawings)
         sampled = ", ".join(f"{s:.2f} s" for s in self.last_seconds) or "kept drawings"
         self.status.value = f"sampling: {sampled}; all: {time.perf_counter() - start:.2f} s"
 
@@ -263,10 +264,9 @@ class Playground:
         shown = z / z.std().clamp_min(1e-6)     # σ-samplers carry x = z_t·√(1+σ²): shown at unit spread
         device, dtype = self.pipe.device, self.pipe.dtype
         pictures = decode_latents(self.pipe, torch.stack([shown, d.x0[i]]).to(device, dtype)).cpu()
-        to_image = lambda x: Image.fromarray((x.permute(1, 2, 0) * 255).round().byte().numpy())
-        final = to_image(d.image)
-        top = image_grid([_tile(final, self.tile), _tile(to_image(pictures[0]), self.tile),
-                          _tile(to_image(pictures[1]), self.tile)],
+        final = to_pil(d.image, (0, 1))
+        top = image_grid([_tile(final, self.tile), _tile(to_pil(pictures[0], (0, 1)), self.tile),
+                          _tile(to_pil(pictures[1], (0, 1)), self.tile)],
                          labels=["picture", f"z_t after step {i + 1}/{len(d.latents)}", "x0: its guess"], nrow=3)
         words = d.words[:MAX_WORDS]
         parts = [top]

@@ -398,3 +398,22 @@ def test_sdxl_controlnet_matches_diffusers(case, base, tmp_path):
         ours.unload_controlnet()
     assert (mine - without).abs().max() > 1e-3          # the ControlNet changes the picture
     report(f"sdxl ControlNet pipeline, {case}, images", mine, expected, 1e-3)
+
+
+def test_sdxl_textual_inversion_with_one_tokenizer_for_both_encoders(base, tmp_path):
+    """A single file loaded with one tokenizer given serves both encoders from it: the token is added once,
+    and each encoder gets its own vectors at that id; unloading restores both."""
+    ours, _ = base
+    save_single_file(ours, tmp_path / "xl.safetensors")
+    shared = StableDiffusion.from_pretrained(tmp_path / "xl.safetensors", device="cpu",
+                                             tokenizer=Tokenizer(ours.tokenizer.folder))
+    assert shared.tokenizer is shared.tokenizer_2
+    sizes = [e.get_input_embeddings().num_embeddings for e in shared.text_encoders]
+    vectors = random_sdxl_embedding(shared, n=1)
+    shared.load_textual_inversion(vectors, token="<shiny>")
+    i = shared.tokenizer.hf.convert_tokens_to_ids("<shiny>")
+    for encoder, key in zip(shared.text_encoders, ("clip_l", "clip_g")):
+        assert torch.equal(encoder.get_input_embeddings().weight[i], vectors[key][0])
+    shared.unload_textual_inversion()
+    assert "<shiny>" not in shared.tokenizer
+    assert [e.get_input_embeddings().num_embeddings for e in shared.text_encoders] == sizes
