@@ -12,6 +12,7 @@ from .adapters.controlnet import ControlNet, ControlNetConfig
 from .adapters.lora import LoRA
 from .pipeline import StableDiffusion, save_single_file
 from .pipeline_xl import StableDiffusionXL
+from .pipeline_sd3 import StableDiffusion3
 from .diffusion.schedules import SchedulerConfig
 from .models.text_encoder import TextEncoder, TextEncoderConfig
 from .models.tokenizer import Tokenizer
@@ -21,6 +22,6 @@ from .formats.weights import WeightsError
 
 __version__ = "0.1.0"
 
-__all__ = ["SD15", "TINY", "AutoencoderKL", "ControlNet", "ControlNetConfig", "LoRA", "ModelConfig", "SchedulerConfig", "StableDiffusion", "StableDiffusionXL", "TextEncoder",
+__all__ = ["SD15", "TINY", "AutoencoderKL", "ControlNet", "ControlNetConfig", "LoRA", "ModelConfig", "SchedulerConfig", "StableDiffusion", "StableDiffusion3", "StableDiffusionXL", "TextEncoder",
            "TextEncoderConfig", "Tokenizer", "UNet", "UNetConfig", "VAEConfig", "WeightsError", "attention",
            "canny", "capture_attention", "save_single_file"]

@@ -9,7 +9,9 @@ beside SD 1.x, not flags inside it.
 
 SD 1.x and 2.x are one family (the same classes at other sizes and prediction types). SDXL's networks, its
 folders and its single files read exactly (minisd.formats.sdxl, tests/test_sdxl.py), and `from_pretrained`
-returns its pipeline, `pipeline_xl.StableDiffusionXL` (tests/test_sdxl_pipeline.py).
+returns its pipeline, `pipeline_xl.StableDiffusionXL` (tests/test_sdxl_pipeline.py). SD 3's (and the shapes
+world's tiny MMDiT's) read with minisd.formats.sd3 and generate with `pipeline_sd3.StableDiffusion3`
+(tests/test_sd3_pipeline.py).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .formats import sdxl, weights
+from .formats import sd3, sdxl, weights
 from .formats.weights import StateDict, WeightsError
 from .models.configs import SDXLConfig
 
@@ -38,6 +40,16 @@ def _is_sdxl_index(index: dict) -> bool:
     return "StableDiffusionXL" in str(index.get("_class_name", "")) or "text_encoder_2" in index
 
 
+def _is_sd3_index(index: dict) -> bool:
+    """SD 3's folders (StableDiffusion3Pipeline; checked before SDXL's: they have a text_encoder_2 too), and any
+    with a transformer, as SD 3's and the shapes world's tiny MMDiT have."""
+    return str(index.get("_class_name", "")).startswith("StableDiffusion3") or "transformer" in index
+
+
+def _is_sd3_file(sd: StateDict) -> bool:
+    return any(k.startswith(sd3.MMDIT_PREFIX + "joint_blocks.") for k in sd)
+
+
 def _is_sdxl_file(sd: StateDict) -> bool:
     return any(k.startswith("conditioner.embedders.") for k in sd)
 
@@ -49,6 +61,8 @@ def _read_sdxl_file(sd: StateDict, source: str, metadata: dict[str, str]) -> sdx
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("sd3", "SD 3 model", _is_sd3_index, _is_sd3_file, sd3.read_sd3_folder, sd3.convert_sd3_single_file,
+           generates=True),
     Family("sdxl", "SDXL model", _is_sdxl_index, _is_sdxl_file, sdxl.read_sdxl_folder, _read_sdxl_file,
            generates=True),
     # checked last: everything that is not another family's is read as SD 1.x/2.x (whose readers say what is wrong)

@@ -17,8 +17,8 @@ LAYERS = [
     ("models",),
     ("formats",),
     ("adapters",),
-    ("images", "canny", "viz", "fast", "metrics", "families", "generate", "editing", "pipeline", "pipeline_xl", "sds",
-     "playground"),
+    ("images", "canny", "viz", "fast", "metrics", "families", "generate", "editing", "pipeline", "pipeline_xl",
+     "pipeline_sd3", "sds", "playground"),
     ("shapes",),
     ("cli", "__main__"),
 ]

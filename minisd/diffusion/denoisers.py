@@ -6,6 +6,7 @@ wrapper takes such a callable and returns one, adding one idea:
     unet_backbone       the network itself: dtypes in and out, the timestep already on the device, SDXL's
                         added conditions (pooled text, size ids) and an LCM U-Net's embedded guidance scale
                         (`guidance_condition`) riding along with the context
+    mmdit_backbone      the same for SD 3's MMDiT: its pooled text rides along, t is the flow schedule's N·σ
     copy_output         a copy of the output (CUDA graphs overwrite their output buffer on the next replay)
     with_extra_channels [z, mask, masked-image latents] on channels (a 9-channel inpainting U-Net)
     with_controlnet     ControlNet residuals computed from (z, t, context) and handed to the U-Net
@@ -74,6 +75,20 @@ def unet_backbone(unet, on_device: Callable[[Tensor], Tensor], added: dict[str, 
 
     def net(z: Tensor, t: Tensor, context: Tensor, control=None) -> Tensor:
         return unet(z.to(unet.dtype), on_device(t), context, control=control, **added).to(z.dtype)
+
+    return net
+
+
+def mmdit_backbone(transformer, on_device: Callable[[Tensor], Tensor], pooled: Tensor) -> Net:
+    """SD 3's MMDiT as a Net: net(z, t, context) -> the predicted velocity, in z's dtype. t is the flow
+    schedule's N·σ, as diffusers' StableDiffusion3Pipeline passes it; `pooled` (B', P) rides along with the
+    context, one row per row of the batch (under guidance [∅, c], as `with_cfg` stacks the context)."""
+    dtype = next(transformer.parameters()).dtype
+
+    def net(z: Tensor, t: Tensor, context: Tensor, control=None) -> Tensor:
+        if control is not None:
+            raise ValueError("ControlNet residuals have no place in an MMDiT")
+        return transformer(z.to(dtype), context, pooled, on_device(t).expand(len(z))).to(z.dtype)
 
     return net
 

@@ -35,6 +35,11 @@ class VAEConfig:
     scaling_factor: float = 0.18215         # SD 1.x latent scale, from the LDM config (`scale_factor`)
     sample_size: int = 512                  # native image size, px
     force_upcast: bool = True               # from diffusers' config; an fp16 decode that overflows is redone in fp32
+    # SD 3's VAE (Esser et al. 2024): 16 channels, z = scaling_factor · (z₀ − shift_factor), and no 1×1 convs
+    # around the latent (diffusers' use_quant_conv / use_post_quant_conv false); None: no shift (SD 1.x, SDXL)
+    shift_factor: float | None = None
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
 
     def __post_init__(self):
         """Sane ranges before any module is built (a config file is input like any other)."""
@@ -50,6 +55,10 @@ class VAEConfig:
         check_float(name, "scaling_factor", self.scaling_factor, 0.0, 100.0, lo_open=True)
         check_int(name, "sample_size", self.sample_size, 8, 8192)
         check_bool(name, "force_upcast", self.force_upcast)
+        if self.shift_factor is not None:
+            check_float(name, "shift_factor", self.shift_factor, -100.0, 100.0)
+        check_bool(name, "use_quant_conv", self.use_quant_conv)
+        check_bool(name, "use_post_quant_conv", self.use_post_quant_conv)
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError(f"block_out_channels {self.block_out_channels} must divide by {self.norm_num_groups}")
 
@@ -58,11 +67,12 @@ class VAEConfig:
         return 2 ** (len(self.block_out_channels) - 1)  # f: 8 for SD
 
     @classmethod
-    def from_diffusers(cls, cfg: dict) -> VAEConfig:
-        """Read a diffusers `vae/config.json`; absent keys take AutoencoderKL's defaults."""
-        for key, default in {"act_fn": "silu", "shift_factor": None, "use_quant_conv": True,
-                             "use_post_quant_conv": True, "mid_block_add_attention": True,
-                             "latents_mean": None, "latents_std": None}.items():
+    def from_diffusers(cls, cfg: dict, sd3: bool = False) -> VAEConfig:
+        """Read a diffusers `vae/config.json`; absent keys take AutoencoderKL's defaults. `sd3`: SD 3's VAE
+        (shift_factor, no quant convs) is welcome; the SD 1.x/2.x and SDXL pipelines refuse it."""
+        sd3_fields = {"shift_factor": None, "use_quant_conv": True, "use_post_quant_conv": True}
+        for key, default in {"act_fn": "silu", "mid_block_add_attention": True, "latents_mean": None,
+                             "latents_std": None, **({} if sd3 else sd3_fields)}.items():
             if cfg.get(key, default) != default:
                 raise ValueError(f"unsupported VAE config {key}={cfg[key]!r} (not an SD 1.x/2.x KL-VAE)")
         for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
@@ -73,7 +83,9 @@ class VAEConfig:
                    block_out_channels=as_tuple("VAEConfig", "block_out_channels", cfg.get("block_out_channels", (64,))),
                    layers_per_block=cfg.get("layers_per_block", 1), norm_num_groups=cfg.get("norm_num_groups", 32),
                    scaling_factor=cfg.get("scaling_factor", 0.18215), sample_size=cfg.get("sample_size", 32),
-                   force_upcast=cfg.get("force_upcast", True))
+                   force_upcast=cfg.get("force_upcast", True), shift_factor=cfg.get("shift_factor"),
+                   use_quant_conv=cfg.get("use_quant_conv", True),
+                   use_post_quant_conv=cfg.get("use_post_quant_conv", True))
 
     def to_diffusers(self) -> dict:
         n = len(self.block_out_channels)
@@ -82,7 +94,12 @@ class VAEConfig:
                 "in_channels": self.in_channels, "out_channels": self.out_channels,
                 "latent_channels": self.latent_channels, "layers_per_block": self.layers_per_block,
                 "norm_num_groups": self.norm_num_groups, "sample_size": self.sample_size,
-                "scaling_factor": self.scaling_factor, "force_upcast": self.force_upcast}
+                "scaling_factor": self.scaling_factor, "force_upcast": self.force_upcast} | self._sd3_fields()
+
+    def _sd3_fields(self) -> dict:
+        """SD 3's fields, written only when set: SD 1.x / SDXL configs stay as they were."""
+        out = {} if self.shift_factor is None else {"shift_factor": self.shift_factor}
+        return out | {k: False for k in ("use_quant_conv", "use_post_quant_conv") if not getattr(self, k)}
 
 
 class DiagonalGaussian:
@@ -205,28 +222,35 @@ class AutoencoderKL(nn.Module):
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+        Z = cfg.latent_channels
+        self.quant_conv = nn.Conv2d(2 * Z, 2 * Z, 1) if cfg.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(Z, Z, 1) if cfg.use_post_quant_conv else None
 
     @property
     def scaling_factor(self) -> float:
         return self.config.scaling_factor
 
     @property
+    def shift_factor(self) -> float:
+        """SD 3's latent shift (0 for SD 1.x and SDXL): z = scaling_factor · (z₀ − shift_factor)."""
+        return self.config.shift_factor or 0.0
+
+    @property
     def dtype(self) -> torch.dtype:
-        return self.quant_conv.weight.dtype
+        return self.decoder.conv_out.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.quant_conv.weight.device
+        return self.decoder.conv_out.weight.device
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
         """x in [-1, 1], (B, 3, H, W) -> q(z₀|x), z₀ (B, Z, H/f, W/f), *unscaled*."""
-        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+        moments = self.encoder(x)
+        return DiagonalGaussian(self.quant_conv(moments) if self.quant_conv is not None else moments)
 
     def decode(self, z: Tensor) -> Tensor:
         """Unscaled latents z₀ (B, Z, h, w) -> image in about [-1, 1], (B, 3, h·f, w·f)."""
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(z) if self.post_quant_conv is not None else z)
 
     def tiled_decode(self, z: Tensor, tile: int | None = None, overlap: float = 0.25) -> Tensor:
         """Decode a large latent in overlapping tiles (memory ∝ one tile, not the whole picture).
