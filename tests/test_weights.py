@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import minisd
 from minisd import StableDiffusion, WeightsError, save_single_file
+from minisd.formats import weights
 from minisd.formats.weights import convert_single_file, read_state_dict
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "sd15_single_file_keys.json"
@@ -291,12 +292,38 @@ def test_malicious_pickle_is_refused_and_not_run(tmp_path):
 
 
 def test_hub_offline_error(monkeypatch):
-    import huggingface_hub
+    import huggingface_hub.constants as hub_constants  # a submodule: `huggingface_hub.constants` is not an attribute in 2.x
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsError, match="huggingface-cli download"):
         StableDiffusion.from_pretrained("minisd-tests/no-such-model", device="cpu")
+
+
+SD3_REPO = {"model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+            "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.bin",
+            "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
+            "text_encoder_2/config.json", "text_encoder_2/model.safetensors",
+            "text_encoder_3/config.json", "text_encoder_3/model.safetensors.index.json",
+            "text_encoder_3/model-00001-of-00002.safetensors", "text_encoder_3/model-00002-of-00002.safetensors",
+            "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer_2/vocab.json", "tokenizer_3/spiece.model",
+            "tokenizer_3/tokenizer.json", "scheduler/scheduler_config.json", "sd3_medium.safetensors", "README.md"}
+
+
+def test_hub_download_takes_each_network_a_repo_holds():
+    """SD 3's repo: the transformer and three text encoders (T5's in shards), safetensors only, no single file."""
+    wanted = set(weights.wanted_files("org/sd3", SD3_REPO))
+    assert {"transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+            "text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
+            "text_encoder_3/model-*-of-*.safetensors", "tokenizer_3/spiece.model", "model_index.json"} <= wanted
+    assert not wanted & {"vae/diffusion_pytorch_model.bin", "text_encoder/model.fp16.safetensors",
+                         "sd3_medium.safetensors", "README.md"}
+    sd15 = {f for f in SD3_REPO if not f.startswith(("transformer", "text_encoder_", "tokenizer_"))} | {
+        "unet/config.json", "unet/diffusion_pytorch_model.safetensors"}
+    assert {f for f in weights.wanted_files("org/sd15", sd15) if f.endswith(".safetensors")} == {"unet/diffusion_pytorch_model.safetensors",
+                                                "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"}
+    with pytest.raises(WeightsError, match="no transformer weights for variant 'fp16'"):
+        weights.wanted_files("org/sd3", SD3_REPO, "fp16")
 
 
 # ─── tokenizer ─────────────────────────────────────────────────────────────────────────────────────

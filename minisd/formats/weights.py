@@ -481,8 +481,8 @@ def to_single_file(unet: tuple[UNetConfig, StateDict], vae: tuple[VAEConfig, Sta
 
 # ─── diffusers folders ─────────────────────────────────────────────────────────────────────────────
 
-WEIGHT_STEMS = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
-                "text_encoder": ("model", "pytorch_model")}
+WEIGHT_STEMS = {"unet": ("diffusion_pytorch_model",), "transformer": ("diffusion_pytorch_model",),
+                "vae": ("diffusion_pytorch_model",), "text_encoder": ("model", "pytorch_model")}
 
 
 def find_weights(folder: Path, stems: tuple[str, ...], variant: str | None) -> list[Path]:
@@ -669,17 +669,32 @@ def download(repo_id: str, variant: str | None = None) -> Path:
                 f"    huggingface-cli download {repo_id} --exclude '*.ckpt' '*.bin' 'safety_checker/*'\n"
                 f"and copy the Hugging Face cache (~/.cache/huggingface) here, or download the folder and "
                 f"pass its path: StableDiffusion.from_pretrained('path/to/folder').") from online_error
-    wanted = [f for f in files if f.endswith((".json", ".txt")) and f.split("/")[0] in
-              ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json")]
-    for component, stems in WEIGHT_STEMS.items():
+    return Path(snapshot_download(repo_id, allow_patterns=wanted_files(repo_id, files, variant)))
+
+
+NETWORKS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+PIPELINE_PARTS = (*NETWORKS, "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler")
+
+
+def wanted_files(repo_id: str, files: set[str], variant: str | None = None) -> list[str]:
+    """What `download` fetches from a repo's `files`: model_index.json, every pipeline folder's configs and
+    tokenizer files, and one set of weights per network it holds (SD 1.x: unet, vae, text_encoder; SDXL adds
+    text_encoder_2; SD 3: transformer and up to three text encoders) — safetensors first, a variant's when
+    asked, every shard of a sharded one (T5-XXL's). Glob patterns for snapshot_download."""
+    folders = {f.split("/")[0] for f in files if "/" in f}
+    wanted = [f for f in files if f == "model_index.json" or (
+        f.split("/")[0] in PIPELINE_PARTS and f.endswith((".json", ".txt", ".model")))]
+    for component in (n for n in NETWORKS if n in folders):
+        stems = WEIGHT_STEMS[component.removesuffix("_2").removesuffix("_3")]
+        tag = f".{variant}" if variant else ""
         for ext in (".safetensors", ".bin"):
-            choice = [f"{component}/{s}{'.' + variant if variant else ''}{ext}" for s in stems]
-            hit = [c for c in choice if c in files]
-            if hit:
-                wanted.append(hit[0])
+            single = [f"{component}/{s}{tag}{ext}" for s in stems if f"{component}/{s}{tag}{ext}" in files]
+            sharded = [s for s in stems if {f"{component}/{s}{tag}{ext}.index.json",  # transformers' and diffusers' names
+                                            f"{component}/{s}{ext}.index{tag}.json"} & files]
+            if single or sharded:
+                wanted += single[:1] if single else [f"{component}/{sharded[0]}{tag}-*-of-*{ext}"]
                 break
         else:
-            raise WeightsError(f"{repo_id} has no {component} weights"
-                               + (f" for variant {variant!r}" if variant else ""))
-    return Path(snapshot_download(repo_id, allow_patterns=wanted))
+            raise WeightsError(f"{repo_id} has no {component} weights" + (f" for variant {variant!r}" if variant else ""))
+    return wanted
 
