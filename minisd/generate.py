@@ -11,6 +11,9 @@
 
 The random draws happen in the order diffusers' pipelines make them (posterior sample, then the
 noise), so the same generator gives the same image.
+
+Videos (`generate_video`, AnimateDiff) take the same steps with latents (B, C, F, h, w): F frames per video,
+drawn in one piece, denoised by a video U-Net that sees all the frames of a video at once, decoded frame by frame.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from .diffusion import samplers
 from .images import ImageInput, image_to_tensor, mask_to_tensor, to_pil
 
 if TYPE_CHECKING:
+    from .models.motion import VideoUNet
     from .pipeline import StableDiffusion
 
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
@@ -69,10 +73,7 @@ def generate(pipe: StableDiffusion, prompt: str | list[str], *, negative_prompt:
     _number("guidance_rescale", guidance_rescale, 0.0, "a finite number in [0, 1]")
     if guidance_rescale > 1.0:
         raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
-    if generator is None and seed is not None:
-        generator = torch.Generator("cpu").manual_seed(seed)
+    generator = seeded(seed, generator)
     if distilled:
         check_distilled_guidance(negative_prompt, guidance_rescale, encoded)
 
@@ -106,6 +107,48 @@ def generate(pipe: StableDiffusion, prompt: str | list[str], *, negative_prompt:
     return images if output_type == "pt" else to_pil(images)
 
 
+@torch.inference_mode()
+def generate_video(pipe: StableDiffusion, video_unet: VideoUNet, prompt: str | list[str], *, num_frames: int = 8,
+                   negative_prompt: str | list[str] | None = None, num_inference_steps: int = 50,
+                   guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
+                   sampler: str | None = None, karras: bool = False, eta: float = 0.0, seed: int | None = None,
+                   generator: torch.Generator | None = None, latents: Tensor | None = None,
+                   num_videos_per_prompt: int = 1, callback=None, output_type: str = "pil", clip_skip: int = 0,
+                   decode_chunk_size: int = 16):
+    """See `StableDiffusion.video`: the steps of `generate` over videos, as diffusers' AnimateDiffPipeline takes
+    them. The latents are (B, C, F, h, w), drawn in one piece; the samplers walk them as they walk pictures, the
+    video U-Net sees all F frames of a video at once, and each video's text reaches every one of its frames. The
+    frames are decoded as pictures."""
+    if embedded_guidance_dim(pipe) is not None:
+        raise ValueError("this U-Net is LCM-distilled (guidance built in); videos take a U-Net sampled with "
+                         "classifier-free guidance")
+    sampler = samplers.default_sampler(pipe.scheduler.prediction_type) if sampler is None else sampler
+    height = pipe.image_size if height is None else height
+    width = pipe.image_size if width is None else width
+    check_arguments(sampler, output_type, num_inference_steps, height, width, 1.0, guidance_scale, eta,
+                    False, False, False)
+    check_frames(num_frames, video_unet.adapter.config.max_seq_length)
+    if isinstance(decode_chunk_size, bool) or not isinstance(decode_chunk_size, int) or decode_chunk_size < 1:
+        raise ValueError(f"decode_chunk_size must be a whole number >= 1, got {decode_chunk_size!r}")
+    generator = seeded(seed, generator)
+
+    cond, uncond = encode(pipe, prompt, negative_prompt, guidance_scale, num_videos_per_prompt, clip_skip)
+    schedule = start_schedule(pipe, sampler, num_inference_steps, karras, None)
+    f = pipe.vae.config.downsampling
+    shape = (cond.shape[0], pipe.unet.config.out_channels, num_frames, height // f, width // f)  # (B, C, F, h, w)
+    start = txt2img_start(pipe, schedule, shape, latents, generator)
+    check = dn.FiniteCheck(pipe.nan_check, schedule.timesteps)
+    net = check.net(video_backbone(video_unet, schedule.timesteps, cond.device), "video U-Net")
+    z = sample(pipe, sampler, dn.with_cfg(net, cond, uncond, guidance_scale), start, schedule, eta, generator,
+               callback)
+    check.flush()
+
+    if output_type == "latent":
+        return z
+    video = decode_video(pipe, z, decode_chunk_size)  # (B, F, 3, H, W)
+    return video if output_type == "pt" else [to_pil(frames) for frames in video]
+
+
 # ─── 1. arguments ──────────────────────────────────────────────────────────────────────────────────
 
 def _number(name: str, value, lo: float, expected: str) -> None:
@@ -132,6 +175,15 @@ def check_arguments(sampler: str, output_type: str, steps: int, height: int, wid
         raise ValueError("inpainting needs an image as well as a mask_image")
     if keep_unmasked and not has_mask:
         raise ValueError("keep_unmasked pastes the image back outside the mask: it needs a mask_image")
+
+
+def seeded(seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:
+    """The generator to draw from: `generator`, else a CPU one seeded with `seed` (checked), else None."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    if generator is None and seed is not None:
+        generator = torch.Generator("cpu").manual_seed(seed)
+    return generator
 
 
 def embedded_guidance_dim(pipe: StableDiffusion) -> int | None:
@@ -422,6 +474,35 @@ def decode_latents(pipe: StableDiffusion, z: Tensor, upcast: bool = False) -> Te
             vae.to(dtype)
     dn.check_finite(x, "VAE decoder", pipe.nan_check)
     return (x.float() / 2 + 0.5).clamp(0, 1)
+
+
+def check_frames(num_frames: int, limit: int) -> None:
+    """A video has 1 to `limit` frames: the motion module's positions (its max_seq_length)."""
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or not 1 <= num_frames <= limit:
+        raise ValueError(f"num_frames must be a whole number from 1 to {limit} (the frames the motion module has "
+                         f"positions for), got {num_frames!r}")
+
+
+def video_backbone(video_unet: VideoUNet, timesteps: Tensor, device: torch.device) -> dn.Net:
+    """The video U-Net as the innermost denoiser, as `denoisers.unet_backbone` is the image U-Net: z (B, C, F, h, w)
+    in its dtype, t on its device; the context (B, T, E) has one row per video, which the video U-Net hands to each
+    of its frames (as diffusers repeats it F times). There is no ControlNet for videos: `control` stays None."""
+    on_device = dn.timesteps_on_device(timesteps, device)
+    dtype = video_unet.unet.dtype
+
+    def net(z: Tensor, t: Tensor, context: Tensor, control=None) -> Tensor:
+        return video_unet(z.to(dtype), on_device(t), context).to(z.dtype)
+
+    return net
+
+
+def decode_video(pipe: StableDiffusion, z: Tensor, chunk: int) -> Tensor:
+    """z (B, C, F, h, w) -> frames (B, F, 3, H, W) in [0, 1], decoded as pictures `chunk` frames at a time
+    (diffusers' decode_chunk_size: the VAE holds `chunk` pictures at once, whatever the clip's length)."""
+    B, C, num_frames, h, w = z.shape
+    frames = z.transpose(1, 2).reshape(B * num_frames, C, h, w)  # (B·F, C, h, w), each video's frames in order
+    x = torch.cat([decode_latents(pipe, part) for part in frames.split(chunk)])  # (B·F, 3, H, W)
+    return x.reshape(B, num_frames, *x.shape[1:])
 
 
 def per_picture(x: Tensor, B: int, name: str) -> Tensor:

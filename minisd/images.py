@@ -10,6 +10,7 @@ pixel is kept, as diffusers' image processor does with `convert("RGB")`.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +155,60 @@ def to_pil(images: Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [0, 1] -> PIL images."""
     arr = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in arr]
+
+
+# ─── animations: a clip's frames in one file ─────────────────────────────────────────────────────
+
+ANIMATIONS = {".gif": "GIF", ".webp": "WEBP", ".mp4": "MP4"}  # file ending -> what `save_animation` writes
+_EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286  # the Exif sub-IFD and its UserComment tag (EXIF 2.3, table 7)
+
+
+def mp4_available() -> bool:
+    """MP4 is written through imageio-ffmpeg (an ffmpeg binary in a Python package), which minisd does not need:
+    True when it is installed and finds its ffmpeg."""
+    if importlib.util.find_spec("imageio_ffmpeg") is None:
+        return False
+    import imageio_ffmpeg  # optional: imported only when an MP4 is asked for
+
+    try:
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except RuntimeError:  # installed without a usable ffmpeg binary
+        return False
+    return True
+
+
+def save_animation(frames: list[Image.Image], target: str | Path, fmt: str, fps: int, text: str = "") -> None:
+    """The frames as one looping animation at `fps` frames per second, `text` (the settings) in its metadata:
+    GIF: the comment extension; WebP (lossless): the EXIF UserComment, UTF-16 after "UNICODE\\0" as AUTOMATIC1111
+    writes it in pictures; MP4 (H.264, imageio-ffmpeg): the container's comment tag. `fmt`: a value of ANIMATIONS
+    (the format is given, not guessed from `target`'s name, so that a temporary name does as well)."""
+    if not frames:
+        raise ValueError("an animation needs at least one frame")
+    duration = round(1000 / fps)  # ms per frame; GIF stores hundredths of a second
+    first, rest = frames[0].convert("RGB"), [f.convert("RGB") for f in frames[1:]]
+    if fmt == "GIF":
+        first.save(target, "GIF", save_all=True, append_images=rest, duration=duration, loop=0, comment=text)
+    elif fmt == "WEBP":
+        exif = Image.Exif()
+        exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\0" + text.encode("utf-16-be")
+        first.save(target, "WEBP", save_all=True, append_images=rest, duration=duration, loop=0, lossless=True,
+                   exif=exif)
+    elif fmt == "MP4":
+        _save_mp4([first, *rest], target, fps, text)
+    else:
+        raise ValueError(f"unknown animation format {fmt!r}; expected one of {', '.join(ANIMATIONS.values())}")
+
+
+def _save_mp4(frames: list[Image.Image], target: str | Path, fps: int, text: str) -> None:
+    if not mp4_available():
+        raise ValueError("writing .mp4 needs imageio-ffmpeg and its ffmpeg (pip install imageio-ffmpeg); .gif and "
+                         ".webp need nothing more")
+    import imageio_ffmpeg
+
+    writer = imageio_ffmpeg.write_frames(str(target), frames[0].size, fps=fps, codec="libx264", quality=None,
+                                         output_params=["-f", "mp4", "-crf", "18", "-metadata", f"comment={text}"],
+                                         macro_block_size=1)
+    writer.send(None)  # start the ffmpeg process
+    for frame in frames:
+        writer.send(np.ascontiguousarray(np.asarray(frame)))
+    writer.close()

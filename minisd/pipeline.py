@@ -16,16 +16,18 @@ import torch
 from torch import Tensor
 
 from . import editing, families, fast
+from .formats import motion as motion_files
 from .formats import weights
 from .adapters import lora as lora_lib
 from .adapters import textual_inversion
 from .models.configs import ModelConfig
 from .adapters.controlnet import ControlNet, ControlOptions, load_controlnet
-from .generate import generate
+from .generate import generate, generate_video
 from .diffusion.schedules import SchedulerConfig
 from .models.text_encoder import TextEncoder
 from .models.tokenizer import Tokenizer
-from .models.unet import UNet
+from .models.motion import ANIMATEDIFF_SD15_V2, MotionAdapter, MotionAdapterConfig, VideoUNet
+from .models.unet import UNet, UNetConfig
 from .models.vae import AutoencoderKL
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -65,6 +67,7 @@ class StableDiffusion:
         self._offload: fast.ModelOffload | None = None  # enable_model_cpu_offload
         self.compile_mode: str | None = None  # set by compile(); "reduce-overhead"/"max-autotune" replay CUDA graphs
         self.nan_check = "error"  # a network's NaN/inf output: "error" stops generation, "warn" warns, "off"
+        self.video_unet: VideoUNet | None = None  # the U-Net with a motion module, for pipe.video (load_motion_module)
 
     # ─── properties ────────────────────────────────────────────────────────────────────────────────
     @property
@@ -110,6 +113,8 @@ class StableDiffusion:
             self.disable_model_cpu_offload()
         for m in (self.unet, self.vae, self.text_encoder, *self.controlnets):  # LoRAs included: they are in the tree
             m.to(device=device, dtype=dtype)
+        if self.video_unet is not None:  # its U-Net moved above; the motion module with it
+            self.video_unet.adapter.to(device=device, dtype=dtype)
         self.vae.to(memory_format=torch.channels_last)
         return self
 
@@ -357,6 +362,54 @@ class StableDiffusion:
     def unload_controlnet(self) -> None:
         self.controlnets.clear()
 
+    # ─── video: AnimateDiff's motion module (models/motion.py, formats/motion.py) ──────────────────────
+    def load_motion_module(self, source: str | os.PathLike | MotionAdapter,
+                           base: MotionAdapterConfig = ANIMATEDIFF_SD15_V2) -> MotionAdapter:
+        """Add AnimateDiff's motion module (Guo et al. 2023) for `pipe.video(...)`: a diffusers MotionAdapter folder,
+        an original AnimateDiff .ckpt/.safetensors (pickles read with weights_only=True), or a `MotionAdapter`
+        (used as it is, not copied). The U-Net is wrapped, not copied, into `pipe.video_unet`; `pipe(...)` still
+        draws pictures with the U-Net alone. A second load replaces the first. `base`: the heads and GroupNorm
+        groups of a single file, which its weights do not record (8 and 32 in AnimateDiff's SD 1.5 releases).
+        Returns the motion adapter."""
+        if self.family != "sd1":
+            raise ValueError(f"motion modules run on SD 1.x/2.x U-Nets; this is a {self.family} pipeline")
+        name = type(source).__name__ if isinstance(source, MotionAdapter) else str(source)
+        adapter = source if isinstance(source, MotionAdapter) else \
+            motion_files.load_motion_adapter(source, device=self.device, dtype=self.dtype, base=base)
+        check_motion_fits(adapter.config, self.unet.config, name)
+        self.video_unet = VideoUNet(self.unet, adapter.to(device=self.device, dtype=self.dtype))
+        return adapter
+
+    def unload_motion_module(self) -> None:
+        """Drop the motion module: the pipeline is again exactly the image pipeline (its U-Net was never changed)."""
+        self.video_unet = None
+
+    def video(self, prompt: str | list[str], num_frames: int = 8, negative_prompt: str | list[str] | None = None,
+              num_inference_steps: int = 50, guidance_scale: float = 7.5, height: int | None = None,
+              width: int | None = None, sampler: str | None = None, karras: bool = False, eta: float = 0.0,
+              seed: int | None = None, generator: torch.Generator | None = None, latents: Tensor | None = None,
+              num_videos_per_prompt: int = 1, callback=None, output_type: str = "pil", clip_skip: int = 0,
+              decode_chunk_size: int = 16):
+        """Text to video with the loaded motion module (`load_motion_module`), as diffusers' AnimateDiffPipeline:
+        the same seed (or generator, or `latents`) gives the same clip. Returns a list of clips, one per video
+        (prompts × num_videos_per_prompt), each a list of `num_frames` PIL frames ("pil"); a tensor
+        (B, F, 3, H, W) in [0, 1] ("pt"); or the final latents (B, 4, F, h, w) before ÷ scaling_factor ("latent").
+
+        `latents`: the initial noise (B, 4, F, h, w), before scaling by the sampler's initial σ. num_frames: up to
+        the motion module's max_seq_length (diffusers' default is 16; 8 keeps the tiny model quick).
+        `decode_chunk_size` frames are decoded at a time. The other arguments are those of `__call__`."""
+        if self.video_unet is None:
+            raise ValueError("no motion module is loaded: pipe.load_motion_module(path) first (a diffusers "
+                             "MotionAdapter folder or an AnimateDiff .ckpt/.safetensors)")
+        if self._offload is not None:
+            raise ValueError("model CPU offload moves the image U-Net alone, not the motion module: "
+                             "pipe.disable_model_cpu_offload() before pipe.video(...)")
+        return generate_video(self, self.video_unet, prompt, num_frames=num_frames, negative_prompt=negative_prompt,
+                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
+                              width=width, sampler=sampler, karras=karras, eta=eta, seed=seed, generator=generator,
+                              latents=latents, num_videos_per_prompt=num_videos_per_prompt, callback=callback,
+                              output_type=output_type, clip_skip=clip_skip, decode_chunk_size=decode_chunk_size)
+
     # ─── LoRA (lora.py) ────────────────────────────────────────────────────────────────────────────
     @property
     def _lora_roots(self) -> dict:
@@ -494,6 +547,19 @@ def locate(source: str | os.PathLike, variant: str | None = None) -> tuple[Path,
         return weights.download(source_str, variant), source_str
     raise FileNotFoundError(f"{source_str!r} is neither a file, a folder, nor a Hugging Face repo id "
                             f"(owner/name); use 'tiny' for the shipped shapes-world model")
+
+
+def check_motion_fits(motion: MotionAdapterConfig, unet: UNetConfig, source: str) -> None:
+    """A motion module goes after each resnet of a U-Net with its channels per level and resnets per level; one
+    error names every difference."""
+    if unet.in_channels != unet.out_channels:
+        raise ValueError(f"a motion module needs a text-to-image U-Net; this one takes {unet.in_channels} input "
+                         f"channels (an inpainting U-Net?)")
+    differences = [f"{what} {m} where the U-Net has {u}" for what, m, u in (
+        ("channels per level", tuple(motion.block_out_channels), tuple(unet.block_out_channels)),
+        ("resnets per level", motion.layers_per_block, unet.layers_per_block)) if m != u]
+    if differences:
+        raise ValueError(f"the motion module {source} does not fit this U-Net: it has {'; '.join(differences)}")
 
 
 def family_pipeline(family: str) -> type[StableDiffusion]:

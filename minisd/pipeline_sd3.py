@@ -283,7 +283,7 @@ class StableDiffusion3(StableDiffusion):
             raise ValueError(f"height and width must be multiples of {multiple} (the VAE's "
                              f"{self.vae.config.downsampling} × the {self.transformer.config.patch_size}-latent "
                              f"patches), got {height}x{width}")
-        generator = seeded_generator(seed, generator)
+        generator = gen.seeded(seed, generator)
         cond, uncond = self.encode_prompt(prompt, negative_prompt, guidance_scale, num_images_per_prompt, clip_skip,
                                           max_sequence_length)
         for x in (*cond, *(uncond or ())):
@@ -354,15 +354,6 @@ class StableDiffusion3(StableDiffusion):
 def check_sequence_length(n: int) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SEQUENCE_LENGTH:
         raise ValueError(f"max_sequence_length must be an integer in 1..{MAX_SEQUENCE_LENGTH}, got {n!r}")
-
-
-def seeded_generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:
-    """`generator`, or a CPU generator seeded with `seed` (checked), or None."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
-    if generator is None and seed is not None:
-        return torch.Generator("cpu").manual_seed(seed)
-    return generator
 
 
 def save_t5_tokenizer(tokenizer: T5Tokenizer, folder: Path) -> None:
