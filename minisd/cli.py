@@ -11,6 +11,7 @@
     minisd eval --model tiny                                   # prompt adherence table
     minisd bench                                               # seconds per image on this machine
     minisd playground                                          # the live playground in the browser (Voilà)
+    minisd video "a red circle moving to the right" --out clip.gif   # a clip, with a motion module (--motion)
 
 Pictures (.png, .jpg, .webp) carry their settings in AUTOMATIC1111's "parameters" format (PNG: a text
 chunk; JPEG and WebP: the EXIF UserComment), which other Stable Diffusion tools read. Image i of
@@ -41,8 +42,10 @@ from . import __version__, families, playground
 from .canny import canny
 from .diffusion.samplers import FLOW_SAMPLERS, SAMPLERS, default_sampler, get_sampler
 from .formats.files import atomic_write
+from .images import ANIMATIONS, mp4_available, save_animation
 from .pipeline import StableDiffusion, locate
 from .shapes import analyser, concept_eval, edit_eval, scoreboard, train
+from .shapes import train_mmdit, train_motion
 from .viz import image_grid
 
 MAX_SIZE = 4096        # px; SD 1.x at 2048 already needs tiling, beyond 4096 is a typo
@@ -551,6 +554,95 @@ def bench(args: argparse.Namespace) -> None:
           f"batch {args.batch}, {pipe.device}, {torch.get_num_threads()} threads)")
 
 
+# ─── minisd video: a clip from the model and a motion module ─────────────────────────────────────
+
+TINY_MOTION = Path(__file__).resolve().parent.parent / "data" / "tiny_motion"  # the tiny model's (minisd train motion)
+
+
+def check_video_args(args: argparse.Namespace) -> Path:
+    """Every check that needs no network, before any work: the text, --out, the model and the motion module.
+    Returns the motion module's path."""
+    for name in ("prompt", "negative"):
+        try:
+            (getattr(args, name) or "").encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"the {name} is not valid UTF-8 text (undecodable byte at position {e.start})") from None
+    out = Path(args.out)
+    if args.out.endswith(("/", os.sep)) or out.is_dir():
+        raise ValueError(f"--out {args.out} is a folder: name a file in it, e.g. {out / 'clip.gif'}")
+    if out.suffix.lower() not in ANIMATIONS:
+        raise ValueError(f"--out {args.out}: expected a name ending in {', '.join(ANIMATIONS)}")
+    if out.suffix.lower() == ".mp4" and not mp4_available():
+        raise ValueError(f"--out {args.out}: writing .mp4 needs imageio-ffmpeg and its ffmpeg (pip install "
+                         f"imageio-ffmpeg); .gif and .webp need nothing more")
+    folder = next(p for p in out.absolute().parents if p.exists())
+    if not folder.is_dir():
+        raise ValueError(f"--out {args.out}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"--out {args.out}: cannot write in {folder}")
+    motion = Path(args.motion).expanduser() if args.motion is not None else TINY_MOTION
+    if args.motion is None and not motion.exists():
+        raise FileNotFoundError(f"no motion module: give --motion PATH (a diffusers MotionAdapter folder or an "
+                                f"AnimateDiff .ckpt/.safetensors); {motion} is made by `minisd train motion`")
+    if not motion.exists():
+        raise FileNotFoundError(f"--motion not found: {args.motion}")
+    locate(args.model)  # FileNotFoundError for a model that is nowhere
+    return motion
+
+
+def run_video(args: argparse.Namespace) -> None:
+    """A clip of --frames frames, written as an animation with its settings in the file's metadata."""
+    motion = check_video_args(args)
+    if args.size is not None:
+        args.width, args.height = args.width or args.size, args.height or args.size
+    args.sampler = args.sampler or model_sampler(args.model)
+    if args.seed is None or args.seed == -1:
+        args.seed = random.randrange(2**32)  # drawn, and recorded, as for pictures
+    t0 = time.time()
+    pipe = StableDiffusion.from_pretrained(args.model, device=args.device)
+    check_steps(pipe, args.sampler, args.steps)
+    pipe.progress = not args.quiet
+    pipe.load_motion_module(motion)
+    frames = pipe.video(args.prompt, num_frames=args.frames, negative_prompt=args.negative,
+                        num_inference_steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler,
+                        height=args.height, width=args.width, generator=torch.Generator().manual_seed(args.seed))[0]
+    w, h = frames[0].size
+    text = (parameters_text(args, args.seed, w, h, pipe.name, {})
+            + f", Frames: {len(frames)}, FPS: {args.fps}, Motion module: {quote(motion.name)}")
+    out = Path(args.out)
+    atomic_write(out, lambda tmp: save_animation(frames, tmp, ANIMATIONS[out.suffix.lower()], args.fps, text))
+    print(f"saved {out} — {len(frames)} frames at {args.fps} fps, seed {args.seed}, {time.time() - t0:.1f}s",
+          file=sys.stderr)
+
+
+def add_video_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help='what happens, e.g. "a red circle moving to the right"')
+    p.add_argument("--out", default="clip.gif",
+                   help="an animated .gif or .webp, or .mp4 with imageio-ffmpeg installed (default clip.gif); "
+                        "the settings are written into it")
+    p.add_argument("--model", default="tiny", help="tiny (default), an SD 1.x diffusers folder, file or Hub id")
+    p.add_argument("--motion", default=None, metavar="PATH",
+                   help="the motion module: a diffusers MotionAdapter folder or an AnimateDiff .ckpt/.safetensors "
+                        "(default data/tiny_motion, the tiny model's, if it is there)")
+    p.add_argument("--frames", type=int_in(1, 4096), default=8,
+                   help="frames in the clip (default 8; at most the motion module's max_seq_length)")
+    p.add_argument("--fps", type=int_in(1, 100), default=8, help="frames per second of the animation (default 8)")
+    p.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt (what to steer away from)")
+    p.add_argument("--steps", type=STEPS, default=DEFAULTS["steps"], help=f"sampling steps (default {DEFAULTS['steps']})")
+    p.add_argument("--cfg", "--guidance", dest="cfg", type=CFG, default=DEFAULTS["cfg"],
+                   help=f"classifier-free guidance scale; 1 turns it off (default {DEFAULTS['cfg']})")
+    p.add_argument("--seed", type=SEED, default=None, help="random seed (default, or -1: a random one, recorded)")
+    p.add_argument("--sampler", type=sampler_name, default=None,
+                   help=f"one of: {', '.join(SAMPLERS)} (default {DEFAULTS['sampler']})")
+    p.add_argument("--size", type=image_size, default=None, help="frame width and height in px (default: the model's)")
+    p.add_argument("--width", type=image_size, default=None)
+    p.add_argument("--height", type=image_size, default=None)
+    p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, mps (default: the best available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    p.set_defaults(karras=False, eta=0.0, clip_skip=0, controlnet=None)  # read by parameters_text; no flags here
+
+
 # ─── the parser ──────────────────────────────────────────────────────────────────────────────────
 
 def check_model_source(model: str) -> None:
@@ -649,6 +741,7 @@ def build_parser() -> Parser:
                      help="how much to change the masked part (default 0.75; the masked area is first filled from around it)")
     inp.add_argument("--keep-unmasked", action=argparse.BooleanOptionalAction, default=None,
                      help="paste the original pixels back outside the mask (default on; --no-keep-unmasked: as diffusers)")
+    add_video_args(sub.add_parser("video", help="text to video with a motion module (AnimateDiff)"))
     sub.add_parser("train", help="train the shapes-world model (minisd train --help)")
     sub.add_parser("eval", help="prompt adherence on the shapes world (minisd eval --help)")
     b = sub.add_parser("bench", help="seconds per image on this machine")
@@ -672,7 +765,11 @@ def build_parser() -> Parser:
 
 
 def run(argv: list[str]) -> None:
-    if argv and argv[0] == "train":  # the training script has its own options
+    if argv[:2] == ["train", "motion"]:  # the motion module (moving shapes): train_motion.py
+        train_motion.main(argv[2:])
+    elif argv[:2] == ["train", "mmdit"]:  # SD 3's transformer in the U-Net's place: train_mmdit.py
+        train_mmdit.main(argv[2:])
+    elif argv and argv[0] == "train":  # the training script has its own options
         train.main(argv[1:])
     elif argv and argv[0] == "eval":  # --fid's features read pictures with the analyser: it cannot import them
         analyser.main(argv[1:], fid=scoreboard.fid_table, teaching=concept_eval.compare, editing=edit_eval.edit_report)
@@ -682,6 +779,8 @@ def run(argv: list[str]) -> None:
             bench(args)
         elif args.command == "playground":
             serve_playground(args)
+        elif args.command == "video":
+            run_video(args)
         else:
             run_generation(args, args.command)
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import as_tuple, check_choice, check_int
-from ..nn.attention import attention
+from ..nn.attention import attention, attention_probs
 from ..nn.layers import TimestepEmbedding, timestep_embedding
 
 
@@ -236,6 +236,9 @@ class JointAttention(nn.Module):
     last block) drops the text output's projection, since nothing reads the text stream afterwards.
     """
 
+    capture = None  # a list while `nn.attention.capture_attention` records: each call's image→text block,
+    records_cross = True  # which it counts among the cross-attention maps (the U-Net's attn2)
+
     def __init__(self, dim: int, heads: int, head_dim: int, qk_norm: str | None, joint: bool, context_out: bool):
         super().__init__()
         inner = heads * head_dim
@@ -264,7 +267,12 @@ class JointAttention(nn.Module):
             q = torch.cat([q, self.heads_of(self.add_q_proj(c), self.norm_added_q)], dim=2)
             k = torch.cat([k, self.heads_of(self.add_k_proj(c), self.norm_added_k)], dim=2)
             v = torch.cat([v, self.heads_of(self.add_v_proj(c), None)], dim=2)
-        out = attention(q, k, v).transpose(1, 2).reshape(B, q.shape[2], -1)  # (B, L [+ T], nh·hd)
+        if self.capture is not None and c is not None:  # notebook 18: image rows, text columns (B, nh, L, T)
+            probs = attention_probs(q, k)
+            self.capture.append(probs[:, :, :L, L:].detach().cpu())
+            out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(B, q.shape[2], -1)
+        else:
+            out = attention(q, k, v).transpose(1, 2).reshape(B, q.shape[2], -1)  # (B, L [+ T], nh·hd)
         x_out, c_out = out[:, :L], out[:, L:]
         c_out = self.to_add_out(c_out) if c is not None and self.to_add_out is not None else None
         return self.to_out[0](x_out), c_out
@@ -340,6 +348,17 @@ class MMDiT(nn.Module):
              for i in range(N)])
         self.norm_out = AdaLayerNormContinuous(D)
         self.proj_out = nn.Linear(D, cfg.patch_size ** 2 * cfg.out_channels)
+
+    def init_adaln_zero_(self) -> MMDiT:
+        """DiT's initialisation for training from scratch (Peebles & Xie 2023, §3.2): every modulation Linear
+        and the output projection at zero, so each gate is 0, each block the identity and the output 0.
+        (Loaded checkpoints are left alone: diffusers' own constructor uses the default init.)"""
+        zeroed = [self.proj_out, self.norm_out.linear]
+        for block in self.transformer_blocks:
+            zeroed += [block.norm1.linear, block.norm1_context.linear]
+        for layer in zeroed:
+            nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
+        return self
 
     def forward(self, hidden_states: Tensor, encoder_hidden_states: Tensor, pooled_projections: Tensor,
                 timestep: Tensor | float) -> Tensor:

@@ -146,7 +146,8 @@ def capture_attention(model: nn.Module, kind: str = "cross") -> Iterator[dict[st
         raise ValueError(f"kind must be 'cross', 'self' or 'all', got {kind!r}")
     suffix = {"cross": ("attn2",), "self": ("attn1",), "all": ("attn1", "attn2")}[kind]
     maps: dict[str, list[Tensor]] = {}
-    modules = [(n, m) for n, m in model.named_modules() if isinstance(m, Attention) and n.endswith(suffix)]
+    modules = [(n, m) for n, m in model.named_modules() if isinstance(m, Attention) and n.endswith(suffix)
+               or kind != "self" and getattr(m, "records_cross", False)]  # MMDiT: the image→text part of joint attention
     for name, module in modules:
         module.capture = maps.setdefault(name, [])
     try:

@@ -332,7 +332,7 @@ def generate_for(pipe, prompts: list[str], guidance_scale: float = 7.5, steps: i
     output_type "latent": the final latents instead, one (4, h, w) tensor per prompt."""
     import torch
 
-    c = pipe.unet.config
+    c = pipe.backbone.config  # the U-Net's or the transformer's: latent channels and size
     images = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]

@@ -53,7 +53,7 @@ def word_shares(pipe, prompts: list[str], seed: int = 0, steps: int = 25, guidan
     requested colour (`found` False and no share when the picture lacks that colour), the word's
     `share` of attention inside that object and the object's `area` share. Colours must differ
     within a prompt, so that each colour names one object."""
-    with capture_attention(pipe.unet) as maps:
+    with capture_attention(pipe.backbone) as maps:  # the U-Net's cross-attention, or the MMDiT's image→text part
         images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed)
     cond = len(prompts) if guidance_scale > 1 else 0   # with CFG the prompts' half comes last
     rows = []

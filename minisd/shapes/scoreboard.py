@@ -112,7 +112,7 @@ def model_kind(folder: str | Path, pipe: StableDiffusion) -> str:
     scheduler = Path(folder) / "scheduler" / "scheduler_config.json"
     if scheduler.is_file() and json.loads(scheduler.read_text()).get("_class_name") == "LCMScheduler":
         return "lcm"
-    if getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None:
+    if getattr(pipe.backbone.config, "time_cond_proj_dim", None) is not None:
         return "lcm"
     return pipe.scheduler.prediction_type
 
@@ -120,13 +120,14 @@ def model_kind(folder: str | Path, pipe: StableDiffusion) -> str:
 def passes(pipe: StableDiffusion, guidance_scale: float) -> int:
     """U-Net evaluations a step: 2 under classifier-free guidance (the conditional and the unconditional
     pass), 1 without it (scale ≤ 1) or when the U-Net reads the scale as an input (an LCM student)."""
-    embedded = getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None
+    embedded = getattr(pipe.backbone.config, "time_cond_proj_dim", None) is not None
     return 1 if guidance_scale <= 1 or embedded else 2
 
 
 def default_models() -> list[Path]:
-    """data/tiny, and whichever of data/tiny_v, data/tiny_flow, data/tiny_lcm exist."""
-    return [DATA / "tiny"] + [DATA / name for name in ("tiny_v", "tiny_flow", "tiny_lcm") if (DATA / name).is_dir()]
+    """data/tiny, and whichever of data/tiny_v, data/tiny_flow, data/tiny_lcm, data/tiny_mmdit exist."""
+    return [DATA / "tiny"] + [DATA / name for name in ("tiny_v", "tiny_flow", "tiny_lcm", "tiny_mmdit")
+                              if (DATA / name).is_dir()]
 
 
 def score_setting(pipe: StableDiffusion, prompts: list[str], seeds: list[int], sampler: str, steps: int,
