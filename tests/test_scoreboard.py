@@ -147,3 +147,13 @@ def test_the_benchmark_script_runs_quick(tiny_folder, tmp_path, monkeypatch, cap
     board = bench.main(["--quick", "--models", str(tiny_folder), "--out", str(tmp_path / "q.json")])
     assert board["settings"]["prompts"] == 24 and board["settings"]["seeds"] == [0]
     assert "| model | sampler | steps | NFE |" in capsys.readouterr().out
+
+
+def test_the_docs_table_is_the_committed_scoreboard():
+    """docs/shapes_world.md quotes docs/results/scoreboard.json row for row, as `format_board` prints it."""
+    from minisd.shapes.scoreboard import OUT, format_board
+
+    doc = (OUT.parent.parent / "shapes_world.md").read_text()
+    table = format_board(json.loads(OUT.read_text()))
+    missing = [line for line in table.splitlines() if line.startswith("| tiny") and line not in doc]
+    assert not missing, f"docs/shapes_world.md lacks {len(missing)} scoreboard rows, e.g. {missing[0]}"
