@@ -2,7 +2,8 @@
 
 Numerically on identical random weights at toy widths (fp32, CPU); at the real SD 3 / 3.5 and T5-XXL
 configs (built on the meta device) every parameter name and shape; the T5 tokenizer's ids equal
-transformers' T5TokenizerFast on a unigram tokenizer.json built here.
+transformers' T5TokenizerFast on a unigram tokenizer.json built here, and the same pieces written as a
+SentencePiece spiece.model give the same ids.
 """
 
 from __future__ import annotations
@@ -201,4 +202,75 @@ def test_t5_tokenizer_matches_transformers(tmp_path):
     assert torch.equal(got, theirs), f"\n{got}\n{theirs}"
     assert ours_tok.decode(got[0]) == ["a red circle on the left"]
     with pytest.raises(ValueError, match="tokenizer.json"):
+        T5Tokenizer(tmp_path / "nowhere")
+
+
+def write_spiece_model(file, vocab, charsmap=b""):
+    """A SentencePiece spiece.model (ModelProto in protobuf wire format) from the [(piece, score)] of a
+    tokenizer.json: <pad>, </s> CONTROL, <unk> UNKNOWN, the rest NORMAL; a unigram TrainerSpec; a NormalizerSpec
+    with T5's flags and, if given, a precompiled_charsmap."""
+    import struct
+
+    def varint(n):
+        out = b""
+        while n > 0x7F:
+            out, n = out + bytes([n & 0x7F | 0x80]), n >> 7
+        return out + bytes([n])
+
+    def field(number, wire, value):  # wire 0: int varint; 2: bytes, length-delimited; 5: bytes, fixed32
+        payload = varint(value) if wire == 0 else varint(len(value)) + value if wire == 2 else value
+        return varint(number << 3 | wire) + payload
+
+    types = {"<pad>": 3, "</s>": 3, "<unk>": 2}
+    proto = b"".join(field(1, 2, field(1, 2, piece.encode()) + field(2, 5, struct.pack("<f", score))
+                                 + field(3, 0, types.get(piece, 1))) for piece, score in vocab)
+    proto += field(2, 2, field(3, 0, 1) + field(40, 0, 2))  # TrainerSpec: model_type UNIGRAM, unk_id 2
+    spec = field(1, 2, b"nmt_nfkc") + (field(2, 2, charsmap) if charsmap else b"") + field(3, 0, 1) + field(4, 0, 1)
+    file.write_bytes(proto + field(3, 2, spec))
+
+
+def test_t5_tokenizer_reads_spiece_model(tmp_path):
+    import json
+    (tmp_path / "json").mkdir(), (tmp_path / "spm").mkdir()
+    build_unigram_tokenizer(tmp_path / "json")
+    vocab = [tuple(v) for v in json.loads((tmp_path / "json" / "tokenizer.json").read_text())["model"]["vocab"]]
+    write_spiece_model(tmp_path / "spm" / "spiece.model", vocab)
+    hf = transformers.T5TokenizerFast.from_pretrained(str(tmp_path / "json"), extra_ids=0)
+    from_json, from_spm = T5Tokenizer(tmp_path / "json", max_length=12), T5Tokenizer(tmp_path / "spm", max_length=12)
+    prompts = ["a red circle on the left", "  a photo   of a cat  ", "a\tred\ncat", "a cat, on the left!",
+               "zebra XYZ ÿ 猫 🐱", "", " ", "</s> <pad> a cat",
+               "a small red square on the left of a large blue circle"]  # the last one is truncated, </s> kept
+    theirs = hf(prompts, padding="max_length", max_length=12, truncation=True, return_tensors="pt").input_ids
+    with pytest.warns(UserWarning, match="truncated"):
+        got_json, got_spm = from_json(prompts), from_spm(prompts)
+    print(f"[t5 tokenizer] spiece.model vs tokenizer.json: {int((got_spm != got_json).sum())} of "
+          f"{got_spm.numel()} ids differ; vs transformers: {int((got_spm != theirs).sum())}")
+    assert torch.equal(got_spm, got_json) and torch.equal(got_spm, theirs), f"\n{got_spm}\n{got_json}\n{theirs}"
+    assert got_spm[-1, -1] == 1 and from_spm.decode(got_spm[0]) == from_json.decode(got_json[0])
+    assert len(from_spm) == len(vocab) + 100  # T5's sentinels follow the pieces: <extra_id_0> is the last id
+    assert from_spm("<extra_id_0> cat")[0, 0] == len(vocab) + 99
+    write_spiece_model(tmp_path / "json" / "spiece.model", vocab[:3])  # both files: tokenizer.json wins
+    assert torch.equal(T5Tokenizer(tmp_path / "json", max_length=12)(prompts[:1]), got_json[:1])
+    assert torch.equal(T5Tokenizer(tmp_path / "spm" / "spiece.model", max_length=12)(prompts[:1]), got_spm[:1])
+
+
+def test_t5_tokenizer_bad_spiece_model(tmp_path):
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0), ("▁cat", -2.0)]
+    file = tmp_path / "spiece.model"
+    write_spiece_model(file, vocab)
+    data = file.read_bytes()
+    bad = {"truncated": data[:len(data) // 2], "garbage": b"\xff" * 20, "empty": b"",
+           "wire type 7": b"\x0f" + data}
+    for name, blob in bad.items():
+        file.write_bytes(blob)
+        with pytest.raises(ValueError, match="spiece.model is not a readable SentencePiece model") as err:
+            T5Tokenizer(tmp_path)
+        print(f"[t5 tokenizer] {name}: {str(err.value)[len(str(file)):]}")
+    write_spiece_model(file, vocab, charsmap=b"\x10\x00\x00\x00not a trie")
+    with pytest.raises(ValueError, match="precompiled_charsmap"):
+        T5Tokenizer(tmp_path)
+    write_spiece_model(file, [v for v in vocab if v[0] != "</s>"])
+    with pytest.raises(ValueError, match="no </s> piece"):
+        T5Tokenizer(tmp_path)
+    with pytest.raises(ValueError, match="tokenizer.json or spiece.model"):
         T5Tokenizer(tmp_path / "nowhere")
