@@ -44,7 +44,7 @@ from .diffusion.samplers import FLOW_SAMPLERS, SAMPLERS, default_sampler, get_sa
 from .formats.files import atomic_write
 from .images import ANIMATIONS, mp4_available, save_animation
 from .pipeline import StableDiffusion, locate
-from .shapes import analyser, concept_eval, edit_eval, scoreboard, train
+from .shapes import analyser, concept_eval, edit_eval, scoreboard, train, video_eval
 from .shapes import train_mmdit, train_motion
 from .viz import image_grid
 
@@ -772,7 +772,8 @@ def run(argv: list[str]) -> None:
     elif argv and argv[0] == "train":  # the training script has its own options
         train.main(argv[1:])
     elif argv and argv[0] == "eval":  # --fid's features read pictures with the analyser: it cannot import them
-        analyser.main(argv[1:], fid=scoreboard.fid_table, teaching=concept_eval.compare, editing=edit_eval.edit_report)
+        analyser.main(argv[1:], fid=scoreboard.fid_table, teaching=concept_eval.compare, editing=edit_eval.edit_report,
+                      video=video_eval.report)
     else:
         args = build_parser().parse_args(argv)
         if args.command == "bench":

@@ -68,6 +68,7 @@ class StableDiffusion:
         self.compile_mode: str | None = None  # set by compile(); "reduce-overhead"/"max-autotune" replay CUDA graphs
         self.nan_check = "error"  # a network's NaN/inf output: "error" stops generation, "warn" warns, "off"
         self.video_unet: VideoUNet | None = None  # the U-Net with a motion module, for pipe.video (load_motion_module)
+        self.motion_extras: list = []  # what a motion module folder added: its words, ("lora", name)
 
     # ─── properties ────────────────────────────────────────────────────────────────────────────────
     @property
@@ -370,19 +371,35 @@ class StableDiffusion:
         (used as it is, not copied). The U-Net is wrapped, not copied, into `pipe.video_unet`; `pipe(...)` still
         draws pictures with the U-Net alone. A second load replaces the first. `base`: the heads and GroupNorm
         groups of a single file, which its weights do not record (8 and 32 in AnimateDiff's SD 1.5 releases).
-        Returns the motion adapter."""
+        A folder `minisd train motion` wrote brings its new words (textual inversions) and LoRA along, and
+        `unload_motion_module` takes them away again. Returns the motion adapter."""
         if self.family != "sd1":
             raise ValueError(f"motion modules run on SD 1.x/2.x U-Nets; this is a {self.family} pipeline")
         name = type(source).__name__ if isinstance(source, MotionAdapter) else str(source)
         adapter = source if isinstance(source, MotionAdapter) else \
             motion_files.load_motion_adapter(source, device=self.device, dtype=self.dtype, base=base)
         check_motion_fits(adapter.config, self.unet.config, name)
+        self.unload_motion_module()
         self.video_unet = VideoUNet(self.unet, adapter.to(device=self.device, dtype=self.dtype))
+        folder = None if isinstance(source, MotionAdapter) else Path(source)
+        if folder is not None and folder.is_dir():  # a `minisd train motion` folder: its new words and LoRA too
+            words, lora = folder / motion_files.WORDS_FILE, folder / motion_files.LORA_FILE
+            if words.is_file():
+                self.motion_extras += [self.load_textual_inversion(vector.reshape(1, -1), token=word)
+                                       for word, vector in weights.read_state_dict(words).items()]
+            if lora.is_file():
+                self.motion_extras.append(("lora", self.load_lora(lora, name="motion")))
         return adapter
 
     def unload_motion_module(self) -> None:
-        """Drop the motion module: the pipeline is again exactly the image pipeline (its U-Net was never changed)."""
-        self.video_unet = None
+        """Drop the motion module (and the words and LoRA that came with it): the pipeline is again exactly the
+        image pipeline (its U-Net was never changed)."""
+        for extra in self.motion_extras:
+            if isinstance(extra, tuple):
+                self.unload_lora(extra[1])
+            else:
+                self.unload_textual_inversion(extra)
+        self.video_unet, self.motion_extras = None, []
 
     def video(self, prompt: str | list[str], num_frames: int = 8, negative_prompt: str | list[str] | None = None,
               num_inference_steps: int = 50, guidance_scale: float = 7.5, height: int | None = None,

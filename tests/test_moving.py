@@ -199,3 +199,44 @@ def test_direction_gap_turns_the_direction_round():
     gap = video_eval.direction_gap(pipe, video, clips, timesteps=(500,))
     assert set(gap) == {500} and gap[500]["loss"] > 0 and abs(gap[500]["gap"]) < 0.5
     assert gap[500]["swapped"] != gap[500]["loss"]  # the frozen image model reads left/right as places
+
+
+def test_minisd_eval_video_scores_a_saved_module(tmp_path, capsys):
+    """`minisd eval --video FOLDER`: the held-out clips judged, the summaries printed and written; a missing
+    folder refused in one line before anything is loaded."""
+    from minisd import cli
+
+    pipe = load_frozen("tiny", "cpu")
+    video, ids, _ = build(MotionConfig(**SMALL), pipe)
+    words = {w: pipe.text_encoder.get_input_embeddings().weight[i] for w, i in zip(INIT_WORDS, ids)}
+    save_motion(tmp_path / "motion", video.adapter, words, {})
+    out = tmp_path / "video.json"
+    assert cli.main(["eval", "--video", str(tmp_path / "motion"), "--limit", "2", "--steps", "2",
+                     "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["summary"]["direction"]["n"] == 2 and "summary:" in capsys.readouterr().out
+    assert cli.main(["eval", "--video", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--video" in err
+
+
+def test_pipe_load_motion_module_brings_the_words_and_lora_and_unload_takes_them_away(tmp_path):
+    pipe = load_frozen("tiny", "cpu")
+    video, ids, loras = build(MotionConfig(lora_rank=2, **SMALL), pipe)
+    words = {w: pipe.text_encoder.get_input_embeddings().weight[i] + 0.5 for w, i in zip(INIT_WORDS, ids)}
+    save_motion(tmp_path, video.adapter, words, loras)
+
+    pipe = load_frozen("tiny", "cpu")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    vocab = len(pipe.tokenizer)
+    pipe.load_motion_module(tmp_path)
+    assert set(words) <= set(pipe.textual_inversions) and "motion" in pipe.loras
+    assert len(pipe.tokenizer) == vocab + len(words)
+    clip = pipe.video("a red circle moving up", num_frames=4, num_inference_steps=2, seed=0, output_type="pt")
+    assert clip.shape == (1, 4, 3, 64, 64)
+    pipe.load_motion_module(tmp_path)  # a second load replaces the first: no word or LoRA twice
+    assert len(pipe.tokenizer) == vocab + len(words)
+    pipe.unload_motion_module()
+    assert pipe.video_unet is None and not pipe.textual_inversions and "motion" not in pipe.loras
+    assert len(pipe.tokenizer) == vocab
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())

@@ -40,6 +40,10 @@ _ORIGINAL_RULES = [
 _ORIGINAL_KEY = re.compile(r"^((?:down_blocks|up_blocks)\.\d+|mid_block)\.motion_modules\.\d+\.temporal_transformer\.")
 _POSITIONS = re.compile(r"^(.*\.transformer_blocks\.\d+)\.attention_blocks\.([01])\.pos_encoder\.pe$")
 
+# beside the adapter in a folder `minisd train motion` wrote (read by `StableDiffusion.load_motion_module`):
+WORDS_FILE = "direction_words.safetensors"  # {word: (E,)} new tokens of the text encoder, trained with the module
+LORA_FILE = "spatial_lora.safetensors"      # a PEFT LoRA on the image U-Net's cross-attention, trained with it
+
 
 def is_original(sd: StateDict) -> bool:
     """AnimateDiff's own layout (`...motion_modules.N.temporal_transformer....`)?"""

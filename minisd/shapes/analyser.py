@@ -569,6 +569,9 @@ def eval_parser():
     ap.add_argument("--control", default="edges", help="the ControlNet's map kind: edges or mask")
     ap.add_argument("--inpaint", default=None, help="compare mask blending (--model) with this 9-channel "
                     "inpainting model on 60 held-out object replacements (diffusers' settings: nothing pasted back)")
+    ap.add_argument("--video", default=None, help="evaluate this motion module (a `minisd train motion` folder) on "
+                    "held-out moving-shapes clips: the direction of motion, and colour and shape held across the frames; "
+                    "--limit clips (default 32), the first --cfg")
     ap.add_argument("--breakdown", action="store_true", help="how the two-object prompts fail (at the first --cfg)")
     ap.add_argument("--vae", action="store_true", help="the VAE's ceiling: shape accuracy of ground-truth renders "
                     "after an encode-decode round trip")
@@ -585,12 +588,13 @@ def _fid_cell(column: str, value) -> str:
     return str(value) if column == "N" else f"{value:.5f}" if column.startswith("KID") else f"{value:.3f}"
 
 
-def main(argv: list[str] | None = None, fid=None, teaching=None, editing=None) -> dict:
+def main(argv: list[str] | None = None, fid=None, teaching=None, editing=None, video=None) -> dict:
     """`minisd eval`: prompt adherence of a model at one or more guidance scales.
 
     `fid`: what --fid runs, `scoreboard.fid_table`; `teaching`: what --embedding and --dreambooth run,
-    `concept_eval.compare`; `editing`: what --edit runs, `edit_eval.edit_report` (`minisd eval` passes them
-    in: they judge pictures with this module, so this module cannot import them)."""
+    `concept_eval.compare`; `editing`: what --edit runs, `edit_eval.edit_report`; `video`: what --video runs,
+    `video_eval.report` (`minisd eval` passes them in: they judge pictures with this module, so this module cannot
+    import them)."""
     import json
     import time
 
@@ -602,6 +606,10 @@ def main(argv: list[str] | None = None, fid=None, teaching=None, editing=None) -
         raise ValueError("--embedding and --dreambooth need concept_eval: run them as `minisd eval`")
     if args.edit and editing is None:
         raise ValueError("--edit needs edit_eval: run it as `minisd eval --edit`")
+    if args.video:
+        if video is None:
+            raise ValueError("--video needs video_eval: run it as `minisd eval --video`")
+        return _save_json(video(args.video, args.limit or 32, args.model, args.steps, args.cfg[0], args.seed), args.json)
     if args.inpaint:
         pipes = {"blending (standard U-Net)": StableDiffusion.from_pretrained(args.model, device=args.device),
                  "9-channel inpainting U-Net": StableDiffusion.from_pretrained(args.inpaint, device=args.device)}
@@ -682,11 +690,11 @@ def check_eval_args(args) -> None:
                                    ("--lora", args.lora), ("--controlnet", args.controlnet),
                                    ("--embedding/--dreambooth", args.embedding or args.dreambooth),
                                    ("--edit", args.edit), ("--ground-truth", args.ground_truth),
-                                   ("--fid", args.fid)) if on]
+                                   ("--fid", args.fid), ("--video", args.video)) if on]
     if len(modes) > 1:
         raise ValueError(f"{' and '.join(modes)} are separate evaluations: give one at a time")
     for flag, path in (("--lora", args.lora), ("--controlnet", args.controlnet), ("--embedding", args.embedding),
-                       ("--dreambooth", args.dreambooth)):
+                       ("--dreambooth", args.dreambooth), ("--video", args.video)):
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{flag} not found: {path}")
     if args.json is not None and (Path(args.json).is_dir() or not Path(args.json).absolute().parent.is_dir()):

@@ -52,7 +52,7 @@ import torch
 
 from ..adapters import lora as lora_lib
 from ..generate import generate_video
-from ..formats.motion import load_motion_adapter, save_motion_adapter
+from ..formats.motion import LORA_FILE, WORDS_FILE, load_motion_adapter, save_motion_adapter
 from ..formats.weights import read_state_dict, write_safetensors
 from ..models.motion import MotionAdapter, MotionAdapterConfig, VideoUNet
 from ..pipeline import StableDiffusion
@@ -64,7 +64,6 @@ from .train_ti import start_vectors
 
 # the words of the motion phrases the tiny tokenizer lacks, and the word each starts from
 INIT_WORDS = {"moving": "the", "up": "top", "down": "bottom"}
-WORDS_FILE, LORA_FILE = "direction_words.safetensors", "spatial_lora.safetensors"
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..formats.files import atomic_write_text
 from ..metrics import wilson_interval
 from ..viz import image_grid
 from .analyser import analyse
@@ -217,18 +218,25 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.n < 1 or args.steps < 1:
         raise ValueError(f"--n and --steps must be at least 1, got {args.n} and {args.steps}")
-    result = evaluate(args.motion, args.n, args.model, args.steps, args.cfg, args.seed, args.grid, args.gap)
+    result = report(args.motion, args.n, args.model, args.steps, args.cfg, args.seed, args.grid, args.gap)
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps(result, indent=1))
+    return result
+
+
+def report(motion: str, n: int = 32, model: str = "tiny", steps: int = 25, guidance_scale: float = 7.5, seed: int = 0,
+           grid: str | None = None, gap: bool = False) -> dict:
+    """`evaluate`, its summaries printed (what `minisd eval --video` runs)."""
+    result = evaluate(motion, n, model, steps, guidance_scale, seed, grid, gap)
     for name in ("summary", "seen", "held_out"):
         if name in result:
             print(f"{name}: {format_summary(result[name])}")
     for t, g in result.get("gap", {}).items():
         print(f"t={t}: ε loss {g['loss']:.4f}, direction turned round {g['swapped']:.4f} ({100 * g['gap']:+.1f}%)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
     return result
 
 
-__all__ = ["Asked", "direction_gap", "MIN_TRAVEL", "direction_of", "evaluate", "evaluate_video", "format_summary", "judge_clip",
+__all__ = ["Asked", "direction_gap", "report", "MIN_TRAVEL", "direction_of", "evaluate", "evaluate_video", "format_summary", "judge_clip",
            "judge_clips", "main", "parse_caption", "summarise", "to_uint8"]
 
 
