@@ -1,35 +1,41 @@
 """Score distillation sampling (Poole et al. 2022, "DreamFusion: Text-to-3D using 2D Diffusion"):
 a frozen text-to-image model used as a loss, for any picture a differentiable function can draw.
+Notebook 20 derives it; the equation numbers are the notebook's.
 
 A picture x = g(θ) (pixels, latents, or a 3-D scene's render) should look like the prompt y. Take its
 latent z = E(x) (SD diffuses latents, so the loss lives there), a timestep t ~ U[t_min, t_max], noise
 ε ~ N(0, I), and noise it as in training (DDPM, eq. 4 of Ho et al. 2020):
 
-    z_t = √ᾱ_t z + √(1 − ᾱ_t) ε                                                      (1)
+    z_t = √ᾱ_t z + √(1 − ᾱ_t) ε                                                      (20.1)
 
-The diffusion loss for that z is  L(θ) = E_t,ε[ w(t) ‖ε̂_φ(z_t; y, t) − ε‖² ] / 2.  Its exact gradient is
+The diffusion loss for that z is
 
-    ∇_θ L = E[ w(t) (ε̂_φ − ε) (∂ε̂_φ/∂z_t) (∂z_t/∂z) (∂z/∂θ) ],                        (2)
+    L(θ) = E_t,ε[ w(t) ‖ε̂_φ(z_t; y, t) − ε‖² ] / 2                                     (20.2)
+
+and its exact gradient is
+
+    ∇_θ L = E[ w(t) (ε̂_φ − ε) (∂ε̂_φ/∂z_t) (∂z_t/∂z) (∂z/∂θ) ],                        (20.3)
 
 whose U-Net Jacobian ∂ε̂_φ/∂z_t is expensive and, at small noise, poorly conditioned. DreamFusion drops
 it (their eq. 3), and the √ᾱ_t of ∂z_t/∂z with it (absorbed into w):
 
-    ∇_θ L_SDS = E[ w(t) (ε̂_φ(z_t; y, t) − ε) ∂z/∂θ ],      w(t) = 1 − ᾱ_t = σ_t²    (3)
+    ∇_θ L_SDS = E[ w(t) (ε̂_φ(z_t; y, t) − ε) ∂z/∂θ ],      w(t) = 1 − ᾱ_t = σ_t²    (20.4)
 
 — the residual of the denoiser pushes z towards pictures the model finds likely for y. ε̂ is the
 classifier-free guided prediction (Ho & Salimans 2021):  ε̂ = ε̂(z_t; ∅) + s (ε̂(z_t; y) − ε̂(z_t; ∅)),
 with a large s (DreamFusion uses s = 100: mode-seeking, sharp and saturated rather than diverse).
 
-Autograd computes (3) from a surrogate. With g = w(t)(ε̂ − ε) computed without a graph (sg: stop-gradient),
+Autograd computes (20.4) from a surrogate. With g = w(t)(ε̂ − ε) computed without a graph (sg: stop-gradient),
 
-    L_sur(z) = ½ ‖z − sg(z − g)‖²    ⇒    ∂L_sur/∂z = z − (z − g) = g                  (4)
+    L_sur(z) = ½ ‖z − sg(z − g)‖²    ⇒    ∂L_sur/∂z = z − (z − g) = g                  (20.5)
 
 exactly, so `L_sur.backward()` sends g back through E and the renderer and never through the U-Net.
 (The value of L_sur is ½‖g‖², a progress signal, not the diffusion loss.)
 
-Entry points: `sds_loss` (the surrogate (4) for latents z), `sds_grad` (g itself), `optimise_image`
+Entry points: `sds_loss` (the surrogate (20.5) for latents z), `sds_grad` (g itself), `optimise_image`
 (2-D: a picture from gray to the prompt), `VoxelScene` + `render_views` + `optimise_scene` (3-D: a 16³
-grid of density and colour, ray-marched orthographically from azimuths around the vertical axis).
+grid of density and colour, ray-marched orthographically (20.6) from azimuths around the vertical axis,
+and for a look at what training never saw, from any elevation).
 """
 
 from __future__ import annotations
@@ -77,9 +83,9 @@ def guided_eps(pipe: StableDiffusion, z_t: Tensor, t: Tensor, cond: Tensor, unco
 @torch.no_grad()
 def sds_grad(pipe: StableDiffusion, z: Tensor, cond: Tensor, uncond: Tensor | None, t: Tensor, eps: Tensor,
              guidance_scale: float = 100.0) -> Tensor:
-    """g = w(t) (ε̂(z_t; y, t) − ε), eq. (3), for latents z (B, 4, h, w), timesteps t (B,) and noise ε."""
+    """g = w(t) (ε̂(z_t; y, t) − ε), eq. (20.4), for latents z (B, 4, h, w), timesteps t (B,) and noise ε."""
     alpha_bar = pipe.scheduler.alphas_cumprod().to(z.device)[t].view(-1, 1, 1, 1).to(z.dtype)
-    z_t = alpha_bar.sqrt() * z + (1 - alpha_bar).sqrt() * eps           # eq. (1)
+    z_t = alpha_bar.sqrt() * z + (1 - alpha_bar).sqrt() * eps           # eq. (20.1)
     eps_hat = guided_eps(pipe, z_t, t, cond, uncond, guidance_scale)
     return (1 - alpha_bar) * (eps_hat - eps)                             # w(t) = 1 − ᾱ_t
 
@@ -87,7 +93,7 @@ def sds_grad(pipe: StableDiffusion, z: Tensor, cond: Tensor, uncond: Tensor | No
 def sds_loss(pipe: StableDiffusion, z: Tensor, cond: Tensor, uncond: Tensor | None = None, *,
              guidance_scale: float = 100.0, t_range: tuple[float, float] = (0.02, 0.98),
              generator: torch.Generator | None = None) -> Tensor:
-    """The surrogate ½‖z − sg(z − g)‖² of eq. (4), summed over the batch: its gradient with respect to z
+    """The surrogate ½‖z − sg(z − g)‖² of eq. (20.5), summed over the batch: its gradient with respect to z
     is g = w(t)(ε̂ − ε) exactly, and the U-Net is not in its graph. z: scaled latents (B, 4, h, w);
     cond/uncond: `pipe.encode_prompt` output for B prompts (uncond None: no guidance). One t per sample,
     drawn uniformly from t_range (fractions of the training schedule), and ε drawn from `generator`."""
@@ -178,19 +184,36 @@ class VoxelScene(nn.Module):
         return torch.cat([F.softplus(self.density + self.bias), torch.tanh(self.colour)], dim=1)
 
 
+def camera_rotation(azimuths: Tensor, elevations: Tensor) -> Tensor:
+    """(B, 3, 3) matrices taking view coordinates (x right, y down, d into the screen) to cube coordinates
+    (y is the vertical axis, pointing down): tilt the camera by the elevation (radians, > 0: above the
+    equator, looking down), then turn it about the vertical axis by the azimuth."""
+    cos, sin = azimuths.cos(), azimuths.sin()
+    cos_e, sin_e = elevations.cos(), elevations.sin()
+    zero, one = torch.zeros_like(cos), torch.ones_like(cos)
+    turn = torch.stack([torch.stack([cos, zero, sin], -1), torch.stack([zero, one, zero], -1),
+                        torch.stack([-sin, zero, cos], -1)], -2)                         # about y
+    tilt = torch.stack([torch.stack([one, zero, zero], -1), torch.stack([zero, cos_e, sin_e], -1),
+                        torch.stack([zero, -sin_e, cos_e], -1)], -2)                     # about x: d -> (0, sin, cos)
+    return turn @ tilt
+
+
 def render_views(scene: VoxelScene, azimuths: Tensor, *, size: int = 64, samples: int = 32,
-                 background: tuple[float, float, float] = LIGHT, extent: float = 1.2) -> Tensor:
+                 background: tuple[float, float, float] = LIGHT, extent: float = 1.2,
+                 elevations: Tensor | None = None) -> Tensor:
     """Orthographic emission–absorption renders (B, 3, size, size) in [-1, 1], one per azimuth (radians,
-    a rotation about the vertical axis). Each pixel's ray crosses the cube front to back in `samples`
+    a rotation about the vertical axis) and elevation (radians, default 0: level with the cube's centre;
+    π/2: from straight above). Each pixel's ray crosses the cube front to back in `samples`
     steps of length δ; with α_i = 1 − exp(−σ_i δ) and transmittance T_i = Π_{j<i} (1 − α_j)
-    (Max 1995; NeRF, Mildenhall et al. 2020, eq. 3), the pixel is Σ_i T_i α_i c_i + T_N · background.
+    (Max 1995; NeRF, Mildenhall et al. 2020, eq. 3), the pixel is Σ_i T_i α_i c_i + T_{N+1} · background (20.6).
     `extent` is the half-width of the view in cube units (1.2: a margin of background around it)."""
     B = azimuths.shape[0]
-    cos, sin = azimuths.cos(), azimuths.sin()
-    zero, one = torch.zeros_like(cos), torch.ones_like(cos)
-    # view (x right, y down, d into the screen) -> cube coordinates: a rotation about y, scaled by extent
-    rotation = torch.stack([torch.stack([cos, zero, sin], -1), torch.stack([zero, one, zero], -1),
-                            torch.stack([-sin, zero, cos], -1)], -2) * extent           # (B, 3, 3)
+    if elevations is None:
+        elevations = torch.zeros_like(azimuths)
+    if elevations.shape != azimuths.shape:
+        raise ValueError(f"elevations must have the azimuths' shape {tuple(azimuths.shape)}, "
+                         f"got {tuple(elevations.shape)}")
+    rotation = camera_rotation(azimuths, elevations) * extent                           # (B, 3, 3)
     affine = torch.cat([rotation, torch.zeros(B, 3, 1)], dim=-1).to(azimuths.device)  # (B, 3, 4)
     grid = F.affine_grid(affine, [B, 4, samples, size, size], align_corners=False)      # (B, N, H, W, 3)
     fields = F.grid_sample(scene.fields().expand(B, -1, -1, -1, -1), grid, align_corners=True)  # (B, 4, N, H, W)
@@ -206,13 +229,18 @@ def render_views(scene: VoxelScene, azimuths: Tensor, *, size: int = 64, samples
 def optimise_scene(pipe: StableDiffusion, prompt: str, *, steps: int = 200, views_per_step: int = 4,
                    lr: float = 0.1, guidance_scale: float = 100.0, t_range: tuple[float, float] = (0.02, 0.98),
                    resolution: int = 16, background: tuple[float, float, float] = LIGHT, show_views: int = 4,
-                   every: int = 50, generator: torch.Generator | None = None) -> tuple[VoxelScene, Trajectory]:
-    """DreamFusion in miniature: optimise a `VoxelScene` so that its render from every random azimuth,
-    each step `views_per_step` of them, gets the SDS gradient for `prompt`. The trajectory holds renders
-    from `show_views` evenly spaced azimuths every `every` steps."""
+                   every: int = 50, azimuth_range: tuple[float, float] = (0.0, 2 * math.pi),
+                   generator: torch.Generator | None = None) -> tuple[VoxelScene, Trajectory]:
+    """DreamFusion in miniature: optimise a `VoxelScene` so that its render from every random azimuth in
+    `azimuth_range` (radians; default the whole circle), each step `views_per_step` of them, gets the SDS
+    gradient for `prompt`. The trajectory holds renders from `show_views` azimuths evenly spaced around the
+    whole circle every `every` steps."""
     if steps < 1 or every < 1 or views_per_step < 1 or show_views < 1:
         raise ValueError(f"steps, every, views_per_step and show_views must be >= 1, got "
                          f"{steps}, {every}, {views_per_step}, {show_views}")
+    lo, hi = azimuth_range
+    if not lo <= hi:
+        raise ValueError(f"azimuth_range must be (lo, hi) with lo <= hi (radians), got {azimuth_range}")
     scene = VoxelScene(resolution).to(pipe.device)
     with torch.no_grad():
         cond, uncond = pipe.encode_prompt(prompt, None, guidance_scale)
@@ -228,7 +256,7 @@ def optimise_scene(pipe: StableDiffusion, prompt: str, *, steps: int = 200, view
                 out.images.append(to_uint8(render_views(scene, shown, size=pipe.image_size, background=background)))
         if step == steps:
             break
-        azimuths = (torch.rand(views_per_step, generator=generator) * 2 * math.pi).to(pipe.device)
+        azimuths = (lo + torch.rand(views_per_step, generator=generator) * (hi - lo)).to(pipe.device)
         x = render_views(scene, azimuths, size=pipe.image_size, background=background)
         loss = sds_loss(pipe, encode(pipe, x), cond, uncond, guidance_scale=guidance_scale, t_range=t_range,
                         generator=generator)

@@ -20,7 +20,7 @@ def pipe() -> StableDiffusion:
 
 
 def test_surrogate_gradient_is_the_sds_gradient(pipe):
-    """∂/∂z ½‖z − sg(z − g)‖² = g = w(t)(ε̂ − ε), eq. (4), with t and ε replayed from the same generator."""
+    """∂/∂z ½‖z − sg(z − g)‖² = g = w(t)(ε̂ − ε), eq. (20.5), with t and ε replayed from the same generator."""
     B, s = 2, 5.0
     z = torch.randn(B, 4, 16, 16, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
     cond, uncond = pipe.encode_prompt(["a red circle in the center", "a blue square on the left"], None, s)
@@ -121,6 +121,44 @@ def test_a_quarter_turn_of_the_scene_is_a_quarter_turn_of_the_view():
         b = torch.cat([sds.render_views(turned, torch.tensor([0.0]), size=16, samples=16),
                        sds.render_views(turned, torch.tensor([math.pi]), size=16, samples=16)])
     assert min((a - b[0]).abs().max(), (a - b[1]).abs().max()) < 1e-4
+
+
+def test_a_view_from_straight_above_is_a_level_view_of_the_grid_stood_on_its_side():
+    """Elevation π/2 looks down the vertical axis: the same picture as a level view (azimuth 0) of the grid with
+    its vertical and depth axes swapped and the new vertical flipped — G'(x, y, z) = G(x, z, −y)."""
+    scene, turned = sds.VoxelScene(8), sds.VoxelScene(8)
+    with torch.no_grad():
+        scene.density.normal_(generator=torch.Generator().manual_seed(0))
+        scene.colour.normal_(generator=torch.Generator().manual_seed(1))
+        turned.density.copy_(scene.density.transpose(2, 3).flip(3))  # (1, C, D=z, H=y, W=x); the bias is round
+        turned.colour.copy_(scene.colour.transpose(2, 3).flip(3))
+        above = sds.render_views(scene, torch.tensor([0.0]), elevations=torch.tensor([math.pi / 2]),
+                                 size=16, samples=16)
+        level = sds.render_views(turned, torch.tensor([0.0]), size=16, samples=16)
+        default = sds.render_views(scene, torch.tensor([0.3, 1.0]), size=16, samples=16)
+        zero = sds.render_views(scene, torch.tensor([0.3, 1.0]), elevations=torch.zeros(2), size=16, samples=16)
+    assert (above - level).abs().max() < 1e-5
+    assert torch.equal(default, zero)
+    with pytest.raises(ValueError, match="elevations"):
+        sds.render_views(scene, torch.tensor([0.0, 1.0]), elevations=torch.zeros(3))
+
+
+def test_training_views_stay_inside_the_azimuth_range(pipe, monkeypatch):
+    """optimise_scene draws its training azimuths from azimuth_range; a reversed range is refused."""
+    seen = []
+    render = sds.render_views
+
+    def spy(scene, azimuths, **kw):
+        seen.append(azimuths.clone())
+        return render(scene, azimuths, **kw)
+
+    monkeypatch.setattr(sds, "render_views", spy)
+    sds.optimise_scene(pipe, "a red circle", steps=3, views_per_step=4, show_views=2, every=3,
+                       azimuth_range=(-0.5, 0.5), resolution=4, generator=torch.Generator().manual_seed(0))
+    trained = torch.cat(seen[1:-1])  # the first and last calls draw the shown views
+    assert trained.numel() == 12 and trained.min() >= -0.5 and trained.max() <= 0.5
+    with pytest.raises(ValueError, match="azimuth_range"):
+        sds.optimise_scene(pipe, "a red circle", steps=1, azimuth_range=(1.0, 0.0))
 
 
 def test_3d_sds_makes_a_red_ball_seen_from_every_side(pipe):
