@@ -7,6 +7,9 @@
 `--model sdxl` runs SDXL's base at its real shapes (default 1024 px: pass --size 1024; two text encoders,
 size conditioning), minisd's `StableDiffusionXL` against diffusers' `StableDiffusionXLPipeline` on the same
 weights (written by minisd's save_pretrained and read by diffusers); `--model small-xl` is its CPU test.
+`--model sd3` runs SD 3 Medium's real architecture (a 2B MMDiT, CLIP-L, bigG, T5-XXL, the 16-channel VAE; default
+1024 px, 28 steps, CFG 7.0, flow Euler), minisd's `StableDiffusion3` against diffusers' `StableDiffusion3Pipeline`
+the same way, in the eager, compiled and best-vs-best modes; `--model small-sd3` is its CPU test.
 
 Random weights at the exact SD 1.5 shapes (speed and memory do not depend on the values), copied
 into both pipelines; the same prompt and initial noise; DDIM; CFG 7.5. For each mode, batch size and
@@ -49,22 +52,40 @@ from pipeline import SMALL, build  # noqa: E402
 from minisd import SD15, fast  # noqa: E402
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
+# per model: (latent channels, minisd's sampler (diffusers': the pipeline's scheduler), CFG scale)
+RECIPES = {"sd15": (4, "ddim", 7.5), "small": (4, "ddim", 7.5), "sdxl": (4, "ddim", 7.5), "small-xl": (4, "ddim", 7.5),
+           "sd3": (16, "flow_euler", 7.0), "small-sd3": (16, "flow_euler", 7.0)}
 
 
 def compile_reference(ref) -> None:
-    """diffusers' recommended recipe (docs: optimization/torch2.0): channels-last U-Net, torch.compile."""
-    ref.unet.to(memory_format=torch.channels_last)
-    ref.unet = torch.compile(ref.unet, dynamic=False)
+    """diffusers' recommended recipe (docs: optimization/torch2.0): channels-last U-Net, torch.compile (SD 3:
+    of its transformer)."""
+    if hasattr(ref, "transformer"):
+        ref.transformer = torch.compile(ref.transformer, dynamic=False)
+    else:
+        ref.unet.to(memory_format=torch.channels_last)
+        ref.unet = torch.compile(ref.unet, dynamic=False)
     ref.vae.decoder = torch.compile(ref.vae.decoder, dynamic=False)
 
 
 def best_reference(ref, device) -> None:
     """diffusers' own best recipe: fused QKV, channels-last, max-autotune compile with full graphs (on a
-    GPU; Inductor's default mode on the CPU, where max-autotune only lengthens the compile)."""
+    GPU; Inductor's default mode on the CPU, where max-autotune only lengthens the compile). SD 3's pipeline has
+    no fuse_qkv_projections: its transformer's and VAE's are called (the recipe of diffusers' SD 3 docs and
+    its diffusion-fast repository), and the transformer, not a U-Net, is compiled."""
+    mode = "max-autotune" if device.type == "cuda" else None
+    if hasattr(ref, "transformer"):
+        ref.transformer = getattr(ref.transformer, "_orig_mod", ref.transformer)  # not the compiled mode's wrapper
+        ref.transformer.fuse_qkv_projections()
+        ref.vae.fuse_qkv_projections()
+        ref.vae.to(memory_format=torch.channels_last)
+        ref.transformer = torch.compile(ref.transformer, mode=mode, fullgraph=True)
+        ref.vae.decode = torch.compile(ref.vae.decode, mode=mode, fullgraph=True)
+        return
+    ref.unet = getattr(ref.unet, "_orig_mod", ref.unet)
     ref.fuse_qkv_projections()
     ref.unet.to(memory_format=torch.channels_last)
     ref.vae.to(memory_format=torch.channels_last)
-    mode = "max-autotune" if device.type == "cuda" else None
     ref.unet = torch.compile(ref.unet, mode=mode, fullgraph=True)
     ref.vae.decode = torch.compile(ref.vae.decode, mode=mode, fullgraph=True)
 
@@ -90,6 +111,74 @@ def build_xl(cfg, device, dtype, folder: Path):
     return ours, ref
 
 
+def t5_tokenizer(folder: Path):
+    """A small T5-style tokenizer.json (unigram pieces, <pad>=0, </s>=1, <unk>=2, "$A </s>"): T5's tokens are
+    always padded to 256, so any vocabulary that fits the encoder's times the same as T5's 32k pieces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    from minisd.models.tokenizer_t5 import T5Tokenizer
+
+    words = PROMPT.split()
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    vocab += [("▁" + w, -2.0) for w in words] + [(ch, -8.0) for ch in "abcdefghijklmnopqrstuvwxyz"]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return T5Tokenizer(folder)
+
+
+def build_sd3(cfg, device, dtype, folder: Path):
+    """minisd's StableDiffusion3 with random weights, built on `device` and cast to `dtype` there, and diffusers'
+    StableDiffusion3Pipeline on the same weights (read from minisd's save_pretrained folder, then deleted)."""
+    import shutil
+
+    import diffusers
+
+    from minisd import StableDiffusion3
+    from minisd.models.tokenizer import Tokenizer
+
+    tok, tok_2 = Tokenizer.clip_vit_l(), Tokenizer.clip_vit_l()
+    tok_2.hf.pad_token = "!"        # bigG's tokenizer pads with "!", as in SD 3's repos
+    tok_2.pad_id = tok_2.hf.pad_token_id
+    tok_3 = t5_tokenizer(folder / "t5_tokenizer")
+    with torch.device(device):      # T5-XXL's 4.7B parameters are initialised on the GPU, not in CPU memory
+        ours = StableDiffusion3.from_config(cfg, tok, tok_2, tok_3, device=device, dtype=dtype, seed=0)
+    ours.progress = False
+    ours.save_pretrained(folder / "sd3")
+    ref = diffusers.StableDiffusion3Pipeline.from_pretrained(folder / "sd3", torch_dtype=dtype)
+    ref.to(device)
+    ref.set_progress_bar_config(disable=True)
+    shutil.rmtree(folder)           # SD 3 Medium's folder holds 15 GB in fp16
+    return ours, ref
+
+
+def small_sd3():
+    """SD 3's layout (CLIP-L and bigG with projections, T5, a 16-channel VAE with a shift and no quant convs) at
+    widths a CPU test runs in seconds."""
+    from dataclasses import replace
+
+    from minisd import SchedulerConfig, TextEncoderConfig, VAEConfig
+    from minisd.formats.sd3 import SD3Config
+    from minisd.models.mmdit import MMDiTConfig
+    from minisd.models.sd3_configs import TINY_T5
+
+    clip = TextEncoderConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             projection_dim=32, with_projection=True)
+    return SD3Config(
+        transformer=MMDiTConfig(sample_size=8, num_layers=2, num_attention_heads=2, attention_head_dim=32,
+                                joint_attention_dim=80, caption_projection_dim=64, pooled_projection_dim=56,
+                                pos_embed_max_size=16),
+        vae=VAEConfig(latent_channels=16, block_out_channels=(16, 16, 32, 32), norm_num_groups=8, sample_size=64,
+                      scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=clip, text_encoder_2=replace(clip, hidden_size=40, hidden_act="gelu", projection_dim=24),
+        text_encoder_3=replace(TINY_T5, d_model=80), scheduler=SchedulerConfig(prediction_type="flow", shift=3.0))
+
+
 def small_xl():
     """SDXL's layout at widths a CPU test runs in seconds; the second text encoder wider than the first,
     as in SDXL."""
@@ -112,17 +201,17 @@ def small_xl():
 def measure(ours, ref, args, mode: str, device, dtype, ref_images: dict, batches, report) -> None:
     """Time both pipelines (or minisd alone when ref is None: its images are then compared with the
     reference's eager images, kept in ref_images)."""
-    h = args.size // 8
+    h, (channels, sampler, cfg) = args.size // 8, RECIPES[args.model]
     for batch in batches:
-        noise = torch.randn(batch, 4, h, h, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        noise = torch.randn(batch, channels, h, h, generator=torch.Generator().manual_seed(0)).to(device, dtype)
         for steps in args.steps:
             if report.over():
                 return
-            kw = dict(num_inference_steps=steps, guidance_scale=7.5, height=args.size, width=args.size)
+            kw = dict(num_inference_steps=steps, guidance_scale=cfg, height=args.size, width=args.size)
             prompts = [PROMPT] * batch
 
             def run_ours():
-                return ours(prompts, latents=noise, sampler="ddim", output_type="pt", **kw)
+                return ours(prompts, latents=noise, sampler=sampler, output_type="pt", **kw)
 
             def run_ref():
                 return ref(prompts, latents=noise, output_type="pt", **kw).images
@@ -275,16 +364,32 @@ def row_text(r: dict) -> str:
             f"{f(r['diff_max'], '.1e')} / {f(r['diff_mean'], '.1e')} | {r['first_call_s']:.0f} |")
 
 
+def build_models(model: str, device, dtype):
+    """(minisd's pipeline, diffusers' pipeline) on the same random weights, for `--model`."""
+    import tempfile
+
+    from minisd.formats.sd3 import SD3_MEDIUM_PIPELINE
+    from minisd.models.configs import SDXL_BASE
+
+    if model in ("sdxl", "small-xl"):
+        folder = Path(tempfile.mkdtemp(prefix="minisd-bench-xl-"))
+        return build_xl(SDXL_BASE if model == "sdxl" else small_xl(), device, dtype, folder)
+    if model in ("sd3", "small-sd3"):
+        folder = Path(tempfile.mkdtemp(prefix="minisd-bench-sd3-"))
+        return build_sd3(SD3_MEDIUM_PIPELINE if model == "sd3" else small_sd3(), device, dtype, folder)
+    return build(SD15 if model == "sd15" else SMALL, device, dtype)
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="sd15", choices=["sd15", "small", "sdxl", "small-xl"])
+    ap.add_argument("--model", default="sd15", choices=list(RECIPES))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--steps", type=int, nargs="+", default=[50, 25])
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--modes", nargs="+", default=["eager", "paths", "compiled", "best"],
-                    choices=["eager", "paths", "compiled", "best", "best-vs-best"])
+    ap.add_argument("--size", type=int, default=None, help="pixels (default 512; sd3: 1024)")
+    ap.add_argument("--steps", type=int, nargs="+", default=None, help="(default 50 25; sd3: 28)")
+    ap.add_argument("--batch", type=int, nargs="+", default=None, help="(default 1 4; sd3: 1)")
+    ap.add_argument("--modes", nargs="+", default=None, choices=["eager", "paths", "compiled", "best", "best-vs-best"],
+                    help="(default eager paths compiled best; sd3: eager compiled best-vs-best)")
     ap.add_argument("--compiled-batch", type=int, nargs="+", default=None,
                     help="batch sizes for the compiled and best modes (default: --batch; each size compiles anew)")
     ap.add_argument("--paths-batch", type=int, nargs="+", default=None, help="batch sizes for the paths mode")
@@ -292,19 +397,19 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--deadline", type=float, default=None, help="start no new block after this many seconds")
     ap.add_argument("--json", default=None, help="also write the rows here (after every row)")
     args = ap.parse_args(argv)
+    sd3 = args.model in ("sd3", "small-sd3")
+    defaults = (dict(size=1024, steps=[28], batch=[1], modes=["eager", "compiled", "best-vs-best"]) if sd3 else
+                dict(size=512, steps=[50, 25], batch=[1, 4], modes=["eager", "paths", "compiled", "best"]))
+    for key, value in defaults.items():
+        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    if sd3 and "paths" in args.modes:
+        raise ValueError(f"--modes paths times the U-Net models' fast paths (sd15, sdxl), not --model {args.model}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as diffusers' benchmarks run
-    if args.model in ("sdxl", "small-xl"):
-        import tempfile
-
-        from minisd.models.configs import SDXL_BASE
-
-        folder = Path(tempfile.mkdtemp(prefix="minisd-bench-xl-"))
-        ours, ref = build_xl(SDXL_BASE if args.model == "sdxl" else small_xl(), device, dtype, folder)
-    else:
-        ours, ref = build(SD15 if args.model == "sd15" else SMALL, device, dtype)
-    print(f"\n{environment(device)}, {args.dtype}, {args.model} random weights, {args.size} px, DDIM, CFG 7.5, "
+    ours, ref = build_models(args.model, device, dtype)
+    _, sampler, cfg = RECIPES[args.model]
+    print(f"\n{environment(device)}, {args.dtype}, {args.model} random weights, {args.size} px, {sampler}, CFG {cfg}, "
           f"median of {args.repeats}\n")
     print("| mode | batch | steps | minisd s/image | diffusers s/image | speed-up | minisd it/s | diffusers it/s | "
           "minisd peak GiB | diffusers peak GiB | image diff max / mean | first call s |")
@@ -324,7 +429,7 @@ def main(argv=None) -> list[dict]:
                 ours.compile()
                 compile_reference(ref)
             elif mode in ("best", "best-vs-best"):  # compiled anew, on top of the fused projections
-                if not any(m.fused for m in fast._attentions(ours.unet)):
+                if not sd3 and not any(m.fused for m in fast._attentions(ours.unet)):  # minisd's MMDiT: unfused
                     ours.fuse_qkv_projections()
                 ours.compile(mode="reduce-overhead" if device.type == "cuda" else None)
             if mode == "best-vs-best":

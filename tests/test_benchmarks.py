@@ -1,4 +1,4 @@
-"""benchmarks/gpu.py is prepared and tested on CPU with small SD-1.5- and SDXL-layout models; the GPU run
+"""benchmarks/gpu.py is prepared and tested on CPU with small SD-1.5-, SDXL- and SD-3-layout models; the GPU run
 (SD 1.5 size, eager and compiled) is recorded in docs/benchmarks.md."""
 
 from __future__ import annotations
@@ -73,3 +73,21 @@ def test_gpu_benchmark_sdxl_and_diffusers_best_recipe_run_on_cpu(tmp_path, capsy
     assert [r["mode"] for r in rows] == ["eager", "best-vs-best"]
     for r in rows:   # the same pictures, eager and compiled, in both libraries
         assert r["diff_max"] < 1e-4 and r["diffusers_s_per_image"] > 0, r
+
+
+def test_gpu_benchmark_sd3_runs_on_cpu(tmp_path, capsys):
+    """--model sd3's path (minisd's StableDiffusion3 against diffusers' StableDiffusion3Pipeline on the same
+    weights, flow Euler, CFG 7) on a small SD 3 (CLIP-L, bigG, T5, 16-channel VAE): eager, then both libraries'
+    best recipes (diffusers': fused QKV in the transformer and VAE, channels-last VAE, full-graph compile)."""
+    gpu = load("gpu")
+    rows = gpu.main(["--model", "small-sd3", "--device", "cpu", "--dtype", "float32", "--size", "64", "--steps", "2",
+                     "--batch", "1", "--modes", "eager", "best-vs-best", "--repeats", "1",
+                     "--json", str(tmp_path / "rows.json")])
+    printed = capsys.readouterr().out
+    assert "small-sd3 random weights, 64 px, flow_euler, CFG 7.0" in printed and "| eager | 1 | 2 |" in printed
+    assert [(r["mode"], r["batch"], r["steps"]) for r in rows] == [("eager", 1, 2), ("best-vs-best", 1, 2)]
+    for r in rows:   # the same weights and latents: the same pictures, eager and compiled
+        print(f"sd3 benchmark {r['mode']}: image diff max {r['diff_max']:.2e}, mean {r['diff_mean']:.2e}")
+        assert r["diff_max"] < 1e-4 and r["finite"], r
+        assert r["minisd_s_per_image"] > 0 and r["diffusers_s_per_image"] > 0, r
+    assert json.loads((tmp_path / "rows.json").read_text())["errors"] == []
