@@ -140,6 +140,25 @@ def test_t5_matches_transformers():
                rtol=1e-4)
 
 
+def test_t5_in_fp16_keeps_wo_in_fp32_as_transformers_does(tmp_path):
+    """Loaded in float16, transformers keeps each feed-forward's `wo` in float32 (T5 v1.1 overflows fp16 there);
+    minisd's `T5Encoder.to(float16)` does the same, and the outputs agree at fp16's precision."""
+    cfg = replace(TINY_T5, num_layers=2)
+    ref32 = reference_t5(cfg)
+    ref32.load_state_dict(perturbed(ref32.state_dict(), seed=5))
+    ref32.save_pretrained(tmp_path)
+    ref = transformers.T5EncoderModel.from_pretrained(tmp_path, torch_dtype=torch.float16).eval()
+    model = ours(T5Encoder, cfg, ref32.state_dict()).to(torch.float16)
+    for (name, ours_p), (_, ref_p) in zip(model.named_parameters(), ref.named_parameters()):
+        assert ours_p.dtype == ref_p.dtype, name  # wo in float32, everything else in float16
+    assert model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        out, expected = model(ids), ref(ids).last_hidden_state
+    assert out.dtype == expected.dtype
+    report("T5 encoder, fp16 with wo in fp32", out.float(), expected.float(), rtol=4e-3)  # a few fp16 ulps (9.8e-4)
+
+
 def test_t5_relative_buckets_match_transformers():
     rel = torch.arange(-300, 300)[None, :]
     theirs = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket(rel, True, 32, 128)

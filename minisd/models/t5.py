@@ -217,6 +217,17 @@ class T5Encoder(nn.Module):
         self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.encoder = T5Stack(cfg, self.shared)  # tied: encoder.embed_tokens is `shared`
 
+    def to(self, *args, **kwargs) -> T5Encoder:
+        """nn.Module.to, but in float16 every feed-forward's `wo` stays in float32, as transformers keeps it
+        (T5's `_keep_in_fp32_modules`): T5 v1.1's activations there overflow fp16. The residual stream then
+        turns float32 after the first feed-forward, exactly as in transformers."""
+        super().to(*args, **kwargs)
+        if self.shared.weight.dtype == torch.float16:
+            for module in self.modules():
+                if isinstance(module, T5DenseGatedActDense):
+                    module.wo.float()
+        return self
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """`attention_mask` (B,T), 1 for tokens and 0 for padding; SD 3 passes none (padding is attended)."""
         if input_ids.ndim != 2:
