@@ -40,8 +40,9 @@ def test_draw_keeps_every_step_and_gives_the_pipelines_picture(pipe):
     final = pipe(settings.prompt, num_inference_steps=6, seed=3, output_type="latent")[0]
     print(f"draw against pipe: max |picture diff| {(d.image - image).abs().max():.1e}, "
           f"max |latent diff| {(d.latents[-1] - final).abs().max():.1e}")
-    # Capturing attention computes it the naive way (softmax(QKᵀ)V, not the fused kernel): float rounding apart
-    assert torch.allclose(d.image, image, atol=1e-4) and torch.allclose(d.latents[-1], final, atol=1e-4)
+    # Capturing attention computes it the naive way (softmax(QKᵀ)V, not the fused kernel): float rounding apart,
+    # which six steps grow to about 2e-4 in the latents (|z| ~ 3) on one thread, 3e-5 on two
+    assert torch.allclose(d.image, image, atol=1e-4) and torch.allclose(d.latents[-1], final, atol=1e-3)
     assert len(d.latents) == len(d.x0) == len(d.maps) == len(d.timesteps) == 6
     assert d.timesteps == sorted(d.timesteps, reverse=True)
 
