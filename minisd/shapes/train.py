@@ -6,6 +6,7 @@
     minisd train textual-inversion|dreambooth   # two more ways to teach it `star` (train_ti.py, train_dreambooth.py)
     minisd train lcm                       # a latent consistency model distilled from it (train_lcm.py)
     minisd train mmdit                     # SD 3's transformer on its latents and text (train_mmdit.py)
+    minisd train motion                    # a motion module on moving shapes, for videos (train_motion.py)
     minisd train unet --init-from data/tiny --prediction-type v_prediction|flow --out runs/tiny_v/model
                                            # the same model with another objective (diffusion.objectives)
 
@@ -509,7 +510,7 @@ def start_training(argv: list[str]) -> Path:
                         help="what to train (default: the whole recipe); `minisd train lora|controlnet|inpaint|"
                              "textual-inversion|dreambooth --help` trains adapters (and the inpainting model) on the finished model, "
                              "`minisd train lcm --help` distils it, `minisd train mmdit --help` trains a transformer "
-                             "in the U-Net's place")
+                             "in the U-Net's place, `minisd train motion --help` a motion module for videos")
     config_flags(parser, TrainConfig)
     parser.add_argument("--fresh", action="store_true", help="ignore checkpoints in --work and start over")
     parser.add_argument("--force", action="store_true", help="overwrite a model already in --out")
