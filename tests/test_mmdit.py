@@ -65,6 +65,24 @@ def test_mmdit_matches_diffusers(variant):
                ref(z, context, pooled, t).sample, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name,cfg", [("SD3 Medium", SD3_MEDIUM), ("SD3.5 Medium", SD35_MEDIUM)])
+def test_mmdit_matches_diffusers_at_the_real_width(name, cfg):
+    """The real models' widths (1536: 24 heads of 64; text 4096, pooled 2048; the 192- or 384-patch table) at reduced
+    depth: two blocks, an ordinary one and the last (context_pre_only), SD 3.5's dual attention in the first."""
+    cfg = replace(cfg, num_layers=2, dual_attention_layers=(0,) if cfg.dual_attention_layers else ())
+    ref = reference_mmdit(cfg)
+    ref.load_state_dict(perturbed(ref.state_dict(), seed=7))
+    model = ours(MMDiT, cfg, ref.state_dict())
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(1, 16, 16, 12, generator=g)
+    context = torch.randn(1, 10, cfg.joint_attention_dim, generator=g)
+    pooled = torch.randn(1, cfg.pooled_projection_dim, generator=g)
+    with torch.no_grad():
+        out = model(z, context, pooled, torch.tensor([500.0]))
+        report(f"MMDiT, {name} width, 2 blocks", out, ref(z, context, pooled, torch.tensor([500.0])).sample, rtol=1e-4)
+    assert out.std() > 0.1  # a real output, not a zero that any model would match
+
+
 def test_position_table_matches_diffusers():
     """The table is a buffer in the checkpoint; ours, built from the formula, equals diffusers' bit for bit."""
     for cfg in (SMALL, replace(SMALL, sample_size=20, pos_embed_max_size=30)):
@@ -138,6 +156,17 @@ def test_t5_matches_transformers():
         report("T5 encoder", model(ids), ref(ids).last_hidden_state, rtol=1e-4)
         report("T5 encoder, padding masked", model(ids, mask), ref(ids, attention_mask=mask).last_hidden_state,
                rtol=1e-4)
+
+
+def test_t5_matches_transformers_at_the_xxl_width():
+    """T5 v1.1 XXL's widths (d_model 4096, 64 heads of 64, d_ff 10240) in one layer, over a reduced vocabulary."""
+    cfg = replace(T5_XXL, num_layers=1, vocab_size=512)
+    ref = reference_t5(cfg)
+    ref.load_state_dict(perturbed(ref.state_dict(), seed=9))
+    model = ours(T5Encoder, cfg, ref.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        report("T5 encoder, XXL width, 1 layer", model(ids), ref(ids).last_hidden_state, rtol=1e-4)
 
 
 def test_t5_in_fp16_keeps_wo_in_fp32_as_transformers_does(tmp_path):
