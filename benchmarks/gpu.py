@@ -1,6 +1,6 @@
 """SD 1.5 at real size on one GPU: minisd against diffusers, eager and compiled, in the same process.
 
-    python benchmarks/gpu.py                                   # the issue's table (about 8 minutes on an H100)
+    python benchmarks/gpu.py                                   # the SD 1.5 table (about 8 minutes on an H100)
     python benchmarks/gpu.py --model small --device cpu --size 64 --steps 4 --batch 1 --modes eager
                                                                # the same script on CPU, as the tests run it
 
