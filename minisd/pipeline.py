@@ -112,7 +112,7 @@ class StableDiffusion:
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> StableDiffusion:
         if device is not None:
             self.disable_model_cpu_offload()
-        for m in (self.unet, self.vae, self.text_encoder, *self.controlnets):  # LoRAs included: they are in the tree
+        for m in (self.backbone, self.vae, *self.text_encoders, *self.controlnets):  # LoRAs included: in the tree
             m.to(device=device, dtype=dtype)
         if self.video_unet is not None:  # its U-Net moved above; the motion module with it
             self.video_unet.adapter.to(device=device, dtype=dtype)

@@ -99,12 +99,6 @@ class StableDiffusion3(StableDiffusion):
     def _lora_roots(self) -> dict:
         return {}
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> StableDiffusion3:
-        for m in (self.transformer, self.vae, *self.text_encoders):
-            m.to(device=device, dtype=dtype)
-        self.vae.to(memory_format=torch.channels_last)
-        return self
-
     def __repr__(self) -> str:
         count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
         encoders = " + ".join(f"{count(e):.1f}M" for e in self.text_encoders)

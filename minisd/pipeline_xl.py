@@ -73,14 +73,6 @@ class StableDiffusionXL(StableDiffusion):
         """The refiner's time ids end in an aesthetic score (5 ids) instead of the target size (6)."""
         return self.config.time_ids_count == 5
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> StableDiffusionXL:
-        if device is not None:
-            self.disable_model_cpu_offload()
-        for m in (self.unet, self.vae, *self.text_encoders):
-            m.to(device=device, dtype=dtype)
-        self.vae.to(memory_format=torch.channels_last)
-        return self
-
     def __repr__(self) -> str:
         count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
         encoders = " + ".join(f"{count(e):.1f}M" for e in self.text_encoders)
