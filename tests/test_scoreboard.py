@@ -94,7 +94,7 @@ def test_model_kind_reads_the_scheduler_and_the_training_record(tiny_pipe, tiny_
     assert sb.model_kind(tmp_path, tiny_pipe) == "lcm"
     assert {s for s, _, _ in sb.SETTINGS["lcm"]} == {"lcm"} and {s for s, _, _ in sb.SETTINGS["flow"]} == {"flow_euler"}
     assert (sb.passes(tiny_pipe, 7.5), sb.passes(tiny_pipe, 1.0)) == (2, 1)
-    student = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(time_cond_proj_dim=256)))
+    student = SimpleNamespace(backbone=SimpleNamespace(config=SimpleNamespace(time_cond_proj_dim=256)))
     assert sb.model_kind(tmp_path / "no folder", student) == "lcm"  # reads the guidance scale as an input:
     assert sb.passes(student, 7.5) == 1                              # one pass a step, no CFG
 
