@@ -146,6 +146,17 @@ def test_train_lcm_runs_saves_loads_and_resumes(tiny_folder, tmp_path):
     assert "lcm: resumed at step 3" in (work / "log.txt").read_text()
     assert len(torch.load(work / "lcm.pt", weights_only=True)["losses"]) == 4
 
+    # --init: a new run whose student (and target) start as a saved LCM's, not as the teacher
+    more = tmp_path / "more"
+    train_main(["lcm", "--base", str(tiny_folder), "--out", str(more), "--work", str(tmp_path / "work2"),
+                "--n-images", "8", "--batch", "2", "--time-cond-proj-dim", "16", "--bf16", "no", "--steps", "1",
+                "--lr", "1e-12", "--init", str(out)])
+    before = StableDiffusion.from_pretrained(out, device="cpu").unet.state_dict()
+    after = StableDiffusion.from_pretrained(more, device="cpu").unet.state_dict()
+    assert before["time_embedding.cond_proj.weight"].abs().max() > 0  # trained, so not the teacher's zero
+    assert all(torch.equal(before[k], after[k]) for k in before)  # a step at lr 1e-12 leaves the fp16 weights
+    assert "continued from" in (tmp_path / "work2" / "log.txt").read_text()
+
 
 REFUSED = [
     (["--steps", "0"], "--steps must be at least 1, got 0"),
@@ -158,6 +169,7 @@ REFUSED = [
     (["--time-cond-proj-dim", "2"], "--time-cond-proj-dim must be at least 4, got 2"),
     (["--bf16", "maybe"], "--bf16 must be one of 'yes', 'no', 'auto', got 'maybe'"),
     (["--device", "gpu0"], "--device must be a torch device such as 'cpu' or 'cuda', got 'gpu0'"),
+    (["--init", "no/such/folder"], "--init 'no/such/folder' is not a folder"),
 ]
 
 

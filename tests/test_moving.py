@@ -192,6 +192,16 @@ def test_cli_dispatches_train_motion(capsys):
     assert "--lora-rank" in capsys.readouterr().out
 
 
+def test_timesteps_favour_the_noisier_half():
+    from minisd.shapes.train_motion import timesteps
+
+    g = torch.Generator().manual_seed(0)
+    t = timesteps(1000, 20_000, 0.5, g)
+    assert 0 <= t.min() and t.max() < 1000
+    assert abs((t >= 500).float().mean().item() - 0.75) < 0.02  # half drawn there, and half of the rest
+    assert abs((timesteps(1000, 20_000, 0.0, g) >= 500).float().mean().item() - 0.5) < 0.02
+
+
 def test_direction_gap_turns_the_direction_round():
     pipe = load_frozen("tiny", "cpu")
     video, _, _ = build(MotionConfig(**SMALL), pipe)
@@ -240,3 +250,64 @@ def test_pipe_load_motion_module_brings_the_words_and_lora_and_unload_takes_them
     assert pipe.video_unet is None and not pipe.textual_inversions and "motion" not in pipe.loras
     assert len(pipe.tokenizer) == vocab
     assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+
+
+# ─── the motion module that reads the caption ──────────────────────────────────────────────────────
+
+def test_text_reading_block_is_per_pixel_cross_attention_and_reads_the_caption():
+    from minisd.models.motion import TemporalTransformerBlock
+
+    torch.manual_seed(0)
+    block = TemporalTransformerBlock(16, 2, 32, text_dim=12).eval()
+    B, L, F, T = 2, 5, 8, 7
+    x, text = torch.randn(B * L, F, 16), torch.randn(B, T, 12)
+    where = torch.randn(L, 1, 16)  # the pixels' places
+    with torch.no_grad():
+        ours = block(x, text, where)
+        # by hand: every pixel's frames, their frame positions and the pixel's place added, attend to their own
+        # video's caption
+        h = x + block.attn1(block.pos_embed(block.norm1(x)))
+        q = block.pos_embed(block.norm2(h)) + where.repeat(B, 1, 1)
+        h = h + block.attn2(q, text.repeat_interleave(L, dim=0))  # (B·L, F, C) against (B·L, T, E)
+        by_hand = h + block.ff(block.norm3(h))
+        other = block(x, torch.randn(B, T, 12), where)
+    diff = (ours - by_hand).abs()
+    print(f"text-reading temporal block vs per-pixel cross-attention by hand: max abs diff {diff.max():.3e}")
+    assert diff.max() < 1e-5
+    assert (other - ours).abs().max() > 1e-2  # another caption, another output
+    with pytest.raises(ValueError, match="context"):
+        block(x)
+
+
+def test_image_positions_tell_pixels_apart_and_levels_agree():
+    from minisd.models.motion import image_positions
+
+    fine, coarse = image_positions(16, 16, 32), image_positions(8, 8, 32)
+    assert fine.shape == (256, 1, 32) and coarse.shape == (64, 1, 32)
+    assert torch.cdist(fine[:, 0], fine[:, 0]).add(torch.eye(256)).min() > 0.1  # every pixel its own place
+    # the place of a coarse pixel is that of the same spot of the picture: between the four fine pixels it covers
+    fine_grid, coarse_grid = fine.reshape(16, 16, 32), coarse.reshape(8, 8, 32)
+    mean_of_four = fine_grid.reshape(8, 2, 8, 2, 32).mean((1, 3))
+    nearest = torch.cdist(coarse_grid.reshape(64, 32), mean_of_four.reshape(64, 32)).argmin(1)
+    assert torch.equal(nearest, torch.arange(64))
+
+
+def test_text_reading_module_round_trips_and_plain_one_stays_diffusers(tmp_path):
+    pytest.importorskip("diffusers")
+    from diffusers import MotionAdapter as DiffusersMotionAdapter
+
+    from minisd.formats.motion import load_motion_adapter, save_motion_adapter
+    from minisd.models.motion import TEXT_KEY
+
+    pipe = load_frozen("tiny", "cpu")
+    for reads_text in ("yes", "no"):
+        motion = MotionConfig(reads_text=reads_text, words="", **SMALL)
+        video, _, _ = build(motion, pipe)
+        cfg = motion.adapter_config(pipe.unet.config)
+        save_motion_adapter(video.adapter, tmp_path / reads_text)
+        assert load_motion_adapter(tmp_path / reads_text).config == cfg
+        config = json.loads((tmp_path / reads_text / "config.json").read_text())
+        assert config.get(TEXT_KEY) == (128 if reads_text == "yes" else None)
+    DiffusersMotionAdapter.from_pretrained(tmp_path / "no")  # AnimateDiff's design: diffusers reads it
+    with pytest.raises(Exception, match="size mismatch|shape"):  # its attn2 reads 128-wide text, not 64 channels
+        DiffusersMotionAdapter.from_pretrained(tmp_path / "yes")

@@ -14,6 +14,12 @@ PE is the Transformer's sinusoidal position of the frame (Vaswani et al. 2017, �
 `max_seq_length` frames. proj_out starts at zero (AnimateDiff's `zero_initialize`), so a fresh motion
 module is the identity and the video U-Net starts as the image U-Net, frame by frame.
 
+minisd's one extension (`MotionAdapterConfig.text_cross_attention_dim`): the second attention of each temporal
+block reads the caption instead of the frames again, its queries carrying the frame's position and the pixel's place
+in the picture (`image_positions`), so the module can follow "moving to the left" — AnimateDiff's module reads no
+text and gets the caption only through the image U-Net's frames. The weights keep diffusers' names; diffusers'
+MotionAdapter has no such input and refuses the attention's widths.
+
 Attribute names are those of diffusers' `MotionAdapter` (`down_blocks.0.motion_modules.0.transformer_blocks.0.
 attn1.to_q`), so its checkpoints load with no key map; minisd.formats.motion converts AnimateDiff's own files.
 Numerics follow diffusers' `UNetMotionModel`: its GroupNorm takes statistics over all F frames of a video,
@@ -45,6 +51,9 @@ class MotionAdapterConfig:
     max_seq_length: int = 32               # frames that have a position (rows of the sinusoid table; v1 files: 24)
     mid_block: bool = True                 # a motion module in the mid block (AnimateDiff v2 and later)
     mid_transformer_depth: int = 1         # temporal blocks of the mid block's motion module
+    # minisd's extension: E > 0 makes each temporal block's second attention read the caption (E the context
+    # width) instead of the frames again; diffusers' MotionAdapter has no such input and cannot load it
+    text_cross_attention_dim: int | None = None
 
     def __post_init__(self):
         name = "MotionAdapterConfig"
@@ -60,6 +69,8 @@ class MotionAdapterConfig:
         check_int(name, "max_seq_length", self.max_seq_length, 1, 4096)
         check_bool(name, "mid_block", self.mid_block)
         check_int(name, "mid_transformer_depth", self.mid_transformer_depth, 1, 64)
+        if self.text_cross_attention_dim is not None:
+            check_int(name, "text_cross_attention_dim", self.text_cross_attention_dim, 1, 1 << 16)
         for c, h in zip(self.block_out_channels, self.num_heads):
             check_int(name, "block_out_channels", c, 1, 8192)
             check_int(name, "num_heads", h, 1, 8192)
@@ -105,12 +116,16 @@ class MotionAdapterConfig:
                    num_heads=per_level("motion_num_attention_heads", 8),
                    norm_num_groups=cfg.get("motion_norm_num_groups", 32),
                    max_seq_length=cfg.get("motion_max_seq_length", 32),
-                   mid_block=cfg.get("use_motion_mid_block", True), mid_transformer_depth=mid_depth)
+                   mid_block=cfg.get("use_motion_mid_block", True), mid_transformer_depth=mid_depth,
+                   text_cross_attention_dim=cfg.get(TEXT_KEY))
 
     def to_diffusers(self) -> dict:
+        """The config.json of a diffusers MotionAdapter (with minisd's key for the text cross-attention, if any,
+        which diffusers ignores: it then refuses the attention's weights, whose widths are not its own)."""
         heads = self.num_heads[0] if len(set(self.num_heads)) == 1 else list(self.num_heads)
         d = self.transformer_depth
-        return {
+        text = {} if self.text_cross_attention_dim is None else {TEXT_KEY: self.text_cross_attention_dim}
+        return {**text,
             "_class_name": "MotionAdapter", "block_out_channels": list(self.block_out_channels),
             "motion_layers_per_block": self.layers_per_block,
             "motion_transformer_layers_per_block": d if isinstance(d, int) else list(d),
@@ -121,6 +136,8 @@ class MotionAdapterConfig:
             "conv_in_channels": None,
         }
 
+
+TEXT_KEY = "minisd_text_cross_attention_dim"  # config.json's key for MotionAdapterConfig.text_cross_attention_dim
 
 # guoyww/animatediff-motion-adapter-v1-5-2 (AnimateDiff v2, mm_sd_v15_v2.ckpt): the defaults above
 ANIMATEDIFF_SD15_V2 = MotionAdapterConfig()
@@ -155,24 +172,56 @@ class SinusoidalPositionalEmbedding(nn.Module):
         return x + self.pe[:, :frames].to(x.dtype)
 
 
+def image_positions(height: int, width: int, dim: int, size: int = 16) -> Tensor:
+    """Where each pixel of an (height × width) feature map is, as sinusoids (L, 1, dim), L = height·width: the first
+    dim/2 channels the row's, the rest the column's (`sinusoidal_positions`' formula), in the units of a
+    `size`-pixel map, so that a pixel of a coarser level has the position of the same place in the picture."""
+    def axis(n: int, d: int) -> Tensor:
+        position = ((torch.arange(n) + 0.5) * (size / n)).unsqueeze(1)  # (n, 1): the pixel's centre
+        omega = torch.exp(torch.arange(0, d, 2) * (-math.log(10000.0) / d))  # (d/2,)
+        pe = torch.zeros(n, d)
+        pe[:, 0::2], pe[:, 1::2] = torch.sin(position * omega), torch.cos(position * omega)
+        return pe
+
+    rows, cols = axis(height, dim // 2), axis(width, dim - dim // 2)  # (H, d/2), (W, d/2)
+    return torch.cat([rows[:, None].expand(-1, width, -1), cols[None].expand(height, -1, -1)], -1).reshape(-1, 1, dim)
+
+
 class TemporalTransformerBlock(nn.Module):
     """Pre-LayerNorm block over the frames of one pixel: two self-attentions (diffusers' `double_self_attention`;
-    AnimateDiff's ("Temporal_Self", "Temporal_Self")), each reading the positions, then a GEGLU MLP."""
+    AnimateDiff's ("Temporal_Self", "Temporal_Self")), each reading the positions, then a GEGLU MLP.
 
-    def __init__(self, dim: int, heads: int, max_seq_length: int):
+    With `text_dim` (minisd's extension) the second attention is a cross-attention to the caption instead: each
+    frame of each pixel, the frame's position and the pixel's place in the picture added (`image_positions`), asks
+    the text (B, T, E) what to be, so one query reads "to the left" together with "I am frame 6, near the right
+    edge". (A temporal block alone does not know where its pixel is: its sequences are one pixel's frames.)"""
+
+    def __init__(self, dim: int, heads: int, max_seq_length: int, text_dim: int | None = None):
         super().__init__()
         self.pos_embed = SinusoidalPositionalEmbedding(dim, max_seq_length)
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, heads=heads, dim_head=dim // heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, heads=heads, dim_head=dim // heads)
+        self.attn2 = Attention(dim, text_dim, heads=heads, dim_head=dim // heads)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x (B·L, F, C) -> (B·L, F, C)."""
+    def forward(self, x: Tensor, context: Tensor | None = None, where: Tensor | None = None) -> Tensor:
+        """x (B·L, F, C), each video's L pixels consecutive; if the block reads text, context (B, T, E) and where
+        (L, 1, C), the pixels' places (`image_positions`) -> (B·L, F, C)."""
         x = x + self.attn1(self.pos_embed(self.norm1(x)))  # frames look at frames
-        x = x + self.attn2(self.pos_embed(self.norm2(x)))  # ... twice
+        if not self.attn2.is_cross:
+            return self.ff_step(x + self.attn2(self.pos_embed(self.norm2(x))))  # ... twice
+        if context is None or where is None:
+            raise ValueError("this motion module reads the caption (text_cross_attention_dim): pass context and where")
+        BL, F_, C = x.shape
+        B = context.shape[0]
+        q = self.pos_embed(self.norm2(x)).unflatten(0, (B, -1)) + where.to(x.dtype)  # (B, L, F, C)
+        # the text is one per video: its L·F queries form one sequence (queries do not see each other)
+        q = q.reshape(B, BL // B * F_, C)  # (B, L·F, C)
+        return self.ff_step(x + self.attn2(q, context).reshape(BL, F_, C))
+
+    def ff_step(self, x: Tensor) -> Tensor:
         return x + self.ff(self.norm3(x))
 
 
@@ -184,19 +233,22 @@ class AnimateDiffTransformer3D(nn.Module):
         self.norm = nn.GroupNorm(cfg.norm_num_groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels)
         self.transformer_blocks = nn.ModuleList(
-            [TemporalTransformerBlock(channels, heads, cfg.max_seq_length) for _ in range(depth)])
+            [TemporalTransformerBlock(channels, heads, cfg.max_seq_length, cfg.text_cross_attention_dim)
+             for _ in range(depth)])
         self.proj_out = nn.Linear(channels, channels)
 
-    def forward(self, x: Tensor, num_frames: int) -> Tensor:
-        """x (B·F, C, H, W), frames of a video consecutive -> (B·F, C, H, W)."""
+    def forward(self, x: Tensor, num_frames: int, context: Tensor | None = None) -> Tensor:
+        """x (B·F, C, H, W), frames of a video consecutive; context (B, T, E), read only by blocks that read
+        text -> (B·F, C, H, W)."""
         BF, C, H, W = x.shape
         B = BF // num_frames
         h = x.reshape(B, num_frames, C, H, W).permute(0, 2, 1, 3, 4)  # (B, C, F, H, W)
         h = self.norm(h)  # statistics over the whole video (diffusers), not per frame (AnimateDiff's code)
         h = h.permute(0, 3, 4, 2, 1).reshape(B * H * W, num_frames, C)  # (B·L, F, C)
         h = self.proj_in(h)
+        where = image_positions(H, W, C).to(h.device) if context is not None else None  # (L, 1, C)
         for block in self.transformer_blocks:
-            h = block(h)
+            h = block(h, context, where)
         h = self.proj_out(h)
         h = h.reshape(B, H, W, num_frames, C).permute(0, 3, 4, 1, 2).reshape(BF, C, H, W)  # (B·F, C, H, W)
         return h + x
@@ -271,9 +323,10 @@ class VideoUNet(nn.Module):
         elif context.shape[0] != B * num_frames:
             raise ValueError(f"context {tuple(context.shape)}: expected B={B} or B·F={B * num_frames} rows")
         emb = self.time_embedding(t, B, x).repeat_interleave(num_frames, dim=0)  # (B·F, D)
-        x, skips = self.down(self.unet.conv_in(x), emb, context, num_frames)
-        x = self.mid(x, emb, context, num_frames)
-        x = self.up(x, skips, emb, context, num_frames)
+        text = context[::num_frames]  # (B, T, E): a video's first frame's text, for motion modules that read it
+        x, skips = self.down(self.unet.conv_in(x), emb, context, num_frames, text)
+        x = self.mid(x, emb, context, num_frames, text)
+        x = self.up(x, skips, emb, context, num_frames, text)
         eps = self.unet.conv_out(F.silu(self.unet.conv_norm_out(x)))  # (B·F, C, H, W)
         if z_t.ndim == 4:
             return eps
@@ -289,7 +342,8 @@ class VideoUNet(nn.Module):
         emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         return self.unet.time_embedding(emb.to(x.dtype))
 
-    def down(self, x: Tensor, emb: Tensor, context: Tensor, num_frames: int) -> tuple[Tensor, list[Tensor]]:
+    def down(self, x: Tensor, emb: Tensor, context: Tensor, num_frames: int,
+             text: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
         """The down path, each resnet [+ Transformer2D] followed by its motion module; returns x and the skips."""
         skips = [x]
         for block, motion in zip(self.unet.down_blocks, self.adapter.down_blocks):
@@ -297,22 +351,23 @@ class VideoUNet(nn.Module):
                 x = resnet(x, emb)
                 if block.attentions is not None:
                     x = block.attentions[i](x, context)
-                x = motion.motion_modules[i](x, num_frames)
+                x = motion.motion_modules[i](x, num_frames, text)
                 skips.append(x)
             if block.downsamplers is not None:
                 x = block.downsamplers[0](x)
                 skips.append(x)
         return x, skips
 
-    def mid(self, x: Tensor, emb: Tensor, context: Tensor, num_frames: int) -> Tensor:
+    def mid(self, x: Tensor, emb: Tensor, context: Tensor, num_frames: int, text: Tensor | None = None) -> Tensor:
         """Resnet, Transformer2D, motion module (if the adapter has one), resnet."""
         block = self.unet.mid_block
         x = block.attentions[0](block.resnets[0](x, emb), context)
         if self.adapter.mid_block is not None:
-            x = self.adapter.mid_block.motion_modules[0](x, num_frames)
+            x = self.adapter.mid_block.motion_modules[0](x, num_frames, text)
         return block.resnets[1](x, emb)
 
-    def up(self, x: Tensor, skips: list[Tensor], emb: Tensor, context: Tensor, num_frames: int) -> Tensor:
+    def up(self, x: Tensor, skips: list[Tensor], emb: Tensor, context: Tensor, num_frames: int,
+           text: Tensor | None = None) -> Tensor:
         """The up path, each resnet (eating one skip) [+ Transformer2D] followed by its motion module."""
         for block, motion in zip(self.unet.up_blocks, self.adapter.up_blocks):
             n = len(block.resnets)
@@ -321,12 +376,12 @@ class VideoUNet(nn.Module):
                 x = resnet(torch.cat([x, level_skips.pop()], dim=1), emb)  # (B·F, C + C_skip, H, W) -> (B·F, C, H, W)
                 if block.attentions is not None:
                     x = block.attentions[i](x, context)
-                x = motion.motion_modules[i](x, num_frames)
+                x = motion.motion_modules[i](x, num_frames, text)
             if block.upsamplers is not None:
                 # to the size of the next skip tensor, as the U-Net does (odd latent sizes)
                 x = block.upsamplers[0](x, tuple(skips[-1].shape[-2:]))
         return x
 
 
-__all__ = ["ANIMATEDIFF_SD15_V2", "AnimateDiffTransformer3D", "MotionAdapter", "MotionAdapterConfig",
+__all__ = ["ANIMATEDIFF_SD15_V2", "AnimateDiffTransformer3D", "image_positions", "MotionAdapter", "MotionAdapterConfig",
            "MotionModules", "TemporalTransformerBlock", "VideoUNet", "sinusoidal_positions"]

@@ -78,6 +78,7 @@ class LCMConfig:
     huber_c: float = 0.001            # pseudo-Huber's c (the script's)
     bf16: str = "auto"                # bfloat16 autocast, as for the base model (loop.use_bf16)
     checkpoint_minutes: float = 5.0
+    init: str = ""                    # an LCM pipeline folder whose student to go on training (e.g. data/tiny_lcm)
 
     def __post_init__(self):  # careless input is refused before any work
         check_config(self, at_least_1=("n_images", "steps", "batch"), at_least_0=("seed", "warmup"),
@@ -86,6 +87,8 @@ class LCMConfig:
         if not 1.0 <= self.guidance_min <= self.guidance_max:
             raise ValueError(f"--guidance-min must be at least 1 (no guidance) and at most --guidance-max "
                              f"({self.guidance_max!r}), got {self.guidance_min!r}")
+        if self.init and not Path(self.init).is_dir():
+            raise ValueError(f"--init {self.init!r} is not a folder (an LCM pipeline, e.g. data/tiny_lcm)")
         if self.time_cond_proj_dim < 4:  # the embedding's frequencies divide by W/2 − 1
             raise ValueError(f"--time-cond-proj-dim must be at least 4, got {self.time_cond_proj_dim!r}")
 
@@ -104,6 +107,16 @@ def student_unet(teacher: UNet, dim: int) -> UNet:
     state["time_embedding.cond_proj.weight"] = torch.zeros_like(proj)
     student.load_state_dict(state)  # strict: every other weight is the teacher's
     return student
+
+
+def earlier_student(folder: str, student: UNet) -> dict:
+    """The U-Net weights of an LCM pipeline folder, fp32, for a student of `student`'s configuration (a
+    ValueError naming the folder if its U-Net is another)."""
+    earlier = StableDiffusion.from_pretrained(folder, device=torch.device("cpu"), dtype=torch.float32).unet
+    if earlier.config != student.config:
+        raise ValueError(f"--init {folder!r}: its U-Net is not this student's configuration (the teacher's U-Net "
+                         f"with time_cond_proj_dim={student.config.time_cond_proj_dim})")
+    return earlier.state_dict()
 
 
 class DDIMSolver:
@@ -181,6 +194,9 @@ def train_lcm(cfg: LCMConfig, force: bool = False) -> Path:
 
     with seeded(cfg.seed):  # every weight is then overwritten by the teacher's (cond_proj by zeros)
         student = student_unet(teacher, cfg.time_cond_proj_dim)
+    if cfg.init:
+        student.load_state_dict(earlier_student(cfg.init, student))
+        log(f"student: continued from {cfg.init}")
     target = copy.deepcopy(student).requires_grad_(False).eval()
     student.requires_grad_(True).train()
     log(f"student: the teacher's U-Net + cond_proj ({cfg.time_cond_proj_dim} -> "

@@ -10,27 +10,24 @@
                it the words' vectors (direction_words.safetensors), the LoRA if any (spatial_lora.safetensors),
                and training.json
 
-How the direction reaches the model. A motion module has no text input: it attends across frames, pixel by
-pixel. Text reaches the video U-Net only through the frozen spatial cross-attention, so "moving to the left"
-must be words the text encoder turns into context that the frozen cross-attention passes on to the features
-the motion modules read. Of the direction words, "left" and "right" are whole words of the tiny tokenizer (the
-image grammar's positions, which the frozen model already reads: with the direction turned round, its ε loss
-on moving clips changes by a few per cent); "moving", "up" and "down" are not ("up" becomes u + p</w>,
-characters the text encoder never trained on), and "to" is t + o</w> (it cannot become a token of its own: an
-added token is matched inside words, "top", "bottom", "photo"; it carries no direction anyway). The cheapest
-design: "moving", "up" and "down" become new tokens whose vectors (3 × 128 numbers) are trained with the module,
-as textual inversion trains a word (adapters/textual_inversion.py), "up" starting from "top", "down" from
-"bottom", "moving" from "the"; the frozen cross-attention carries them. `lora_rank` > 0 adds a LoRA on the
-cross-attention's keys and values, so the U-Net can read the words anew.
+How the direction reaches the model. AnimateDiff's module has no text input: it attends across frames, pixel by
+pixel, and text reaches the video U-Net only through the frozen spatial cross-attention, frame by frame. Of the
+direction words, "left" and "right" are whole words of the tiny tokenizer (the image grammar's positions); "moving",
+"up" and "down" are not ("up" becomes u + p</w>, characters the text encoder never trained on), and "to" is t + o</w>
+(it cannot become a token of its own: an added token is matched inside words, "top", "bottom"). So "moving", "up"
+and "down" become new tokens whose vectors are trained with the module, as textual inversion trains a word
+(adapters/textual_inversion.py), "up" starting from "top", "down" from "bottom", "moving" from "the".
 
-Measured on the 32 held-out clips of moving.eval_clips (DDIM 25 steps, CFG 7.5), after 800 steps of 4 clips
-(25 minutes on one thread): direction right in 25% [13–42%] (the untrained module, the image model frame by
-frame: 9%, its objects stay put), identity kept in 59% [42–74%] (91%). The module had learnt that things move
-(ε loss 36–50% below the untrained module's, still falling) but hardly which way: with the direction turned
-round its loss rose by 0–4% (video_eval.direction_gap); the trained words put back at their start vectors
-gave 34% [20–52%], no worse; a rank-8 LoRA on the keys and values did no better than the words alone after 300
-steps (+2% at t = 800 for both). Direction has to be learnt over many more clips; the defaults below are that
-longer run.
+That alone did not carry the direction (research log §12: 800 steps of AnimateDiff's design drew the right
+direction in 25% of held-out clips, chance, and turning the direction round in the caption moved the loss by 0–4%).
+Two changes, both defaults here:
+
+- `reads_text="yes"`: each temporal block's second attention reads the caption (models/motion.py), its queries
+  carrying the frame's position and the pixel's place in the picture (`models.motion.image_positions`): a
+  temporal block alone does not know where its pixel is, and "frame 6 of a shape moving to the left" is a place.
+  diffusers' MotionAdapter has no such input; `reads_text="no"` trains AnimateDiff's design, which it loads.
+- `high_t_share`: half the clips draw their timestep from the noisier half, where sampling decides where each
+  frame's object is; at low noise the frames themselves show it and the caption adds nothing.
 
 config → data → model → loop → save, in `train_motion`; `load_motion` and `sample_clips` put a saved module to
 work (DDIM over the frames, classifier-free guidance).
@@ -81,6 +78,8 @@ class MotionConfig:
     warmup: int = 50
     words_lr: float = 5e-3            # the new words' vectors' rate (textual inversion's)
     min_snr_gamma: float = 5.0
+    high_t_share: float = 0.5         # clips whose timestep is drawn from the noisier half (t ≥ 500), where a clip's
+                                      # layout, and so its motion, is decided; the rest from all timesteps
     caption_dropout: float = 0.1      # captions left empty, for classifier-free guidance
     # the motion module: one per resnet of the U-Net, as AnimateDiff's (its channels and layers are the U-Net's)
     heads: int = 4                    # temporal attention heads at every level (64 and 128 channels: 16 and 32 a head)
@@ -90,14 +89,16 @@ class MotionConfig:
     words: str = "moving,up,down"     # new tokens trained with the module, of: moving, up, down; "" = none
     lora_rank: int = 0                # a LoRA of this rank on lora_targets, trained with the module; 0 = none
     lora_targets: str = "attn2.to_k,attn2.to_v"  # the spatial cross-attention's keys and values
+    reads_text: str = "yes"           # yes: each temporal block's second attention reads the caption (minisd's
+                                      # extension; diffusers cannot load it); no: AnimateDiff's two self-attentions
     bf16: str = "auto"                # bfloat16 autocast, as for the base model (loop.use_bf16)
     checkpoint_minutes: float = 5.0
 
     def __post_init__(self):  # careless input is refused before any work
         check_config(self, at_least_1=("n_clips", "steps", "batch", "heads", "transformer_depth"),
                      at_least_0=("seed", "warmup", "lora_rank"),
-                     above_0=("lr", "words_lr", "min_snr_gamma", "checkpoint_minutes"), shares=("caption_dropout",),
-                     choices={"bf16": ("yes", "no", "auto")})
+                     above_0=("lr", "words_lr", "min_snr_gamma", "checkpoint_minutes"), shares=("caption_dropout", "high_t_share"),
+                     choices={"bf16": ("yes", "no", "auto"), "reads_text": ("yes", "no")})
         unknown = [w for w in self.word_list if w not in INIT_WORDS]
         if unknown or len(set(self.word_list)) != len(self.word_list):
             raise ValueError(f"--words must be distinct words of {', '.join(INIT_WORDS)} (or ''), got {self.words!r}")
@@ -113,12 +114,15 @@ class MotionConfig:
     def adapter_config(self, unet_config) -> MotionAdapterConfig:
         """The motion module for this U-Net: its channels, layers per level and GroupNorm groups (diffusers'
         UNetMotionModel gives its motion modules the U-Net's groups, whatever the adapter's config says), `heads`
-        at every level (a ValueError naming them if they do not divide the channels)."""
+        at every level (a ValueError naming them if they do not divide the channels), and the text's width
+        (the U-Net's cross_attention_dim) if it reads the caption."""
         n = len(unet_config.block_out_channels)
+        text = unet_config.cross_attention_dim if self.reads_text == "yes" else None
         return MotionAdapterConfig(block_out_channels=tuple(unet_config.block_out_channels),
                                    layers_per_block=unet_config.layers_per_block,
                                    transformer_depth=self.transformer_depth, num_heads=(self.heads,) * n,
-                                   norm_num_groups=unet_config.norm_num_groups, max_seq_length=self.max_frames)
+                                   norm_num_groups=unet_config.norm_num_groups, max_seq_length=self.max_frames,
+                                   text_cross_attention_dim=text)
 
 
 # ─── data ──────────────────────────────────────────────────────────────────────────────────────────
@@ -181,6 +185,13 @@ def frames_net(video: VideoUNet, frames: int):
     return lambda z_t, t, context, control=None: video(z_t, t[::frames], context, num_frames=frames)
 
 
+def timesteps(n: int, batch: int, high_share: float, g: torch.Generator) -> torch.Tensor:
+    """(batch,) timesteps: uniform on [0, n), except a `high_share` of them uniform on the noisier half [n/2, n)."""
+    t = torch.randint(0, n, (batch,), generator=g)
+    high = torch.rand(batch, generator=g) < high_share
+    return torch.where(high, torch.randint(n // 2, n, (batch,), generator=g), t)
+
+
 def clip_loss(video: VideoUNet, pipe: StableDiffusion, captions: list[str], z0: torch.Tensor, t: torch.Tensor,
               eps: torch.Tensor, alpha_bar: torch.Tensor, min_snr_gamma: float) -> torch.Tensor:
     """The ε loss over whole clips: z0, eps (B, F, C, h, w), t (B,), one caption per clip; gradients reach the
@@ -232,7 +243,7 @@ def train_motion(cfg: MotionConfig, force: bool = False) -> Path:
         idx = torch.randint(0, len(clips), (cfg.batch,), generator=g)
         z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)).to(device) * pipe.vae.scaling_factor
         captions = draw_captions(clips, idx, rng, cfg.caption_dropout)
-        t = torch.randint(0, len(alpha_bar), (cfg.batch,), generator=g).to(device)
+        t = timesteps(len(alpha_bar), cfg.batch, cfg.high_t_share, g).to(device)
         eps = torch.randn(z0.shape, generator=g).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # the weights stay fp32
             loss = clip_loss(video, pipe, captions, z0, t, eps, alpha_bar, cfg.min_snr_gamma)
@@ -314,5 +325,5 @@ def main(argv: list[str] | None = None) -> Path:
     return train_motion(cfg, force=args.force)
 
 
-__all__ = ["INIT_WORDS", "MotionConfig", "add_words", "build", "clip_loss", "load_motion", "main", "sample_clips",
+__all__ = ["INIT_WORDS", "MotionConfig", "add_words", "build", "clip_loss", "timesteps", "load_motion", "main", "sample_clips",
            "save_motion", "train_motion"]
