@@ -312,7 +312,15 @@ def test_mp4_needs_imageio_ffmpeg_and_no_motion_module_is_named(tiny_motion, tmp
     monkeypatch.setattr(cli, "mp4_available", lambda: False)
     assert run(["video", "x", "--motion", tiny_motion, "--out", tmp_path / "clip.mp4", *FAST]) == 2
     assert "writing .mp4 needs imageio-ffmpeg" in capsys.readouterr().err
-    if not cli.TINY_MOTION.exists():  # without --motion: the tiny model's own, which `minisd train motion` makes
-        assert run(["video", "x", "--out", tmp_path / "clip.gif", *FAST]) == 2
-        assert "no motion module: give --motion PATH" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "TINY_MOTION", tmp_path / "tiny_motion")  # without --motion, and no shipped module
+    assert run(["video", "x", "--out", tmp_path / "clip.gif", *FAST]) == 2
+    assert "no motion module: give --motion PATH" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_without_motion_the_shipped_module_draws(tmp_path):
+    """`minisd video PROMPT`: the tiny model with its own motion module, data/tiny_motion (which reads the caption)."""
+    assert cli.TINY_MOTION.is_dir()
+    out = tmp_path / "clip.gif"
+    assert run(["video", "a red circle moving to the right", "--out", out, "--seed", "1", *FAST]) == 0
+    assert recorded(out)["Motion module"] == "tiny_motion"
