@@ -143,17 +143,21 @@ TEXT_KEY = "minisd_text_cross_attention_dim"  # config.json's key for MotionAdap
 ANIMATEDIFF_SD15_V2 = MotionAdapterConfig()
 
 
-def sinusoidal_positions(max_seq_length: int, dim: int) -> Tensor:
-    """The Transformer's position table (Vaswani et al. 2017, §3.5), (1, max_seq_length, dim), fp32:
+def sinusoids(position: Tensor, dim: int) -> Tensor:
+    """The Transformer's position code (Vaswani et al. 2017, §3.5) of n positions (n,) -> (n, dim), fp32:
 
-        PE[f, 2i] = sin(f / 10000^(2i/dim)),   PE[f, 2i+1] = cos(f / 10000^(2i/dim))
+        PE[p, 2i] = sin(p / 10000^(2i/dim)),   PE[p, 2i+1] = cos(p / 10000^(2i/dim))
     """
-    position = torch.arange(max_seq_length).unsqueeze(1)  # (F, 1)
     omega = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))  # (dim/2,)
-    pe = torch.zeros(1, max_seq_length, dim)
-    pe[0, :, 0::2] = torch.sin(position * omega)
-    pe[0, :, 1::2] = torch.cos(position * omega)
+    angle = position.float().unsqueeze(1) * omega  # (n, dim/2)
+    pe = torch.zeros(len(position), dim)
+    pe[:, 0::2], pe[:, 1::2] = torch.sin(angle), torch.cos(angle)
     return pe
+
+
+def sinusoidal_positions(max_seq_length: int, dim: int) -> Tensor:
+    """The frames' position table, (1, max_seq_length, dim), fp32: `sinusoids` of 0, 1, ..., max_seq_length − 1."""
+    return sinusoids(torch.arange(max_seq_length), dim).unsqueeze(0)
 
 
 class SinusoidalPositionalEmbedding(nn.Module):
@@ -176,12 +180,8 @@ def image_positions(height: int, width: int, dim: int, size: int = 16) -> Tensor
     """Where each pixel of an (height × width) feature map is, as sinusoids (L, 1, dim), L = height·width: the first
     dim/2 channels the row's, the rest the column's (`sinusoidal_positions`' formula), in the units of a
     `size`-pixel map, so that a pixel of a coarser level has the position of the same place in the picture."""
-    def axis(n: int, d: int) -> Tensor:
-        position = ((torch.arange(n) + 0.5) * (size / n)).unsqueeze(1)  # (n, 1): the pixel's centre
-        omega = torch.exp(torch.arange(0, d, 2) * (-math.log(10000.0) / d))  # (d/2,)
-        pe = torch.zeros(n, d)
-        pe[:, 0::2], pe[:, 1::2] = torch.sin(position * omega), torch.cos(position * omega)
-        return pe
+    def axis(n: int, d: int) -> Tensor:  # (n, d): each pixel's centre, in units of the `size`-pixel map
+        return sinusoids((torch.arange(n) + 0.5) * (size / n), d)
 
     rows, cols = axis(height, dim // 2), axis(width, dim - dim // 2)  # (H, d/2), (W, d/2)
     return torch.cat([rows[:, None].expand(-1, width, -1), cols[None].expand(height, -1, -1)], -1).reshape(-1, 1, dim)
@@ -236,6 +236,15 @@ class AnimateDiffTransformer3D(nn.Module):
             [TemporalTransformerBlock(channels, heads, cfg.max_seq_length, cfg.text_cross_attention_dim)
              for _ in range(depth)])
         self.proj_out = nn.Linear(channels, channels)
+        self.reads_text = cfg.text_cross_attention_dim is not None
+        self._places: dict = {}  # (H, W, device) -> image_positions, built once per feature-map size
+
+    def places(self, height: int, width: int, device: torch.device) -> Tensor:
+        """`image_positions` of an (height × width) map, (L, 1, C), made once for each size and device."""
+        key = (height, width, device)
+        if key not in self._places:
+            self._places[key] = image_positions(height, width, self.proj_in.out_features).to(device)
+        return self._places[key]
 
     def forward(self, x: Tensor, num_frames: int, context: Tensor | None = None) -> Tensor:
         """x (B·F, C, H, W), frames of a video consecutive; context (B, T, E), read only by blocks that read
@@ -246,7 +255,7 @@ class AnimateDiffTransformer3D(nn.Module):
         h = self.norm(h)  # statistics over the whole video (diffusers), not per frame (AnimateDiff's code)
         h = h.permute(0, 3, 4, 2, 1).reshape(B * H * W, num_frames, C)  # (B·L, F, C)
         h = self.proj_in(h)
-        where = image_positions(H, W, C).to(h.device) if context is not None else None  # (L, 1, C)
+        where = self.places(H, W, h.device) if self.reads_text else None  # (L, 1, C)
         for block in self.transformer_blocks:
             h = block(h, context, where)
         h = self.proj_out(h)

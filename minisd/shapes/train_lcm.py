@@ -194,13 +194,15 @@ def train_lcm(cfg: LCMConfig, force: bool = False) -> Path:
 
     with seeded(cfg.seed):  # every weight is then overwritten by the teacher's (cond_proj by zeros)
         student = student_unet(teacher, cfg.time_cond_proj_dim)
+    n_params = f"{sum(p.numel() for p in student.parameters()):,} parameters"
     if cfg.init:
         student.load_state_dict(earlier_student(cfg.init, student))
-        log(f"student: continued from {cfg.init}")
+        log(f"student: continued from {cfg.init}'s U-Net (its cond_proj included), {n_params}")
+    else:
+        log(f"student: the teacher's U-Net + cond_proj ({cfg.time_cond_proj_dim} -> "
+            f"{teacher.config.block_out_channels[0]}, zero), {n_params}")
     target = copy.deepcopy(student).requires_grad_(False).eval()
     student.requires_grad_(True).train()
-    log(f"student: the teacher's U-Net + cond_proj ({cfg.time_cond_proj_dim} -> "
-        f"{teacher.config.block_out_channels[0]}, zero), {sum(p.numel() for p in student.parameters()):,} parameters")
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
     step0, losses = resume(work / "lcm.pt", log, model=student, ema=target, opt=opt)
 
