@@ -328,6 +328,8 @@ def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
 def generate_for(pipe, prompts: list[str], guidance_scale: float = 7.5, steps: int = 25, sampler: str | None = None,
                  seed: int = 0, batch: int = 40, output_type: str = "pil") -> list:
     """One picture per prompt; prompt i starts from the noise of seed `seed + i`, whatever the batch size.
+    A stochastic sampler's own draws (LCM's re-noising, the ancestral samplers') come from a generator seeded
+    `seed + start` for the batch starting at prompt `start`, so that every picture is reproducible.
     sampler None: the model's own (`samplers.default_sampler`: DDIM, flow_euler for a flow model).
     output_type "latent": the final latents instead, one (4, h, w) tensor per prompt."""
     import torch
@@ -340,7 +342,8 @@ def generate_for(pipe, prompts: list[str], guidance_scale: float = 7.5, steps: i
                                          generator=torch.Generator().manual_seed(seed + start + i))
                              for i in range(len(chunk))])
         images += list(pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                            latents=noise, output_type=output_type))
+                            latents=noise, generator=torch.Generator().manual_seed(seed + start),
+                            output_type=output_type))
     return images
 
 
