@@ -2,7 +2,8 @@
 
     1. invert   the picture's latents z_0 walked *up* the DDIM schedule to z_T (Song et al. 2021, §4.3 and
                 §5.4): DDIM run backwards, so that DDIM run forwards from z_T gives the picture back
-                (`invert`, `ddim_invert`)
+                (`invert`, `ddim_invert`); with guidance, the unconditional embedding tuned per step so that
+                the guided sampler retraces that path (Mokady et al. 2023: `null_text_inversion`, `redraw`)
     2. edit     the source prompt and the target prompt sampled as one batch from the same z_T, the
                 target's attention maps replaced by the source's for the first steps (Hertz et al. 2022,
                 "Prompt-to-Prompt Image Editing with Cross Attention Control"): same layout and shapes,
@@ -122,7 +123,8 @@ def seeded(seed: int | None, generator: torch.Generator | None) -> torch.Generat
 
 # ─── 2. DDIM inversion ─────────────────────────────────────────────────────────────────────────────
 
-def ddim_invert(model, z: Tensor, s: samplers.Schedule, prediction_type: str = "epsilon") -> Tensor:
+def ddim_invert(model, z: Tensor, s: samplers.Schedule, prediction_type: str = "epsilon",
+                trajectory: list[Tensor] | None = None) -> Tensor:
     """z_0 -> z_T: `samplers.sample_ddim` (η = 0) run backwards, as diffusers' DDIMInverseScheduler.
 
     A DDIM step from t down to s = t − step_ratio (Song et al. 2021, eq. 12 with η = 0):
@@ -144,14 +146,19 @@ def ddim_invert(model, z: Tensor, s: samplers.Schedule, prediction_type: str = "
     and the round trip's error shrinks with the step size. The walk is the sampler's in reverse, step for
     step: its timesteps reversed, the first step starting at the ᾱ "before" the first timestep
     (`final_alpha`: 1, or ᾱ_0 when set_alpha_to_one is False) where the sampler ends.
-    model(z, t): the (guided) network output, a prediction of `prediction_type` (ε, v or ẑ₀)."""
+    model(z, t): the (guided) network output, a prediction of `prediction_type` (ε, v or ẑ₀). `trajectory`, if
+    given, receives every latent of the walk, z_0 first and z_T last."""
     acp = s.alphas_cumprod
+    if trajectory is not None:
+        trajectory.append(z)
     for t in s.timesteps.flip(0):
         a_t = acp[int(t)].item()                                       # the level stepped up to
         a_s = acp[int(t) - s.step_ratio].item() if int(t) - s.step_ratio >= 0 else s.final_alpha  # the current one
         out = model(z, t)
         e, x0_hat = dn.to_eps(out, z, a_s, prediction_type), dn.to_x0(out, z, a_s, prediction_type)
         z = a_t**0.5 * x0_hat + (1 - a_t) ** 0.5 * e
+        if trajectory is not None:
+            trajectory.append(z)
     return z
 
 
@@ -183,6 +190,129 @@ def invert(pipe: StableDiffusion, image, prompt: str | list[str], num_inference_
     z_T = ddim_invert(model, z0, schedule, pipe.scheduler.prediction_type)
     check.flush()
     return z_T
+
+
+@dataclass
+class NullTextInversion:
+    """What `null_text_inversion` found: DDIM from `latents` with `prompt`, guided at `guidance_scale` against
+    `null_embeddings[i]` (not the empty prompt's) at step i, redraws the picture (`redraw`)."""
+    latents: Tensor          # z_T (1, 4, h, w): plain DDIM inversion's, at guidance 1
+    null_embeddings: Tensor  # (steps, 1, T, E): the unconditional branch's text embedding, one per sampling step
+    prompt: str
+    guidance_scale: float
+    losses: list[float]      # each step's last ‖z_{t−1} − z*_{t−1}‖² (mean over the latent), after optimising
+
+
+def ddim_step(out: Tensor, z: Tensor, a_t: float, a_prev: float, prediction_type: str) -> Tensor:
+    """One DDIM step (η = 0) from level ᾱ_t to ᾱ_prev, as `samplers.sample_ddim` takes it, differentiably."""
+    e, x0_hat = dn.to_eps(out, z, a_t, prediction_type), dn.to_x0(out, z, a_t, prediction_type)
+    return a_prev**0.5 * x0_hat + (1 - a_prev) ** 0.5 * e
+
+
+def null_text_inversion(pipe: StableDiffusion, image, prompt: str, num_inference_steps: int = 50,
+                        guidance_scale: float = 7.5, inner_steps: int = 10, lr: float = 1e-2,
+                        tolerance: float = 1e-5, seed: int | None = None,
+                        generator: torch.Generator | None = None) -> NullTextInversion:
+    """Null-text inversion (Mokady et al. 2023, "Null-text Inversion for Editing Real Images", alg. 1).
+
+    Plain inversion (`invert`, guidance 1) gives the pivots z*_0, ..., z*_T. Sampling from z*_T at guidance
+    w > 1 leaves them, since each guided step differs from the unguided one by (w − 1)(ε(z, c) − ε(z, ∅)).
+    Null-text inversion keeps the network and the prompt and tunes only ∅, the embedding the unconditional
+    branch reads, one per step: starting at z̄_T = z*_T, for each step t
+
+        ∅_t ← argmin ‖z*_{t−1} − DDIM(z̄_t, t, ε_∅t + w (ε_c − ε_∅t))‖²      (Adam, `inner_steps` steps at
+                                                                            lr·(1 − i/100), stopped below
+                                                                            tolerance + 2e-5·i, as the paper)
+        z̄_{t−1} = DDIM(z̄_t, t, ...) with that ∅_t,   and ∅_{t−1} starts from ∅_t.
+
+    Returns the pivot z*_T and the ∅_t's; `redraw` samples with them. One picture, one prompt."""
+    check_pipe(pipe)
+    check_prompt("prompt", prompt)
+    check_steps(num_inference_steps)
+    check_guidance(guidance_scale)
+    if guidance_scale <= 1.0:
+        raise ValueError(f"null-text inversion tunes the unconditional branch of guidance: guidance_scale must be "
+                         f"above 1, got {guidance_scale!r} (at 1, `invert` alone redraws the picture)")
+    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
+        raise ValueError(f"inner_steps must be a whole number of at least 1, got {inner_steps!r}")
+    for name, v in (("lr", lr), ("tolerance", tolerance)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (name == "lr" and v == 0):
+            raise ValueError(f"{name} must be a finite number above 0, got {v!r}")
+    generator = seeded(seed, generator)
+    x = image_tensor(image)
+    if len(x) != 1:
+        raise ValueError(f"null-text inversion takes one picture, got {len(x)}")
+    kind = pipe.scheduler.prediction_type
+    schedule = samplers.make_schedule("ddim", num_inference_steps, pipe.scheduler)
+    with torch.inference_mode():
+        cond = pipe.encode_text([prompt])
+        null = pipe.encode_text([""])
+        z0 = posterior(pipe, x, generator)
+        check = dn.FiniteCheck(pipe.nan_check, schedule.timesteps)
+        model = build_denoiser(pipe, cond, None, 1.0, schedule, Start(z0), None, x.shape[-2:], check)
+        pivots: list[Tensor] = []
+        ddim_invert(model, z0, schedule, kind, pivots)
+        check.flush()
+    pivots, cond, null = [p.clone() for p in pivots], cond.clone(), null.clone()  # out of inference mode, for autograd
+    acp, unet = schedule.alphas_cumprod, pipe.unet
+    z, u = pivots[-1].float(), null.float()  # z̄_t, ∅_t (fp32; cast to the U-Net's dtype for each call)
+    nulls, losses = [], []
+    for i, t in enumerate(schedule.timesteps):
+        a_t = acp[int(t)].item()
+        a_prev = acp[int(t) - schedule.step_ratio].item() if int(t) - schedule.step_ratio >= 0 else schedule.final_alpha
+        target = pivots[-(i + 2)]
+        tt = t.reshape(1).to(pipe.device)
+        zin = z.to(unet.dtype)
+        with torch.no_grad():
+            out_c = unet(zin, tt, cond).float()
+        u = u.detach().requires_grad_(True)
+        opt = torch.optim.Adam([u], lr=lr * (1 - i / 100))
+        for _ in range(inner_steps):
+            out_u = unet(zin, tt, u.to(unet.dtype)).float()
+            loss = torch.nn.functional.mse_loss(ddim_step(out_u + guidance_scale * (out_c - out_u), z, a_t, a_prev,
+                                                          kind), target.float())
+            (u.grad,) = torch.autograd.grad(loss, u)  # ∅_t's gradient only: the network's weights get none
+            opt.step()
+            if loss.item() < tolerance + 2e-5 * i:
+                break
+        with torch.no_grad():
+            out_u = unet(zin, tt, u.to(unet.dtype)).float()
+            z = ddim_step(out_u + guidance_scale * (out_c - out_u), z, a_t, a_prev, kind)
+            losses.append(torch.nn.functional.mse_loss(z, target.float()).item())
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"null-text inversion diverged at step {i} (t = {int(t)}): lower lr ({lr!r})")
+        nulls.append(u.detach().clone())
+    return NullTextInversion(pivots[-1], torch.stack(nulls), prompt, float(guidance_scale), losses)
+
+
+@torch.inference_mode()
+def redraw(pipe: StableDiffusion, inversion: NullTextInversion, prompt: str | None = None,
+           output_type: str = "pt"):
+    """DDIM from `inversion.latents`, guided at its scale with step i's unconditional embedding
+    `inversion.null_embeddings[i]`: the picture again (`prompt` None), or with another prompt of as many tokens
+    (an edit without attention control). Returns (1, 3, H, W) in [0, 1], or a list of one PIL image."""
+    prompt = inversion.prompt if prompt is None else prompt
+    check_prompt("prompt", prompt)
+    if output_type not in ("pil", "pt"):
+        raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
+    schedule = samplers.make_schedule("ddim", len(inversion.null_embeddings), pipe.scheduler)
+    cond = pipe.encode_text([prompt])
+    index = {int(t): i for i, t in enumerate(schedule.timesteps)}
+    w = inversion.guidance_scale
+
+    def eps(z: Tensor, t) -> Tensor:
+        tt = torch.as_tensor(t).reshape(1).to(pipe.device)
+        null = inversion.null_embeddings[index[int(t)]].to(pipe.device, pipe.unet.dtype)
+        zz = torch.cat([z, z]).to(pipe.unet.dtype)
+        out_u, out_c = pipe.unet(zz, tt.expand(2), torch.cat([null, cond])).float().chunk(2)
+        return out_u + w * (out_c - out_u)
+
+    kind = pipe.scheduler.prediction_type
+    a = lambda t: schedule.alphas_cumprod[int(t)].item()  # noqa: E731
+    as_eps = (lambda z, t: dn.to_eps(eps(z, t), z.float(), a(t), kind)) if kind != "epsilon" else eps  # noqa: E731
+    z = samplers.sample_ddim(as_eps, inversion.latents.float(), schedule)
+    images = decode_latents(pipe, z.to(pipe.dtype)).float().cpu()
+    return to_pil(images) if output_type == "pil" else images
 
 
 # ─── 3. prompt-to-prompt ───────────────────────────────────────────────────────────────────────────
@@ -274,10 +404,10 @@ def edit(pipe: StableDiffusion, image, prompt: str, target_prompt: str, num_infe
     "a red circle" -> "a blue circle"). `seed`: the draw z ~ q(z|x) of the inversion (None: its mean).
 
     Guidance: the inversion runs at guidance 1, and sampling at guidance_scale w > 1 from its z_T does not
-    redraw the picture exactly (each guided step differs from the unguided step the inversion undid). Mokady
-    et al. 2023 ("null-text inversion") close that gap by optimising the unconditional embedding per step;
-    that is out of scope here. guidance_scale 1 keeps the picture most faithfully, larger scales edit more
-    strongly and drift more: the user chooses."""
+    redraw the picture exactly (each guided step differs from the unguided step the inversion undid).
+    `null_text_inversion` (Mokady et al. 2023) closes that gap for redrawing by tuning the unconditional
+    embedding per step; the edit here keeps the plain inversion. guidance_scale 1 keeps the picture most
+    faithfully, larger scales edit more strongly and drift more: the user chooses."""
     check_pipe(pipe)
     for name, p in (("prompt", prompt), ("target_prompt", target_prompt)):
         check_prompt(name, p)

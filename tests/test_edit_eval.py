@@ -163,9 +163,11 @@ def test_the_documented_numbers_are_the_measured_ones():
     result = json.loads((root / "docs" / "results" / "editing.json").read_text())
     doc = (root / "docs" / "editing.md").read_text()
     rows = dict(zip(["guidance 1", "VAE round trip", "guidance 7.5, z_T inverted at 1",
-                     "guidance 7.5, z_T inverted at 7.5", "guidance 7.5, caption as negative prompt"],
+                     "guidance 7.5, z_T inverted at 7.5", "guidance 7.5, caption as negative prompt",
+                     "guidance 7.5, null-text inversion"],
                     ["guidance 1 (the round trip)", "the VAE alone (encode, decode)", "guidance 7.5 from the same z_T",
-                     "guidance 7.5 from z_T inverted at 7.5", "guidance 7.5, the caption as negative prompt"]))
+                     "guidance 7.5 from z_T inverted at 7.5", "guidance 7.5, the caption as negative prompt",
+                     "guidance 7.5, null-text inversion"]))
     for key, label in rows.items():
         error = result["inversion"]["levels of 255"][key]
         assert f"| {label} | {error['mean']:.2f} | {error['max']:.2f} |" in doc, label

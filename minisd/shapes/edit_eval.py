@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .. import editing
 from ..metrics import wilson_interval
 from .analyser import analyse, judge
 from .world import BASE_SHAPES, COLOURS, PHRASES, Scene, make_scene, render, to_tensor
@@ -158,6 +159,15 @@ def reconstruction(pipe, image: Image.Image, prompt: str, steps: int = STEPS, gu
         x = to_tensor(image)[None].to(pipe.device, pipe.vae.dtype)
         floor = (pipe.vae.decode(pipe.vae.encode(x).mode()).float().cpu()[0].clamp(-1, 1) + 1) / 2
     return {"error": levels(out.float().cpu(), image), "vae floor": levels(floor, image)}
+
+
+def null_text_reconstruction(pipe, image: Image.Image, prompt: str, steps: int = STEPS,
+                             guidance_scale: float = GUIDANCE) -> dict[str, float]:
+    """`reconstruction` for null-text inversion (`editing.null_text_inversion`): invert, tune the unconditional
+    embedding of each step, redraw at `guidance_scale` with them (`editing.redraw`)."""
+    inversion = editing.null_text_inversion(pipe, image, prompt, num_inference_steps=steps,
+                                            guidance_scale=guidance_scale)
+    return {"error": levels(editing.redraw(pipe, inversion)[0].float().cpu(), image)}
 
 
 def edit_report(pipe, steps: int = STEPS, seed: int = 0, limit: int | None = None) -> dict[str, dict[str, float]]:
