@@ -2,13 +2,16 @@
 
     python benchmarks/editing.py              # about 15 minutes on one free CPU core; writes docs/results/editing.json
     python benchmarks/editing.py --inversion  # part 1 alone (about 5 minutes), the rest of the file kept
+    python benchmarks/editing.py --null-text 20  # part 3 alone on the first 20 pictures, the rest kept
 
 1. inversion: held-out one-object pictures inverted with their captions (DDIM at guidance 1) and redrawn: at
    guidance 1 (the round trip, beside the VAE's own), at 7.5 from the same z_T, from z_T inverted at 7.5, and at
    7.5 with the caption as the negative prompt (negative-prompt inversion, Miyake et al. 2023), and at 7.5 with
    the unconditional embedding tuned per step (null-text inversion, Mokady et al. 2023);
 2. editing: a colour swap and a shape swap on each of `edit_eval.PICTURES` held-out pictures with `pipe.edit`'s
-   settings (`minisd.shapes.edit_eval`), and the same swaps sampled from z_T without the attention swap.
+   settings (`minisd.shapes.edit_eval`), and the same swaps sampled from z_T without the attention swap;
+3. the same edits with null-text inversion (`pipe.edit(..., null_text=True)`) beside plain inversion's, on the
+   first pictures of part 2 (each edit runs its own optimisation: about 20 s an edit on one core).
 """
 
 from __future__ import annotations
@@ -69,6 +72,19 @@ def main(n: int = ee.PICTURES) -> dict:
     return results
 
 
+def null_text_edits(n: int) -> dict:
+    """Part 3, written into the existing editing.json."""
+    torch.set_num_threads(1)
+    pipe = StableDiffusion.from_pretrained("tiny", device="cpu")
+    pipe.progress = False
+    results = json.loads(OUT.read_text())
+    for key, null_text in (("edit, null-text inversion", True), ("edit, plain inversion, same pictures", False)):
+        results[key] = ee.evaluate(pipe, n, null_text=null_text)
+        print(key, {k: round(r["success"]["rate"], 3) for k, r in results[key]["rates"].items()}, flush=True)
+    OUT.write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
 def inversion_only() -> dict:
     """Part 1 again, written into the existing editing.json beside part 2's results."""
     torch.set_num_threads(1)
@@ -85,5 +101,7 @@ def inversion_only() -> dict:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--inversion"]:
         inversion_only()
+    elif sys.argv[1:2] == ["--null-text"]:
+        null_text_edits(int(sys.argv[2]) if len(sys.argv) > 2 else 20)
     else:
         main(int(sys.argv[1]) if len(sys.argv) > 1 else ee.PICTURES)

@@ -286,31 +286,34 @@ def null_text_inversion(pipe: StableDiffusion, image, prompt: str, num_inference
 
 
 @torch.inference_mode()
-def redraw(pipe: StableDiffusion, inversion: NullTextInversion, prompt: str | None = None,
-           output_type: str = "pt"):
+def redraw(pipe: StableDiffusion, inversion: NullTextInversion, prompt: str | list[str] | None = None,
+           output_type: str = "pt", callback=None):
     """DDIM from `inversion.latents`, guided at its scale with step i's unconditional embedding
-    `inversion.null_embeddings[i]`: the picture again (`prompt` None), or with another prompt of as many tokens
-    (an edit without attention control). Returns (1, 3, H, W) in [0, 1], or a list of one PIL image."""
-    prompt = inversion.prompt if prompt is None else prompt
-    check_prompt("prompt", prompt)
+    `inversion.null_embeddings[i]`: the picture again (`prompt` None), or with other prompts, one picture each
+    from the same z_T (the batch [∅_t, ∅_t, ..., c_1, c_2, ...], as `pipe` guides). `callback(i, t, latents)`
+    after each step. Returns (B, 3, H, W) in [0, 1], or a list of PIL images."""
+    prompts = [inversion.prompt] if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+    for p in prompts:
+        check_prompt("prompt", p)
     if output_type not in ("pil", "pt"):
         raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
     schedule = samplers.make_schedule("ddim", len(inversion.null_embeddings), pipe.scheduler)
-    cond = pipe.encode_text([prompt])
+    cond, B = pipe.encode_text(prompts), len(prompts)
     index = {int(t): i for i, t in enumerate(schedule.timesteps)}
     w = inversion.guidance_scale
 
     def eps(z: Tensor, t) -> Tensor:
         tt = torch.as_tensor(t).reshape(1).to(pipe.device)
-        null = inversion.null_embeddings[index[int(t)]].to(pipe.device, pipe.unet.dtype)
+        null = inversion.null_embeddings[index[int(t)]].to(pipe.device, pipe.unet.dtype).expand(B, -1, -1)
         zz = torch.cat([z, z]).to(pipe.unet.dtype)
-        out_u, out_c = pipe.unet(zz, tt.expand(2), torch.cat([null, cond])).float().chunk(2)
+        out_u, out_c = pipe.unet(zz, tt.expand(2 * B), torch.cat([null, cond])).float().chunk(2)
         return out_u + w * (out_c - out_u)
 
     kind = pipe.scheduler.prediction_type
     a = lambda t: schedule.alphas_cumprod[int(t)].item()  # noqa: E731
     as_eps = (lambda z, t: dn.to_eps(eps(z, t), z.float(), a(t), kind)) if kind != "epsilon" else eps  # noqa: E731
-    z = samplers.sample_ddim(as_eps, inversion.latents.float(), schedule)
+    after = None if callback is None else (lambda i, t, z, x0: callback(i, t, z))  # noqa: E731
+    z = samplers.sample_ddim(as_eps, inversion.latents.float().repeat(B, 1, 1, 1), schedule, callback=after)
     images = decode_latents(pipe, z.to(pipe.dtype)).float().cpu()
     return to_pil(images) if output_type == "pil" else images
 
@@ -394,7 +397,7 @@ def token_count(pipe: StableDiffusion, prompt: str) -> int:
 
 def edit(pipe: StableDiffusion, image, prompt: str, target_prompt: str, num_inference_steps: int = 50,
          seed: int | None = 0, cross_replace: float = 0.8, self_replace: float = 0.4, guidance_scale: float = 7.5,
-         generator: torch.Generator | None = None, output_type: str = "pil"):
+         generator: torch.Generator | None = None, output_type: str = "pil", null_text: bool = False):
     """The picture redrawn with `target_prompt` (a list of one PIL image, or (1, 3, H, W) in [0, 1]).
 
     `image` is inverted with `prompt` (DDIM at guidance 1, `invert`); then `prompt` and `target_prompt`
@@ -406,8 +409,9 @@ def edit(pipe: StableDiffusion, image, prompt: str, target_prompt: str, num_infe
     Guidance: the inversion runs at guidance 1, and sampling at guidance_scale w > 1 from its z_T does not
     redraw the picture exactly (each guided step differs from the unguided step the inversion undid).
     `null_text_inversion` (Mokady et al. 2023) closes that gap for redrawing by tuning the unconditional
-    embedding per step; the edit here keeps the plain inversion. guidance_scale 1 keeps the picture most
-    faithfully, larger scales edit more strongly and drift more: the user chooses."""
+    embedding per step: `null_text=True` inverts so (Mokady et al.'s own use of it, with prompt-to-prompt), at
+    the cost of its optimisation. Otherwise guidance_scale 1 keeps the picture most faithfully, larger scales
+    edit more strongly and drift more: the user chooses."""
     check_pipe(pipe)
     for name, p in (("prompt", prompt), ("target_prompt", target_prompt)):
         check_prompt(name, p)
@@ -420,6 +424,15 @@ def edit(pipe: StableDiffusion, image, prompt: str, target_prompt: str, num_infe
     n, m = token_count(pipe, prompt), token_count(pipe, target_prompt)
     if n != m:
         raise ValueError(f"a word swap aligns the prompts token by token: prompt has {n} tokens, target_prompt {m}")
+    if null_text not in (True, False):
+        raise ValueError(f"null_text must be True or False, got {null_text!r}")
+    if null_text:
+        inversion = null_text_inversion(pipe, image, prompt, num_inference_steps, guidance_scale, seed=seed,
+                                        generator=generator)
+        controller = WordSwap(int(cross_replace * num_inference_steps), int(self_replace * num_inference_steps),
+                              guided=True)
+        with attention_editing(pipe.unet, controller):
+            return redraw(pipe, inversion, [prompt, target_prompt], output_type, controller.step_done)[1:]
     z_T = invert(pipe, image, prompt, num_inference_steps, 1.0, seed, generator)
     if len(z_T) != 1:
         raise ValueError(f"edit takes one picture, got {len(z_T)}")

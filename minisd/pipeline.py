@@ -280,13 +280,14 @@ class StableDiffusion:
 
     def edit(self, image, prompt: str, target_prompt: str, num_inference_steps: int = 50, seed: int | None = 0,
              cross_replace: float = 0.8, self_replace: float = 0.4, guidance_scale: float = 7.5, *,
-             generator: torch.Generator | None = None, output_type: str = "pil"):
+             generator: torch.Generator | None = None, output_type: str = "pil", null_text: bool = False):
         """Prompt-to-prompt on a real picture ("a red circle" -> "a blue circle"): invert with `prompt`, then
         sample both prompts, the target's attention maps replaced by the source's for the first
         `cross_replace` (cross-attention) and `self_replace` (self-attention) share of the steps. Returns
-        the edited picture (a list of one PIL image, or (1, 3, H, W) in [0, 1]). See `editing.edit`."""
+        the edited picture (a list of one PIL image, or (1, 3, H, W) in [0, 1]). null_text: invert with null-text
+        inversion, so that the source is redrawn exactly at this guidance. See `editing.edit`."""
         return editing.edit(self, image, prompt, target_prompt, num_inference_steps, seed, cross_replace,
-                            self_replace, guidance_scale, generator, output_type)
+                            self_replace, guidance_scale, generator, output_type, null_text)
 
     def _control(self, image, scale, start, end, guess_mode) -> ControlOptions | None:
         """The ControlNet arguments given (None: not given) as one object, defaults filled in; None when

@@ -153,6 +153,17 @@ def test_redraw_with_the_empty_prompts_embedding_is_plain_guided_sampling(tiny):
     report("redraw with ∅ = embedding of \"\" vs pipe(..., guidance_scale=7.5)", editing.redraw(tiny, inv), plain, 1e-4)
 
 
+def test_edit_with_null_text_to_the_same_prompt_is_the_null_text_redraw(tiny):
+    """pipe.edit(..., null_text=True) inverts with null-text inversion and samples source and target from its z_T with
+    its embeddings: with the target the source, both rows are `redraw`'s picture."""
+    scene = world.make_scene(5)
+    image, prompt = world.render(scene), scene.caption
+    edited = tiny.edit(image, prompt, prompt, num_inference_steps=10, seed=None, null_text=True, output_type="pt")
+    again = editing.redraw(tiny, editing.null_text_inversion(tiny, image, prompt, num_inference_steps=10))
+    report("edit(prompt -> prompt, null_text=True) vs redraw(null_text_inversion)", edited, again, 1e-4)
+    assert not any(isinstance(m, EditedAttention) for m in tiny.unet.modules())
+
+
 BAD_NULL_TEXT = [
     (dict(guidance_scale=1.0), "guidance_scale must be above 1, got 1.0"),
     (dict(inner_steps=0), "inner_steps must be a whole number of at least 1, got 0"),
@@ -216,6 +227,8 @@ BAD_EDITS = [
     (dict(self_replace=-0.1), "self_replace must be .* got -0.1"),
     (dict(target_prompt="a large blue circle"), "prompt has 3 tokens, target_prompt 4"),
     (dict(guidance_scale=float("nan")), "guidance_scale must be"),
+    (dict(null_text="yes"), "null_text must be True or False, got 'yes'"),
+    (dict(null_text=True, guidance_scale=1.0), "guidance_scale must be above 1, got 1.0"),
 ]
 
 

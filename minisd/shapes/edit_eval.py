@@ -110,10 +110,10 @@ def rate(oks: list[bool]) -> dict[str, float]:
 
 
 def run_edits(pipe, tasks: list[EditTask], steps: int = STEPS, guidance_scale: float = GUIDANCE,
-              cross_replace: float = CROSS, self_replace: float = SELF) -> list[Image.Image]:
-    """`pipe.edit` on each task (the inversion takes the posterior mean: no seed)."""
-    return [pipe.edit(t.image, t.prompt, t.target, num_inference_steps=steps, seed=None,
-                      cross_replace=cross_replace, self_replace=self_replace, guidance_scale=guidance_scale)[0]
+              cross_replace: float = CROSS, self_replace: float = SELF, null_text: bool = False) -> list[Image.Image]:
+    """`pipe.edit` on each task (the inversion takes the posterior mean: no seed; `null_text`: null-text inversion)."""
+    return [pipe.edit(t.image, t.prompt, t.target, num_inference_steps=steps, seed=None, cross_replace=cross_replace,
+                      self_replace=self_replace, guidance_scale=guidance_scale, null_text=null_text)[0]
             for t in tasks]
 
 
@@ -128,15 +128,15 @@ def summarise(tasks: list[EditTask], verdicts: list[dict[str, bool]]) -> dict[st
 
 
 def evaluate(pipe, n: int = PICTURES, steps: int = STEPS, guidance_scale: float = GUIDANCE, cross_replace: float = CROSS,
-             self_replace: float = SELF, seed: int = SEED) -> dict:
+             self_replace: float = SELF, seed: int = SEED, null_text: bool = False) -> dict:
     """Every task of `edit_tasks(n, seed)` edited and judged: the settings, the rates per kind, and seconds."""
     tasks = edit_tasks(n, seed)
     t0 = time.perf_counter()
-    images = run_edits(pipe, tasks, steps, guidance_scale, cross_replace, self_replace)
+    images = run_edits(pipe, tasks, steps, guidance_scale, cross_replace, self_replace, null_text)
     seconds = time.perf_counter() - t0
     verdicts = [verdict(t, im) for t, im in zip(tasks, images)]
     return {"settings": {"pictures": n, "seed": seed, "steps": steps, "guidance_scale": guidance_scale,
-                         "cross_replace": cross_replace, "self_replace": self_replace},
+                         "cross_replace": cross_replace, "self_replace": self_replace, "null_text": null_text},
             "rates": summarise(tasks, verdicts), "seconds per edit": seconds / len(tasks)}
 
 
