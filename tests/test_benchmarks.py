@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -61,6 +63,7 @@ def test_gpu_report_prints_the_tables_and_checks_the_goals(tmp_path):
     assert "| 1.50× | 3.75× | 2.50× |" in goal and f"| {4.5 - w:.2f} / {4.7 - w:.2f} |" in goal
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_sdxl_and_diffusers_best_recipe_run_on_cpu(tmp_path, capsys):
     """--model sdxl's path (minisd's StableDiffusionXL against diffusers' pipeline on the same weights) and the
     best-vs-best mode (diffusers' own recipe: fused QKV, channels-last, full-graph compile) on a small SDXL."""

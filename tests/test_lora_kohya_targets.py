@@ -145,6 +145,7 @@ def kohya_drop_effect(pipe: StableDiffusion, prompts: list[str], steps: int = 25
     return out
 
 
+@pytest.mark.slow
 def test_the_layers_kohya_drops_barely_change_the_stars():
     """20 star prompts (every colour, both sizes, every position), 25 DDIM steps, CFG 7.5, seeds 0–19:
     the numbers quoted in docs/adapters.md."""

@@ -104,6 +104,7 @@ def test_shipped_tiny_model_follows_prompts(tiny):
     assert res["colour"] >= 0.8 and res["position"] >= 0.8 and res["shape"] >= 0.6 and res["size"] >= 0.7
 
 
+@pytest.mark.slow
 def test_shipped_star_lora_teaches_star(tiny):
     """The shipped LoRA (data/tiny_star_lora) on half of `minisd eval --lora`'s prompts: stars from next to
     none to most, the base shapes still right. The full table is in docs/adapters.md (2% -> 75% stars, base
