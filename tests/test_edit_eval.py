@@ -185,3 +185,8 @@ def test_the_documented_numbers_are_the_measured_ones():
            f"{pct('no attention swap', 'colour', 'shape kept')})" in doc
     assert f"the new shape drawn in {pct('edit', 'shape', 'new word')} against " \
            f"{pct('no attention swap', 'shape', 'new word')}" in doc
+    null, plain = "edit, null-text inversion", "edit, plain inversion, same pictures"
+    assert f"on the first {result[null]['settings']['pictures']} held-out pictures" in doc
+    assert f"colour swaps succeeded in {pct(null, 'colour', 'success')} and shape swaps in " \
+           f"{pct(null, 'shape', 'success')}, against {pct(plain, 'colour', 'success')} and " \
+           f"{pct(plain, 'shape', 'success')} with the plain inversion" in doc
