@@ -5,17 +5,18 @@ that the loader reads and samples (a few steps on the small SD-1.5-layout model,
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
 import torch
 from conftest import TEST, report
 
-from minisd import StableDiffusion, UNet, UNetConfig
+from minisd import SchedulerConfig, StableDiffusion, UNet, UNetConfig
 from minisd.cli import model_sampler
-from minisd.diffusion.denoisers import guidance_scale_embedding
+from minisd.diffusion.denoisers import guidance_scale_embedding, to_eps
 from minisd.shapes.train import main as train_main
-from minisd.shapes.train_lcm import LCMConfig, save_lcm_pipeline, student_unet
+from minisd.shapes.train_lcm import DDIMSolver, LCMConfig, save_lcm_pipeline, student_unet, teacher_step
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -60,10 +61,15 @@ def test_unet_with_guidance_input_matches_diffusers():
         reference(z, t, context, timestep_cond=w_emb)
 
 
-@pytest.fixture(scope="module")
-def lcm_folder(tokenizer, tmp_path_factory):
-    """A random small LCM pipeline (cond_proj random, not zero), saved as `minisd train lcm` saves one."""
-    pipe = StableDiffusion.from_config(replace(TEST, unet=LCM_UNET), tokenizer, seed=3)
+ZERO_SNR_V = SchedulerConfig(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+
+
+@pytest.fixture(scope="module", params=["epsilon", "v, zero SNR"])
+def lcm_folder(request, tokenizer, tmp_path_factory):
+    """A random small LCM pipeline (cond_proj random, not zero), saved as `minisd train lcm` saves one: of an ε
+    teacher, or of a v-prediction teacher on a zero-terminal-SNR schedule (data/tiny_v's)."""
+    scheduler = TEST.scheduler if request.param == "epsilon" else ZERO_SNR_V
+    pipe = StableDiffusion.from_config(replace(TEST, unet=LCM_UNET, scheduler=scheduler), tokenizer, seed=3)
     folder = tmp_path_factory.mktemp("lcm_pipe")
     save_lcm_pipeline(pipe, pipe.unet, folder)
     return folder
@@ -75,6 +81,8 @@ def test_lcm_pipeline_matches_diffusers(lcm_folder):
                                                                    requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
     assert type(ref.scheduler).__name__ == "LCMScheduler" and ref.scheduler.config.original_inference_steps == 50
+    assert ref.scheduler.config.prediction_type == json.loads(
+        (lcm_folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"]
     ours = StableDiffusion.from_pretrained(lcm_folder, device="cpu")
     ours.progress = False
     assert ours.unet.config.time_cond_proj_dim == 16
@@ -114,6 +122,36 @@ def test_student_starts_as_the_teacher(tiny_pipe):
         report("zero-initialised student vs teacher", student(z, t, context, timestep_cond=w_emb), teacher_eps, 1e-6)
         student.time_embedding.cond_proj.weight.normal_(generator=g)
         assert (student(z, t, context, timestep_cond=w_emb) - teacher_eps).abs().max() > 1e-3
+
+
+def test_a_v_teachers_step_is_its_epsilon_step():
+    """The guided v teacher's DDIM step (to_x0 and to_eps of its v) lands where an ε teacher predicting the same
+    guided output's ε lands, on a zero-SNR schedule; and at t = 999, where ᾱ = 0 and an ε teacher could say
+    nothing of the picture, it lands at √ᾱ_n·(−v) + √(1−ᾱ_n)·z (ẑ₀ = −v, ε̂ = z)."""
+    alpha_bar = ZERO_SNR_V.alphas_cumprod()
+    assert alpha_bar[999] == 0
+    solver, g = DDIMSolver(alpha_bar), torch.Generator().manual_seed(0)
+    z, cond, uncond = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 5, 8, generator=g), torch.zeros(3, 5, 8)
+    n = torch.tensor([48, 25, 0])
+    t, t_end, s = solver.start[n], solver.end[n], torch.tensor([3.0, 7.5, 9.0])
+    weight = torch.randn(4, 4, generator=g)
+
+    def v_teacher(x, tt, context):  # any function of its inputs, read as v
+        return torch.einsum("oc,bchw->bohw", weight, x) * (1 + context.mean(dim=(1, 2)).view(-1, 1, 1, 1))
+
+    def eps_teacher(x, tt, context):  # the same outputs, rewritten as ε
+        a = solver.alpha_bar[tt].view(-1, 1, 1, 1)
+        return to_eps(v_teacher(x, tt, context), x, a, "v_prediction")
+
+    ours = teacher_step(v_teacher, solver, z, t, t_end, cond, uncond, s, "v_prediction")
+    report("v teacher step vs the ε step", ours, teacher_step(eps_teacher, solver, z, t, t_end, cond, uncond, s), 1e-5)
+    assert not torch.allclose(ours, teacher_step(v_teacher, solver, z, t, t_end, cond, uncond, s))  # read as ε: not
+
+    t, t_end = torch.full((3,), 999), torch.full((3,), solver.end[49].item())
+    v = v_teacher(z, t, uncond) + s.view(-1, 1, 1, 1) * (v_teacher(z, t, cond) - v_teacher(z, t, uncond))
+    a = alpha_bar[t_end[0]]
+    report("v teacher step from pure noise", teacher_step(v_teacher, solver, z, t, t_end, cond, uncond, s, "v_prediction"),
+           -a.sqrt() * v + (1 - a).sqrt() * z, 1e-5)
 
 
 def test_train_lcm_runs_saves_loads_and_resumes(tiny_folder, tmp_path):
@@ -157,6 +195,31 @@ def test_train_lcm_runs_saves_loads_and_resumes(tiny_folder, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)  # a step at lr 1e-12 leaves the fp16 weights
     log = (tmp_path / "work2" / "log.txt").read_text()
     assert "continued from" in log and "zero)" not in log  # the log does not claim a fresh cond_proj
+
+
+def test_train_lcm_from_a_v_teacher_keeps_its_schedule(tiny_folder, tmp_path):
+    """--base a v-prediction, zero-terminal-SNR model: the student predicts v, and its LCMScheduler says so and
+    rescales the betas as the teacher's did (diffusers' LCMScheduler reads both); a flow model is refused."""
+    base = tmp_path / "v_base"
+    shutil.copytree(tiny_folder, base)
+    config = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
+    config.update(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    (base / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    out, work = tmp_path / "lcm", tmp_path / "work"
+    train_main(["lcm", "--base", str(base), "--out", str(out), "--work", str(work), "--n-images", "4", "--batch", "2",
+                "--time-cond-proj-dim", "16", "--bf16", "no", "--steps", "1"])
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "LCMScheduler" and scheduler["prediction_type"] == "v_prediction"
+    assert scheduler["rescale_betas_zero_snr"] is True
+    assert "predicting v_prediction, ᾱ at t = 999: 0" in (work / "log.txt").read_text()
+    ref = diffusers.LCMScheduler.from_pretrained(out / "scheduler")
+    assert ref.config.prediction_type == "v_prediction" and ref.alphas_cumprod[-1] < 1e-6
+
+    config.update(prediction_type="flow")
+    (base / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="the teacher must be an ε- or v-prediction model"):
+        train_main(["lcm", "--base", str(base), "--out", str(tmp_path / "flow"), "--work", str(tmp_path / "w2"),
+                    "--n-images", "4", "--batch", "2", "--steps", "1"])
 
 
 REFUSED = [

@@ -1,7 +1,8 @@
 """Latent consistency distillation (Luo et al. 2023, "Latent Consistency Models", alg. 1) of the finished tiny
 model: a student that draws in 2–4 steps, guidance built in, what the teacher draws in 25 with CFG.
 
-    teacher    the finished ε model (--base), frozen, guided at scale s (its CFG batch [∅, c])
+    teacher    the finished ε model (--base), frozen, guided at scale s (its CFG batch [∅, c]); or a v-prediction
+               model (its schedule too: data/tiny_v's ends at zero SNR), and the student then predicts v
     student    a copy of its U-Net with a guidance input (`time_cond_proj_dim`, s embedded as w = s − 1);
                `cond_proj` starts at zero, so the student starts as the teacher exactly
     target     the EMA of the student (decay 0.95, the LCM script's), never trained by gradient
@@ -51,7 +52,7 @@ from .adapter_config import draw_captions, latent_batch, render_and_encode
 from .dist import Dist
 from .loop import (Log, Steps, check_config, config_flags, config_from, lr_at, optimiser_step, refuse_overwrite,
                    resume, seeded, use_bf16, write_json)
-from ..diffusion.denoisers import guidance_scale_embedding, to_x0
+from ..diffusion.denoisers import guidance_scale_embedding, to_eps, to_x0
 from ..diffusion.samplers import LCM_ORIGINAL_STEPS, LCM_TIMESTEP_SCALING, lcm_scalings
 from ..models.unet import UNet
 from ..pipeline import StableDiffusion
@@ -59,7 +60,7 @@ from ..pipeline import StableDiffusion
 
 @dataclass(frozen=True)
 class LCMConfig:
-    base: str = "tiny"                # the teacher: the shipped data/tiny, or any ε model folder
+    base: str = "tiny"                # the teacher: the shipped data/tiny, or any ε or v model folder (data/tiny_v)
     out: str = "runs/tiny_lcm/model"  # the distilled pipeline (never data/ by default)
     work: str = "runs/tiny_lcm"       # checkpoint, log
     device: str = "cpu"
@@ -142,23 +143,23 @@ def bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def consistency_output(unet, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor, w_emb: torch.Tensor,
-                       alpha_bar: torch.Tensor) -> torch.Tensor:
-    """f(z, t, w) = c_skip(t) z + c_out(t) x̂₀(z, t, w): the U-Net's ε as ẑ₀, through LCM's boundary condition
-    (`samplers.lcm_scalings`, on 10·t: c_skip(0) = 1, c_out(0) = 0)."""
-    eps = unet(z, t, context, timestep_cond=w_emb).float()
-    x0_hat = to_x0(eps, z, bcast(alpha_bar[t], z), "epsilon")
+                       alpha_bar: torch.Tensor, prediction_type: str = "epsilon") -> torch.Tensor:
+    """f(z, t, w) = c_skip(t) z + c_out(t) x̂₀(z, t, w): the U-Net's ε (or v) as ẑ₀, through LCM's boundary
+    condition (`samplers.lcm_scalings`, on 10·t: c_skip(0) = 1, c_out(0) = 0)."""
+    out = unet(z, t, context, timestep_cond=w_emb).float()
+    x0_hat = to_x0(out, z, bcast(alpha_bar[t], z), prediction_type)
     c_skip, c_out = lcm_scalings(t.float())
     return bcast(c_skip, z) * z + bcast(c_out, z) * x0_hat
 
 
 @torch.no_grad()
 def teacher_step(teacher: UNet, solver: DDIMSolver, z: torch.Tensor, t: torch.Tensor, t_end: torch.Tensor,
-                 cond: torch.Tensor, uncond: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+                 cond: torch.Tensor, uncond: torch.Tensor, s: torch.Tensor, prediction_type: str = "epsilon") -> torch.Tensor:
     """The guided teacher (one batch [∅, c]) at t_{n+k}, then one DDIM step to t_n: ẑ_n."""
-    eps_u, eps_c = teacher(torch.cat([z, z]), torch.cat([t, t]), torch.cat([uncond, cond])).float().chunk(2)
-    eps = eps_u + bcast(s, z) * (eps_c - eps_u)  # CFG (Ho & Salimans 2021, eq. 6)
-    x0_hat = to_x0(eps, z, bcast(solver.alpha_bar[t], z), "epsilon")
-    return solver.step(x0_hat, eps, t_end)
+    out_u, out_c = teacher(torch.cat([z, z]), torch.cat([t, t]), torch.cat([uncond, cond])).float().chunk(2)
+    out = out_u + bcast(s, z) * (out_c - out_u)  # CFG (Ho & Salimans 2021, eq. 6), linear in ε or v alike
+    a = bcast(solver.alpha_bar[t], z)
+    return solver.step(to_x0(out, z, a, prediction_type), to_eps(out, z, a, prediction_type), t_end)
 
 
 def pseudo_huber(pred: torch.Tensor, target: torch.Tensor, c: float) -> torch.Tensor:
@@ -182,8 +183,9 @@ def train_lcm(cfg: LCMConfig, force: bool = False) -> Path:
     log, t0 = Log(work, dist.is_main), time.time()
     log(f"config: {json.dumps(asdict(cfg))}")
     pipe = StableDiffusion.from_pretrained(cfg.base, device=torch.device(cfg.device), dtype=torch.float32)
-    if pipe.scheduler.prediction_type != "epsilon" or pipe.unet.config.time_cond_proj_dim is not None:
-        raise ValueError(f"--base {cfg.base!r}: the teacher must be an ε-prediction model without a guidance input, "
+    prediction = pipe.scheduler.prediction_type  # the teacher's, and so the student's
+    if prediction not in ("epsilon", "v_prediction") or pipe.unet.config.time_cond_proj_dim is not None:
+        raise ValueError(f"--base {cfg.base!r}: the teacher must be an ε- or v-prediction model without a guidance input, "
                          f"got {pipe.scheduler.prediction_type!r}, time_cond_proj_dim "
                          f"{pipe.unet.config.time_cond_proj_dim}")
     device, teacher = pipe.device, pipe.unet
@@ -213,7 +215,8 @@ def train_lcm(cfg: LCMConfig, force: bool = False) -> Path:
     rng, g = np.random.default_rng(cfg.seed + step0), torch.Generator().manual_seed(cfg.seed + step0)
     bf16 = use_bf16(cfg.bf16, device)
     log(f"lcm: {'bfloat16 autocast' if bf16 else 'float32'}; k = {solver.k}, guidance scale s ~ "
-        f"U[{cfg.guidance_min:g}, {cfg.guidance_max:g}], EMA target decay {cfg.ema_decay:g}")
+        f"U[{cfg.guidance_min:g}, {cfg.guidance_max:g}], EMA target decay {cfg.ema_decay:g}; predicting {prediction}, "
+        f"ᾱ at t = {len(alpha_bar) - 1}: {alpha_bar[-1].item():.4g}")
     state = lambda: dict(model=student.state_dict(), ema=target.state_dict(), opt=opt.state_dict())  # noqa: E731
     steps = Steps("lcm", step0, cfg.steps, log, work / "lcm.pt", cfg.checkpoint_minutes, losses, dist.is_main)
     for step in steps:
@@ -232,10 +235,12 @@ def train_lcm(cfg: LCMConfig, force: bool = False) -> Path:
         eps = dist.share(torch.randn((cfg.batch, *z0.shape[1:]), generator=g)).to(device)
         z = bcast(alpha_bar[t], z0).sqrt() * z0 + (1 - bcast(alpha_bar[t], z0)).sqrt() * eps  # eq. 2 at t_{n+k}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # the weights stay fp32
-            z_end = teacher_step(teacher, solver, z, t, t_end, cond, uncond.expand(len(z), -1, -1), s.to(device))
+            z_end = teacher_step(teacher, solver, z, t, t_end, cond, uncond.expand(len(z), -1, -1), s.to(device),
+                                 prediction)
             with torch.no_grad():
-                goal = consistency_output(target, z_end, t_end, cond, w_emb, alpha_bar)
-            loss = pseudo_huber(consistency_output(student, z, t, cond, w_emb, alpha_bar), goal, cfg.huber_c)
+                goal = consistency_output(target, z_end, t_end, cond, w_emb, alpha_bar, prediction)
+            loss = pseudo_huber(consistency_output(student, z, t, cond, w_emb, alpha_bar, prediction), goal,
+                                cfg.huber_c)
         optimiser_step(loss, opt, list(student.parameters()), dist=dist)
         ema_track(target, student, cfg.ema_decay)
         steps.record(step, dist.all_mean(loss).item(), opt.param_groups[0]["lr"], state)
