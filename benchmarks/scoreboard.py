@@ -4,9 +4,9 @@
     python benchmarks/scoreboard.py --models data/tiny data/tiny_flow --draws 2
     python benchmarks/scoreboard.py --quick               # 24 prompts, 1 draw -> docs/results/scoreboard_quick.json
 
-Default models: data/tiny and whichever of data/tiny_v, data/tiny_flow, data/tiny_lcm exist; for each,
-the settings of its kind (`scoreboard.SETTINGS`): adherence with Wilson intervals, FID/KID against
-renders, seconds per picture. The JSON is rewritten after each (model, setting): run it again to resume
+Default models: data/tiny and whichever of data/tiny_v, data/tiny_flow, data/tiny_lcm, data/tiny_lcm_v,
+data/tiny_mmdit exist; for each, the settings of its kind (`scoreboard.SETTINGS`): adherence with Wilson
+intervals, FID/KID against renders, seconds per picture. The JSON is rewritten after each (model, setting): run it again to resume
 (entries present are skipped), --fresh to start over. Run with OMP_NUM_THREADS set: the thread count
 goes into every entry beside its seconds per picture.
 """

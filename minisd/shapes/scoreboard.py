@@ -125,8 +125,8 @@ def passes(pipe: StableDiffusion, guidance_scale: float) -> int:
 
 
 def default_models() -> list[Path]:
-    """data/tiny, and whichever of data/tiny_v, data/tiny_flow, data/tiny_lcm, data/tiny_mmdit exist."""
-    return [DATA / "tiny"] + [DATA / name for name in ("tiny_v", "tiny_flow", "tiny_lcm", "tiny_mmdit")
+    """data/tiny, and whichever of data/tiny_v, data/tiny_flow, data/tiny_lcm, data/tiny_lcm_v, data/tiny_mmdit exist."""
+    return [DATA / "tiny"] + [DATA / name for name in ("tiny_v", "tiny_flow", "tiny_lcm", "tiny_lcm_v", "tiny_mmdit")
                               if (DATA / name).is_dir()]
 
 
