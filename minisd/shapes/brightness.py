@@ -7,7 +7,7 @@ deviation 1/side for a side × side latent), and the model reads them as the pic
 
 The test: prompts that name a white background, each started from its own noise with the channel means
 replaced by k standard deviations along the black direction (`direction`: the white-minus-black difference of
-the VAE's channel means), the rest of the noise as drawn. k = 1 or 2 is a draw one noise in 6 or 44 makes; a
+the VAE's channel means), the rest of the noise as drawn. k = −1 or −2 is a lean one noise in 6 or 44 has; a
 model that takes the background from the prompt keeps drawing it white.
 
 `background_kept` gives the records; `benchmarks/brightness.py` writes docs/results/brightness.json.
@@ -15,23 +15,23 @@ model that takes the background from the prompt keeps drawing it white.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from .analyser import analyse
+from ..images import image_to_tensor
+from .analyser import analyse, parse
 from .world import BACKGROUNDS, BASE_SHAPES, COLOURS, PHRASES, POSITIONS, SIZES, Scene, render
 
 
 @torch.no_grad()
+def channel_means(pipe, background: str) -> torch.Tensor:
+    """(C,) the latent channel means of an empty picture on `background`, as the U-Net sees latents (scaled)."""
+    x = image_to_tensor(render(Scene(background, []))).to(pipe.device, pipe.vae.dtype)
+    return (pipe.vae.encode(x).mean * pipe.vae.scaling_factor).float().mean(dim=(0, 2, 3)).cpu()
+
+
 def direction(pipe) -> torch.Tensor:
-    """(C,) unit vector: the white background's latent channel means minus the black one's, as the U-Net sees
-    latents (scaled), normalised."""
-    means = []
-    for background in ("white", "black"):
-        x = torch.from_numpy(np.asarray(render(Scene(background, [])), dtype=np.float32) / 127.5 - 1)
-        z = pipe.vae.encode(x.permute(2, 0, 1)[None].to(pipe.device, pipe.vae.dtype)).mean * pipe.vae.scaling_factor
-        means.append(z.float().mean(dim=(0, 2, 3)).cpu())
-    d = means[0] - means[1]
+    """(C,) unit vector: the white background's channel means minus the black one's, normalised."""
+    d = channel_means(pipe, "white") - channel_means(pipe, "black")
     return d / d.norm()
 
 
@@ -65,5 +65,5 @@ def background_kept(pipe, prompts: list[str], k: float, seed: int = 0, steps: in
         images += list(pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, latents=noise,
                             generator=torch.Generator().manual_seed(seed + start)))
     for prompt, image in zip(prompts, images):
-        kept.append(analyse(image).background == prompt.rsplit(" on a ", 1)[1].split()[0])
+        kept.append(analyse(image).background == parse(prompt)[1])
     return kept, images
