@@ -1,7 +1,7 @@
 """Teaching a concept: `minisd train textual-inversion` learns only its token's vectors and saves them in the
 layouts `load_textual_inversion` reads; `minisd train dreambooth` fine-tunes the U-Net alone, draws its prior
-with the frozen base model (once: a resumed run reuses it) and saves a whole pipeline folder; the head-to-head
-rates count what they say."""
+with the frozen base model (once: a resumed run reuses it) and saves a whole pipeline folder; `minisd train
+dreambooth-lora` trains a LoRA on the same data and prior; the head-to-head rates count what they say."""
 
 from __future__ import annotations
 
@@ -85,11 +85,40 @@ def test_dreambooth_without_prior_draws_no_prior(tiny_folder, tmp_path):
     assert not (tmp_path / "w" / "prior.pt").exists()
 
 
+def test_dreambooth_lora_trains_a_lora_with_dreambooths_prior_on_the_frozen_unet(tiny_folder, tmp_path):
+    """`minisd train dreambooth-lora`: DreamBooth's data and prior, the LoRA's low-rank updates; the U-Net is not
+    touched, and the result is a LoRA in both layouts that `load_lora` reads and that changes the picture."""
+    work = tmp_path / "w"
+    argv = ["dreambooth-lora", "--model", str(tiny_folder), *COMMON, "--n-class-images", "4", "--rank", "4",
+            "--alpha", "4", "--lr", "0.01", "--warmup", "1", "--work", str(work)]
+    out = finetune_main([*argv, "--out", str(tmp_path / "dbl")])
+    assert sorted(f.name for f in out.glob("*.safetensors")) == ["dbl_kohya.safetensors", "pytorch_lora_weights.safetensors"]
+    log = (work / "log.txt").read_text()
+    assert "prior: 4 pictures drawn by the base model" in log
+    assert "dreambooth-lora: LoRA trained; batch 2 of star + 2 of the prior, λ = 1" in log
+    checkpoint = torch.load(work / "dreambooth-lora.pt", weights_only=True)["model"]
+    assert checkpoint and all(k.endswith(("down.weight", "up.weight")) for k in checkpoint), "only LoRA weights train"
+    pipe = StableDiffusion.from_pretrained(tiny_folder, device="cpu")
+    pipe.progress = False
+    before = pipe("a small red star on the left", num_inference_steps=2, seed=0, output_type="latent")
+    pipe.load_lora(out, name="star")
+    after = pipe("a small red star on the left", num_inference_steps=2, seed=0, output_type="latent")
+    assert (after - before).abs().max() > 1e-4, "the saved LoRA changes nothing"
+    pipe.unload_lora("star")
+    pipe.load_lora(out / "dbl_kohya.safetensors", name="star")  # the kohya file: the same pictures
+    kohya = pipe("a small red star on the left", num_inference_steps=2, seed=0, output_type="latent")
+    assert (kohya - after).abs().max() < 1e-5
+    assert json.loads((out / "training.json").read_text())["command"] == "minisd train dreambooth-lora"
+    finetune_main([*argv, "--steps", "4", "--out", str(tmp_path / "dbl2")])  # resumes at step 3, the prior read back
+    assert "prior: 4 pictures of the base model read from" in (work / "log.txt").read_text()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["textual-inversion", "--num-vectors", "0"], "--num-vectors must be at least 1, got 0"),
     (["dreambooth", "--prior-loss-weight", "-1"], "--prior-loss-weight must be a number >= 0, got -1.0"),
     (["dreambooth", "--n-class-images", "0"], "--n-class-images must be at least 1, got 0"),
     (["dreambooth", "--batch", "1"], "--batch must be at least 2 with prior preservation (half concept, half prior)"),
+    (["dreambooth-lora", "--batch", "1"], "--batch must be at least 2 with prior preservation (half concept, half prior)"),
 ])
 def test_careless_teaching_flags_are_refused_before_any_work(argv, message, tmp_path):
     with pytest.raises(ValueError) as info:
@@ -157,6 +186,8 @@ def test_a_python_caller_gets_the_kinds_defaults():
     ti = AdapterConfig.of("textual-inversion", steps=30)
     assert (ti.lr, ti.caption_dropout, ti.steps) == (5e-3, 0.0, 30)
     assert AdapterConfig.of("dreambooth").lr == 1e-4 and AdapterConfig.of("lora") == AdapterConfig()
+    dbl = AdapterConfig.of("dreambooth-lora")  # the LoRA's rate, rank and layers; DreamBooth's prior
+    assert (dbl.lr, dbl.rank, dbl.targets, dbl.prior_loss_weight) == (1e-3, 64, AdapterConfig().targets, 1.0)
     with pytest.raises(ValueError, match="^kind must be one of lora, controlnet, inpaint, textual-inversion, "
-                                         "dreambooth, got 'hypernetwork'$"):
+                                         "dreambooth, dreambooth-lora, got 'hypernetwork'$"):
         AdapterConfig.of("hypernetwork")

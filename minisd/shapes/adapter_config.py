@@ -2,7 +2,8 @@
 the data rendered and encoded once, a batch of latents and captions, the record written at the end, and
 the processes they run on (dist.py: --batch is global, each of N processes takes an equal share).
 
-The loops themselves: train_lora.py, train_controlnet.py, train_inpaint.py, train_ti.py, train_dreambooth.py;
+The loops themselves: train_lora.py, train_controlnet.py, train_inpaint.py, train_ti.py, train_dreambooth.py
+(DreamBooth and DreamBooth-LoRA);
 `finetune.py` starts them.
 """
 
@@ -24,18 +25,20 @@ from . import world
 from .dist import Dist
 from .loop import Log, check_config, refuse_overwrite, write_json
 
-KINDS = ("lora", "controlnet", "inpaint", "textual-inversion", "dreambooth")
+KINDS = ("lora", "controlnet", "inpaint", "textual-inversion", "dreambooth", "dreambooth-lora")
+PRIOR_KINDS = ("dreambooth", "dreambooth-lora")  # the kinds that keep the prior with the base model's own pictures
 
 # what each kind changes from AdapterConfig's defaults (those of the star LoRA): `AdapterConfig.of`
 KIND_DEFAULTS = {"lora": {}, "controlnet": {"steps": 300, "batch": 32, "lr": 1e-3, "warmup": 30, "n_images": 8000},
                  "inpaint": {"steps": 1500, "batch": 32, "lr": 1e-3, "warmup": 30, "n_images": 8000},
                  "textual-inversion": {"steps": 600, "lr": 5e-3, "caption_dropout": 0.0},
-                 "dreambooth": {"steps": 800, "lr": 1e-4}}
+                 "dreambooth": {"steps": 800, "lr": 1e-4},
+                 "dreambooth-lora": {}}  # the LoRA's rank, layers, rate and steps, DreamBooth's data and prior
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    kind: str = "lora"                # "lora", "controlnet", "inpaint", "textual-inversion" or "dreambooth"
+    kind: str = "lora"                # "lora", "controlnet", "inpaint", "textual-inversion", "dreambooth", "dreambooth-lora"
     model: str = "tiny"               # the frozen base model
     out: str = ""                     # default: runs/<kind>/tiny_star_lora, tiny_controlnet_edges or tiny_inpaint
     work: str = ""                    # default: runs/<kind>
@@ -93,7 +96,7 @@ class AdapterConfig:
                      shares=("caption_dropout",),
                      choices={"kind": KINDS, "bf16": ("yes", "no", "auto"), "concept": world.SHAPES,
                               "control": ("edges", "mask")})
-        if self.kind == "dreambooth" and self.prior_loss_weight > 0 and self.batch < 2:
+        if self.kind in PRIOR_KINDS and self.prior_loss_weight > 0 and self.batch < 2:
             raise ValueError(f"--batch must be at least 2 with prior preservation (half concept, half prior), "
                              f"got {self.batch}")
         if not self.targets.strip(","):
@@ -111,7 +114,8 @@ class AdapterConfig:
         """(out, work): where the result goes (never into data/ by default) and the checkpoints and log."""
         name = {"lora": f"tiny_{self.concept}_lora", "controlnet": f"tiny_controlnet_{self.control}",
                 "inpaint": "tiny_inpaint", "textual-inversion": f"tiny_{self.concept}_embedding",
-                "dreambooth": f"tiny_{self.concept}_dreambooth"}[self.kind]
+                "dreambooth": f"tiny_{self.concept}_dreambooth",
+                "dreambooth-lora": f"tiny_{self.concept}_dreambooth_lora"}[self.kind]
         work = Path(self.work or f"runs/{self.kind}")
         return Path(self.out or work / name), work
 
@@ -123,7 +127,7 @@ def start(cfg: AdapterConfig, force: bool) -> tuple[Path, Path, Log, StableDiffu
     out, work = cfg.paths()
     refuse_overwrite(out, force)
     shares = {"--batch": cfg.batch}
-    if cfg.kind == "dreambooth" and cfg.prior_loss_weight > 0:  # the concept's half and the prior's, each shared
+    if cfg.kind in PRIOR_KINDS and cfg.prior_loss_weight > 0:  # the concept's half and the prior's, each shared
         shares["half of --batch"] = cfg.batch // 2
     dist = Dist.from_env(cfg.device, shares)
     log = Log(work, dist.is_main)

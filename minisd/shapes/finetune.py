@@ -6,6 +6,7 @@ a 9-channel inpainting U-Net.
     minisd train inpaint                   # a 9-channel inpainting U-Net, as SD's inpainting model was made
     minisd train textual-inversion         # the frozen model's new word <star>: its vectors alone are learnt
     minisd train dreambooth                # the whole U-Net fine-tuned on stars, its prior kept by its own pictures
+    minisd train dreambooth-lora           # the same data and prior, the star LoRA's low-rank updates trained
 
 Each kind is one flat loop in its own file — train_lora.py, train_controlnet.py, train_inpaint.py, train_ti.py,
 train_dreambooth.py — on the pieces every loop shares (loop.py) and those they share (adapter_config.py). Each
@@ -34,12 +35,13 @@ def train_adapter(cfg: AdapterConfig, force: bool = False) -> Path:
     """Train `cfg.kind` on the frozen base model; returns where the result was saved (an existing one is
     replaced only if `force`)."""
     loop = {"lora": train_lora, "controlnet": train_controlnet, "inpaint": train_inpaint,
-            "textual-inversion": train_textual_inversion, "dreambooth": train_dreambooth}[cfg.kind]
+            "textual-inversion": train_textual_inversion, "dreambooth": train_dreambooth,
+            "dreambooth-lora": train_dreambooth}[cfg.kind]
     return loop(cfg, force)
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="minisd train lora|controlnet|inpaint|textual-inversion|dreambooth",
+    parser = argparse.ArgumentParser(prog="minisd train lora|controlnet|inpaint|textual-inversion|dreambooth|dreambooth-lora",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("kind", choices=KINDS)
     for f, v in asdict(AdapterConfig()).items():

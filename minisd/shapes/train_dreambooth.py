@@ -2,7 +2,9 @@
 preserved by the model's own pictures.
 
     trainable  every weight of the U-Net (the text encoder stays frozen: `star` is already a token of the tiny
-               vocabulary that base training never used, a rare identifier as DreamBooth's "sks" is)
+               vocabulary that base training never used, a rare identifier as DreamBooth's "sks" is);
+               DreamBooth-LoRA (`minisd train dreambooth-lora`, as diffusers' train_dreambooth_lora.py): the
+               star LoRA's low-rank updates (train_lora.add_loras) instead, the U-Net itself frozen
     data       the concept's pictures (captions naming it: "a small red star on the left"), and the prior:
                n_class_images pictures the *frozen base model* drew for ordinary prompts ("a blue circle at
                the top"), each kept with the prompt that made it
@@ -11,7 +13,7 @@ preserved by the model's own pictures.
                (prior_outline_weight; 0: plain, as in the paper).
                λ = 0: the concept alone, every picture of the batch, and the model is free to drift
     saved      a whole diffusers pipeline folder, fp16: the base's VAE, text encoder, tokenizer and scheduler
-               with the fine-tuned U-Net
+               with the fine-tuned U-Net; DreamBooth-LoRA: the LoRA, in the layouts `minisd train lora` saves
 
 Without the prior the model learns that every object is a star ("language drift"); the prior asks it to keep
 drawing for ordinary prompts what it drew before. The head-to-head in docs/adapters.md measures both.
@@ -32,7 +34,7 @@ from . import world
 from .adapter_config import AdapterConfig, draw_captions, finish, latent_batch, start
 from .loop import (Log, Steps, diffusion_loss, edge_map, load_checkpoint, lr_at, optimiser_step, resume,
                    save_checkpoint, use_bf16)
-from .train_lora import concept_data
+from .train_lora import add_loras, concept_data, lora_param_groups, save_loras
 
 CLASS_STEPS, CLASS_GUIDANCE = 25, 7.5  # how the base model draws the prior's pictures
 
@@ -91,7 +93,8 @@ def dreambooth_loss(concept_loss: torch.Tensor, prior_loss: torch.Tensor | None,
 
 
 def train_dreambooth(cfg: AdapterConfig, force: bool = False) -> Path:
-    """The DreamBooth loop; returns the folder the fine-tuned pipeline was saved to."""
+    """The DreamBooth loop (cfg.kind "dreambooth", or "dreambooth-lora"); returns the folder the fine-tuned
+    pipeline (or the LoRA) was saved to."""
     out, work, log, pipe, dist = start(cfg, force)
     device, t0 = pipe.device, time.time()
     prior = cfg.prior_loss_weight > 0
@@ -105,32 +108,41 @@ def train_dreambooth(cfg: AdapterConfig, force: bool = False) -> Path:
             log(f"prior: loss weights 1 + {cfg.prior_outline_weight:g} · outline, averaging 1 a picture")
     scenes, means, stds, weights = concept_data(cfg, pipe, log, t0)  # pictures of the concept only
 
-    unet = pipe.unet
-    unet.requires_grad_(True).train()
-    params = list(unet.parameters())
-    log(f"dreambooth: all {sum(p.numel() for p in params):,} U-Net weights trained; batch {n_concept} of "
-        f"{cfg.concept} + {n_prior} of the prior, λ = {cfg.prior_loss_weight:g}")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    step0, losses = resume(work / "dreambooth.pt", log, model=unet, opt=opt)
+    unet, lora = pipe.unet, cfg.kind == "dreambooth-lora"
+    if lora:  # low-rank updates on the frozen U-Net (and, with --te-targets, the text encoder)
+        loras, te_loras, model = add_loras(cfg, pipe, log)
+        params, groups = lora_param_groups(cfg, model, te_loras)
+        what = "LoRA"
+    else:
+        unet.requires_grad_(True).train()
+        loras, te_loras, model = {}, {}, unet
+        params = list(unet.parameters())
+        groups = [{"params": params, "lr_scale": 1.0}]
+        what = f"all {sum(p.numel() for p in params):,} U-Net weights"
+    log(f"{cfg.kind}: {what} trained; batch {n_concept} of {cfg.concept} + {n_prior} of the prior, "
+        f"λ = {cfg.prior_loss_weight:g}")
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
+    checkpoint = work / f"{cfg.kind}.pt"
+    step0, losses = resume(checkpoint, log, model=model, opt=opt)
 
     alpha_bar = pipe.scheduler.alphas_cumprod().to(device)
     rng, g = np.random.default_rng(cfg.seed + step0), torch.Generator().manual_seed(cfg.seed + step0)
     bf16 = use_bf16(cfg.bf16, device)
-    state = lambda: dict(model=unet.state_dict(), opt=opt.state_dict())  # noqa: E731  what a checkpoint holds
+    state = lambda: dict(model=model.state_dict(), opt=opt.state_dict())  # noqa: E731  what a checkpoint holds
 
     def loss_on(z0: torch.Tensor, captions: list[str], weight) -> torch.Tensor:
         """The diffusion loss of one half, its noise and timesteps drawn whole and shared (dist.py)."""
         t = dist.share(torch.randint(0, len(alpha_bar), (len(z0),), generator=g)).to(device)
         eps = dist.share(torch.randn(z0.shape, generator=g)).to(device)
-        with torch.no_grad():
+        with torch.set_grad_enabled(bool(te_loras)):  # the text encoder is frozen unless it has LoRAs
             context = pipe.text_encoder(pipe.tokenizer(dist.share(captions), warn=False).to(device))
         return diffusion_loss(unet, dist.share(z0).to(device), t, eps, context, alpha_bar, cfg.min_snr_gamma,
                               weight=weight)
 
-    steps = Steps("dreambooth", step0, cfg.steps, log, work / "dreambooth.pt", cfg.checkpoint_minutes, losses,
-                  dist.is_main)
+    steps = Steps(cfg.kind, step0, cfg.steps, log, checkpoint, cfg.checkpoint_minutes, losses, dist.is_main)
     for step in steps:
-        opt.param_groups[0]["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup) * group["lr_scale"]
         idx = torch.randint(0, len(scenes), (n_concept,), generator=g)
         z0 = latent_batch(pipe, means, stds, idx, g).cpu()
         captions = draw_captions(scenes, idx, rng, cfg.caption_dropout)
@@ -149,7 +161,9 @@ def train_dreambooth(cfg: AdapterConfig, force: bool = False) -> Path:
         steps.record(step, dist.all_mean(loss).item(), opt.param_groups[0]["lr"], state)
     steps.finish(state)
 
-    if dist.is_main:
+    if dist.is_main and lora:
+        save_loras(cfg, out, {**loras, **te_loras})
+    elif dist.is_main:
         unet.eval().requires_grad_(False)
         pipe.to("cpu", torch.float16)  # shipped in fp16, as the base model
         pipe.save_pretrained(out)

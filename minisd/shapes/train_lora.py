@@ -58,13 +58,9 @@ def loss_weights(scenes: list[world.Scene], images: torch.Tensor, side: int, not
     return w / w.mean(dim=(1, 2, 3), keepdim=True)
 
 
-def train_lora(cfg: AdapterConfig, force: bool = False) -> Path:
-    """The LoRA loop; returns the folder the LoRA was saved to."""
-    out, work, log, pipe, dist = start(cfg, force)
-    device, t0 = pipe.device, time.time()
-    scenes = lora_scenes(cfg)
-    images, means, stds = render_and_encode(pipe, scenes, log, t0)
-
+def add_loras(cfg: AdapterConfig, pipe, log) -> tuple[dict, dict, torch.nn.ModuleDict]:
+    """LoRAs of rank cfg.rank on cfg.targets of the U-Net (and cfg.te_targets of the text encoder), A drawn from
+    cfg.seed, B zero: (U-Net loras, text-encoder loras, all of them as one module to checkpoint)."""
     roots = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     with seeded(cfg.seed):  # A starts random (B at zero): the same A for the same seed
         loras = lora_lib.inject(roots, "train", cfg.rank, cfg.alpha, cfg.targets.split(","))
@@ -75,14 +71,40 @@ def train_lora(cfg: AdapterConfig, force: bool = False) -> Path:
     log(f"LoRA rank {cfg.rank} on {len(loras)} U-Net layers: {lora_lib.parameter_count(loras):,} trainable "
         f"parameters ({lora_lib.parameter_count(loras) / n_unet:.1%} of the U-Net)"
         + (f", and on {len(te_loras)} text-encoder layers: {lora_lib.parameter_count(te_loras):,}" if te_loras else ""))
-    weights = None  # the loss weight per latent cell (loss_weights); None: the plain loss
-    if cfg.notch_weight or cfg.outline_weight:
-        weights = loss_weights(scenes, images, means.shape[-1], cfg.notch_weight, cfg.outline_weight, log)
+    return loras, te_loras, module
+
+
+def lora_param_groups(cfg: AdapterConfig, module: torch.nn.Module, te_loras: dict) -> tuple[list, list[dict]]:
+    """(every trainable parameter, the optimiser's groups): the text encoder's at cfg.te_lr_scale × the rate."""
     params = [p for p in module.parameters() if p.requires_grad]
     te = {id(p) for lo in te_loras.values() for p in lo.parameters()}
     groups = [{"params": [p for p in params if id(p) not in te], "lr_scale": 1.0}]
     if te_loras:
         groups.append({"params": [p for p in params if id(p) in te], "lr_scale": cfg.te_lr_scale})
+    return params, groups
+
+
+def save_loras(cfg: AdapterConfig, out: Path, loras: dict) -> None:
+    """The LoRAs in fp16, as the base model and most LoRA files in circulation are: in the diffusers/PEFT layout
+    (out/pytorch_lora_weights.safetensors) and the kohya (A1111) one (out/<out's name>_kohya.safetensors)."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"minisd_concept": cfg.concept, "ss_base_model_version": "minisd_tiny"}
+    lora_lib.save_lora(loras, out, "peft", meta, torch.float16)
+    lora_lib.save_lora(loras, out / f"{out.name}_kohya.safetensors", "kohya", meta, torch.float16)
+
+
+def train_lora(cfg: AdapterConfig, force: bool = False) -> Path:
+    """The LoRA loop; returns the folder the LoRA was saved to."""
+    out, work, log, pipe, dist = start(cfg, force)
+    device, t0 = pipe.device, time.time()
+    scenes = lora_scenes(cfg)
+    images, means, stds = render_and_encode(pipe, scenes, log, t0)
+
+    loras, te_loras, module = add_loras(cfg, pipe, log)
+    weights = None  # the loss weight per latent cell (loss_weights); None: the plain loss
+    if cfg.notch_weight or cfg.outline_weight:
+        weights = loss_weights(scenes, images, means.shape[-1], cfg.notch_weight, cfg.outline_weight, log)
+    params, groups = lora_param_groups(cfg, module, te_loras)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
     step0, losses = resume(work / "lora.pt", log, model=module, opt=opt)
 
@@ -111,9 +133,5 @@ def train_lora(cfg: AdapterConfig, force: bool = False) -> Path:
     steps.finish(state)
 
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        meta = {"minisd_concept": cfg.concept, "ss_base_model_version": "minisd_tiny"}
-        everything = {**loras, **te_loras}  # fp16, as the base model and most LoRA files in circulation are
-        lora_lib.save_lora(everything, out, "peft", meta, torch.float16)                              # diffusers/PEFT
-        lora_lib.save_lora(everything, out / f"{out.name}_kohya.safetensors", "kohya", meta, torch.float16)  # A1111
+        save_loras(cfg, out, {**loras, **te_loras})
     return finish(cfg, out, work, log, t0, dist, steps.seconds_per_step)
