@@ -1,6 +1,6 @@
 """Three ways to teach the tiny model `star`, head to head: the same 60 held-out star prompts and 60 ordinary
-prompts, under the same noise draws, for the base model, the textual inversion, the LoRA and DreamBooth with
-and without prior preservation. Writes docs/results/concepts.json (read by docs/adapters.md and notebook 15).
+prompts, under the same noise draws, for the base model, the textual inversion, the LoRA, DreamBooth with
+and without prior preservation, and DreamBooth-LoRA. Writes docs/results/concepts.json (read by docs/adapters.md and notebook 15).
 
     python benchmarks/concepts.py                      # the shipped files, 3 draws (~10 min on 2 cores)
     python benchmarks/concepts.py --draws 1 --json /tmp/c.json
@@ -35,7 +35,7 @@ TIMED_STEPS = 30
 
 
 TIMED = {"textual-inversion": ("textual-inversion", {}), "lora": ("lora", {}), "dreambooth": ("dreambooth", {}),
-         "dreambooth, no prior": ("dreambooth", {"prior_loss_weight": 0.0})}
+         "dreambooth, no prior": ("dreambooth", {"prior_loss_weight": 0.0}), "dreambooth-lora": ("dreambooth-lora", {})}
 
 
 def time_training() -> dict[str, dict]:
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lora", default=str(DATA / "tiny_star_lora"))
     ap.add_argument("--dreambooth", default=str(DATA / "tiny_star_dreambooth"))
     ap.add_argument("--dreambooth-noprior", default=str(DATA / "tiny_star_dreambooth_noprior"))
+    ap.add_argument("--dreambooth-lora", default=str(DATA / "tiny_star_dreambooth_lora"))
     ap.add_argument("--time", action="store_true", help="measure the training minutes only, into --json's file")
     args = ap.parse_args(argv)
     if args.time:
@@ -112,6 +113,12 @@ def main(argv: list[str] | None = None) -> dict:
         tuned.progress = False
         measure(label, tuned, "star", {"trained": "the whole U-Net", "file MB": size_mb(Path(folder) / "unet"),
                                        "train minutes": m})
+    base.load_lora(args.dreambooth_lora, name="star")
+    measure("DreamBooth-LoRA", base, "star",
+            {"trained": "rank-64 LoRA on every U-Net layer, DreamBooth's prior",
+             "file MB": size_mb(Path(args.dreambooth_lora) / "pytorch_lora_weights.safetensors"),
+             "train minutes": minutes.get("dreambooth-lora")})
+    base.unload_lora("star")
 
     result = {"training": timed, "draws": args.draws, "steps": 25, "guidance_scale": 7.5, "sampler": "ddim", "rows": rows,
               "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),

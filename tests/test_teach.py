@@ -171,12 +171,37 @@ def test_the_documented_head_to_head_is_the_measured_one():
 
     root = Path(__file__).resolve().parents[1]
     result = json.loads((root / "docs" / "results" / "concepts.json").read_text())
-    assert set(result["rows"]) == {"base model", "textual inversion", "LoRA", "DreamBooth", "DreamBooth, no prior"}
+    assert set(result["rows"]) == {"base model", "textual inversion", "LoRA", "DreamBooth", "DreamBooth, no prior",
+                                   "DreamBooth-LoRA"}
+    assert set(result["training"]["kinds"]) == {"textual-inversion", "lora", "dreambooth", "dreambooth, no prior",
+                                                "dreambooth-lora"}
     assert result["draws"] >= 3 and all(r["n"] == 30 * result["draws"] for row in result["rows"].values()
                                         for k, r in row["rates"].items() if k.startswith("star shape"))
     doc = (root / "docs" / "adapters.md").read_text()
     shown = doc.split("<!-- concepts table")[1].split("-->", 1)[1].split("<!-- end concepts table -->")[0].strip()
     assert shown == concept_eval.markdown_table(result)
+
+
+def test_the_shipped_dreambooth_lora_is_one_lora_in_two_layouts_made_as_recorded():
+    """data/tiny_star_dreambooth_lora: its PEFT and kohya files attach the same updates to the same layers, and
+    its training.json records `minisd train dreambooth-lora` at the defaults the head-to-head describes."""
+    from minisd.pipeline import DATA
+    from minisd.shapes.finetune import AdapterConfig
+
+    folder = DATA / "tiny_star_dreambooth_lora"
+    record = json.loads((folder / "training.json").read_text())
+    assert record["command"] == "minisd train dreambooth-lora"
+    shipped = AdapterConfig.of("dreambooth-lora")
+    for key in ("steps", "batch", "lr", "rank", "targets", "prior_loss_weight", "n_class_images", "notch_weight"):
+        assert record["config"][key] == getattr(shipped, key), key
+    pipe = StableDiffusion.from_pretrained(DATA / "tiny", device="cpu")
+    pipe.load_lora(folder, name="peft")
+    peft = {k: (v.down.weight.clone(), v.up.weight.clone()) for k, v in pipe.loras["peft"].items()}
+    pipe.unload_lora("peft")
+    pipe.load_lora(folder / "tiny_star_dreambooth_lora_kohya.safetensors", name="kohya")
+    kohya = {k: (v.down.weight, v.up.weight) for k, v in pipe.loras["kohya"].items()}
+    assert len(peft) == 132 and set(peft) == set(kohya)
+    assert all(torch.equal(peft[k][0], kohya[k][0]) and torch.equal(peft[k][1], kohya[k][1]) for k in peft)
 
 
 def test_a_python_caller_gets_the_kinds_defaults():

@@ -5,8 +5,9 @@
     clip.py       the tiny CLIP that trains the text encoder
     loop.py       what every training loop shares: log, checkpoints, the diffusion loss, EMA, input checks
     train.py      `minisd train` for the base model (VAE, CLIP, U-Net), and where every kind is started
-    finetune.py   `minisd train lora|controlnet|inpaint|textual-inversion|dreambooth`: train_lora.py,
-                  train_controlnet.py, train_inpaint.py, train_ti.py, train_dreambooth.py, one loop each, on
+    finetune.py   `minisd train lora|controlnet|inpaint|textual-inversion|dreambooth|dreambooth-lora`:
+                  train_lora.py, train_controlnet.py, train_inpaint.py, train_ti.py, train_dreambooth.py (both
+                  DreamBooths), one loop each, on
                   adapter_config.py (their config, the frozen base)
     concept_eval.py  the three ways to teach `star` measured alike (`minisd eval --embedding/--dreambooth`)
     course.py     what the notebooks share: the model to use, seeds
