@@ -5,6 +5,10 @@ and without prior preservation, and DreamBooth-LoRA. Writes docs/results/concept
     python benchmarks/concepts.py                      # the shipped files, 3 draws (~10 min on 2 cores)
     python benchmarks/concepts.py --draws 1 --json /tmp/c.json
     python benchmarks/concepts.py --time               # only the training minutes, each kind alone (~6 min)
+    python benchmarks/concepts.py --only DreamBooth-LoRA   # re-measure these rows, keep the JSON's others
+
+The draws are seeded, so a row measured again with the same files gives the same rates; --only keeps the other
+rows' rates from the JSON (their file sizes and training minutes are read afresh).
 
 The training minutes are measured the same way for every kind (--time, stored in the JSON by the next full
 run): each loop run alone for 30 steps with the shipped settings; its minutes are the setup (rendering,
@@ -32,6 +36,7 @@ DATA = ROOT / "data"
 
 
 TIMED_STEPS = 30
+ROWS = ("base model", "textual inversion", "LoRA", "DreamBooth", "DreamBooth, no prior", "DreamBooth-LoRA")
 
 
 TIMED = {"textual-inversion": ("textual-inversion", {}), "lora": ("lora", {}), "dreambooth": ("dreambooth", {}),
@@ -72,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dreambooth-noprior", default=str(DATA / "tiny_star_dreambooth_noprior"))
     ap.add_argument("--dreambooth-lora", default=str(DATA / "tiny_star_dreambooth_lora"))
     ap.add_argument("--time", action="store_true", help="measure the training minutes only, into --json's file")
+    ap.add_argument("--only", nargs="+", metavar="ROW", choices=ROWS, default=None,
+                    help="measure only these rows (" + ", ".join(repr(r) for r in ROWS) + "), keep the others")
     args = ap.parse_args(argv)
     if args.time:
         old = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
@@ -83,12 +90,24 @@ def main(argv: list[str] | None = None) -> dict:
     minutes = {kind: v["minutes"] for kind, v in timed.get("kinds", {}).items()}
     if args.draws < 1:
         raise SystemExit(f"--draws must be at least 1, got {args.draws}")
+    kept = {}  # --only: the rows not measured again, from the JSON
+    if args.only:
+        old = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {"rows": {}}
+        if old.get("draws") != args.draws:
+            raise SystemExit(f"--only keeps rows of {args.json}, measured with {old.get('draws')} draws, "
+                             f"not --draws {args.draws}")
+        kept = {k: v for k, v in old["rows"].items() if k not in args.only}
+        if missing := [r for r in ROWS if r not in args.only and r not in kept]:
+            raise SystemExit(f"--only: {args.json} has no row {missing[0]!r} to keep; measure it too")
 
     base = StableDiffusion.from_pretrained(DATA / "tiny")
     base.progress = False
     rows, t0 = {}, time.time()
 
     def measure(label: str, pipe, word: str, files: dict) -> None:
+        if label in kept:
+            rows[label] = {**kept[label], **files}
+            return
         t, drawn = time.time(), Counter()
         rows[label] = {"rates": rates(pipe, word, draws=args.draws, drawn=drawn), **files,
                        "star prompts drawn as": dict(drawn.most_common())}
@@ -123,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"training": timed, "draws": args.draws, "steps": 25, "guidance_scale": 7.5, "sampler": "ddim", "rows": rows,
               "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "platform": platform.platform(), "torch": torch.__version__},
-              "seconds": round(time.time() - t0)}
+              "seconds": round(time.time() - t0), "measured": [r for r in ROWS if r not in kept]}
     atomic_write_text(args.json, json.dumps(result, indent=1))
     print(markdown_table(result))
     print(f"wrote {args.json}")
