@@ -216,3 +216,43 @@ def test_a_python_caller_gets_the_kinds_defaults():
     with pytest.raises(ValueError, match="^kind must be one of lora, controlnet, inpaint, textual-inversion, "
                                          "dreambooth, dreambooth-lora, got 'hypernetwork'$"):
         AdapterConfig.of("hypernetwork")
+
+
+def test_the_head_to_head_remeasures_only_the_rows_asked(tmp_path, monkeypatch):
+    """`benchmarks/concepts.py --only ROW` measures ROW and keeps the JSON's other rows' rates; draws that differ
+    from the JSON's, or a row the JSON lacks, are refused before any picture is drawn."""
+    import importlib.util
+    import shutil
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench_dir))
+    spec = importlib.util.spec_from_file_location("bench_concepts", bench_dir / "concepts.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    asked = []
+
+    def fake_rates(pipe, word, draws, drawn):
+        asked.append(word)
+        drawn["star"] += 1
+        return {"star shape, small": concept_eval.rate([True, False] * draws)}
+
+    monkeypatch.setattr(bench, "rates", fake_rates)
+    path = tmp_path / "concepts.json"
+    shutil.copy(bench_dir.parent / "docs" / "results" / "concepts.json", path)
+    old = json.loads(path.read_text())
+    result = bench.main(["--only", "DreamBooth-LoRA", "--json", str(path)])
+    assert asked == ["star"] and result["measured"] == ["DreamBooth-LoRA"]
+    assert result["rows"]["DreamBooth-LoRA"]["rates"]["star shape, small"]["rate"] == 0.5
+    for name, row in old["rows"].items():
+        if name != "DreamBooth-LoRA":
+            assert result["rows"][name]["rates"] == row["rates"], name
+    assert json.loads(path.read_text()) == result
+    with pytest.raises(SystemExit, match="measured with 3 draws, not --draws 1"):
+        bench.main(["--only", "LoRA", "--json", str(path), "--draws", "1"])
+    del old["rows"]["LoRA"]
+    path.write_text(json.dumps(old))
+    with pytest.raises(SystemExit, match="has no row 'LoRA' to keep; measure it too"):
+        bench.main(["--only", "DreamBooth-LoRA", "--json", str(path)])
+    assert len(asked) == 1
