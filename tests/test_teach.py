@@ -202,6 +202,9 @@ def test_the_shipped_dreambooth_lora_is_one_lora_in_two_layouts_made_as_recorded
     kohya = {k: (v.down.weight, v.up.weight) for k, v in pipe.loras["kohya"].items()}
     assert len(peft) == 132 and set(peft) == set(kohya)
     assert all(torch.equal(peft[k][0], kohya[k][0]) and torch.equal(peft[k][1], kohya[k][1]) for k in peft)
+    with pytest.raises(ValueError, match=r"no model_index.json\) — it holds a LoRA: attach it to a model with "
+                                         r"load_lora \(--lora\)$"):
+        StableDiffusion.from_pretrained(folder)  # a LoRA taken for a DreamBooth model: the line says what it is
 
 
 def test_a_python_caller_gets_the_kinds_defaults():

@@ -585,7 +585,9 @@ def _check_header(header: dict[str, tuple[str, list[int]]], cfg, config_path: Pa
 def read_diffusers_folder(folder: Path, variant: str | None = None) -> Components:
     index_path = folder / "model_index.json"
     if not index_path.is_file():
-        raise WeightsError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+        lora = " — it holds a LoRA: attach it to a model with load_lora (--lora)" \
+            if (folder / "pytorch_lora_weights.safetensors").is_file() else ""
+        raise WeightsError(f"{folder} is not a diffusers pipeline folder (no model_index.json){lora}")
     index = read_json(index_path, "model_index.json")
     if "StableDiffusionXL" in str(index.get("_class_name", "")) or "text_encoder_2" in index:
         raise WeightsError(f"{folder} is an SDXL pipeline; minisd supports Stable Diffusion 1.x and 2.x")
