@@ -2,9 +2,9 @@
 prompts, under the same noise draws, for the base model, the textual inversion, the LoRA, DreamBooth with
 and without prior preservation, and DreamBooth-LoRA. Writes docs/results/concepts.json (read by docs/adapters.md and notebook 15).
 
-    python benchmarks/concepts.py                      # the shipped files, 3 draws (~10 min on 2 cores)
+    python benchmarks/concepts.py                      # the shipped files, 3 draws (2-5 min a row on 2 cores)
     python benchmarks/concepts.py --draws 1 --json /tmp/c.json
-    python benchmarks/concepts.py --time               # only the training minutes, each kind alone (~6 min)
+    python benchmarks/concepts.py --time               # only the training minutes, each kind alone (6-9 min)
     python benchmarks/concepts.py --only DreamBooth-LoRA   # re-measure these rows, keep the JSON's others
 
 The draws are seeded, so a row measured again with the same files gives the same rates; --only keeps the other
